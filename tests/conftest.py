@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random checkpoints (written once per test session) and test images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmdeploy.testing.checkpoint import make_checkpoint
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory) -> dict[str, str]:
+    """The same seeded tiny weights in every layout: original, -HF, legacy -HF; plus an
+    InternViT-6B-style tower (RMSNorm, qk-norm, no qkv bias) in original and -HF layouts."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for name, preset, fmt in [
+        ("original", "tiny", "original"),
+        ("hf", "tiny", "hf"),
+        ("hf-legacy", "tiny", "hf-legacy"),
+        ("6b-original", "tiny-6b", "original"),
+        ("6b-hf", "tiny-6b", "hf"),
+    ]:
+        out[name] = str(make_checkpoint(root / name, preset, fmt, seed=0))
+    return out
+
+
+def solid_image(w: int, h: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    arr = torch.randint(0, 256, (h // 8 + 1, w // 8 + 1, 3), generator=g, dtype=torch.uint8)
+    return Image.fromarray(arr.numpy()).resize((w, h), Image.NEAREST)
+
+
+@pytest.fixture(scope="session")
+def images() -> list[Image.Image]:
+    # 1 tile (square), 2x1 grid + thumbnail, 1x3 grid + thumbnail
+    return [solid_image(300, 300, 1), solid_image(600, 300, 2), solid_image(200, 640, 3)]

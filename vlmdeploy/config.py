@@ -1,0 +1,220 @@
+"""Model configuration parsed from a checkpoint's ``config.json``, for both InternVL checkpoint
+formats.
+
+* original (``InternVLChatModel``): ``llm_config`` + ``vision_config`` + top-level tiling fields;
+* transformers-native (``InternVLForConditionalGeneration``): ``text_config`` + ``vision_config``,
+  with the rope
+  fields of transformers v4 (``rope_theta``/``rope_scaling``) or v5 (``rope_parameters``).
+
+Every value the model needs is read here once; the rest of the code sees only these frozen
+dataclasses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("InternVLChatModel", "InternVLForConditionalGeneration")
+SUPPORTED_LLMS = ("Qwen3ForCausalLM", "qwen3")
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    image_size: int = 448
+    patch_size: int = 14
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    norm_type: str = "layer_norm"  # or "rms_norm" (InternViT-6B)
+    norm_eps: float = 1e-6
+    hidden_act: str = "gelu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the engine needs to know about an InternVL3.5 checkpoint."""
+
+    vision: VisionConfig
+    text: TextConfig
+    checkpoint_format: str  # "original" or "hf"
+    downsample_ratio: float = 0.5
+    select_layer: int = -1
+    projector_norm_eps: float = 1e-5
+    max_dynamic_patch: int = 12
+    min_dynamic_patch: int = 1
+    use_thumbnail: bool = True
+    torch_dtype: str = "bfloat16"
+    image_token: str = "<IMG_CONTEXT>"
+
+    @property
+    def tokens_per_tile(self) -> int:
+        side = self.vision.image_size // self.vision.patch_size
+        return int(side * self.downsample_ratio) ** 2
+
+    @property
+    def projector_in(self) -> int:
+        return self.vision.hidden_size * int(1 / self.downsample_ratio) ** 2
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path) -> ModelConfig:
+        path = Path(model_path) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json in {model_path}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        if "llm_config" in cfg:
+            return _parse_original(cfg)
+        if "text_config" in cfg and cfg.get("model_type") == "internvl":
+            return _parse_hf(cfg)
+        raise UnsupportedModelError(
+            f"unsupported model architecture {archs or cfg.get('model_type')!r}: vlmdeploy "
+            f"supports InternVL3.5 checkpoints ({', '.join(SUPPORTED_ARCHITECTURES)}) with a "
+            "dense Qwen3 language model"
+        )
+
+
+def _check_llm(llm: dict[str, Any]) -> None:
+    archs = llm.get("architectures") or [llm.get("model_type")]
+    if not any(a in SUPPORTED_LLMS for a in archs) and llm.get("model_type") != "qwen3":
+        raise UnsupportedModelError(
+            f"unsupported language model {archs!r}: vlmdeploy supports dense Qwen3 "
+            "(Qwen3ForCausalLM) language models"
+        )
+
+
+def _rope_theta(llm: dict[str, Any]) -> float:
+    params = llm.get("rope_parameters") or {}
+    scaling = params if params else (llm.get("rope_scaling") or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", None):
+        raise UnsupportedModelError(
+            f"unsupported rope_type {kind!r}: only 'default' RoPE is supported"
+        )
+    return float(params.get("rope_theta", llm.get("rope_theta", 10000.0)))
+
+
+def _text_config(llm: dict[str, Any], tie_default: bool) -> TextConfig:
+    _check_llm(llm)
+    heads = llm["num_attention_heads"]
+    return TextConfig(
+        hidden_size=llm["hidden_size"],
+        num_layers=llm["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=llm.get("num_key_value_heads") or heads,
+        head_dim=llm.get("head_dim") or llm["hidden_size"] // heads,
+        intermediate_size=llm["intermediate_size"],
+        vocab_size=llm["vocab_size"],
+        rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
+        rope_theta=_rope_theta(llm),
+        max_position_embeddings=llm.get("max_position_embeddings", 40960),
+        tie_word_embeddings=llm.get("tie_word_embeddings", tie_default),
+        hidden_act=llm.get("hidden_act", "silu"),
+    )
+
+
+def _image_size(value: Any) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def _parse_original(cfg: dict[str, Any]) -> ModelConfig:
+    v = cfg["vision_config"]
+    vision = VisionConfig(
+        hidden_size=v["hidden_size"],
+        num_layers=v["num_hidden_layers"],
+        num_heads=v["num_attention_heads"],
+        intermediate_size=v["intermediate_size"],
+        image_size=_image_size(cfg.get("force_image_size") or v.get("image_size", 448)),
+        patch_size=_image_size(v.get("patch_size", 14)),
+        qkv_bias=v.get("qkv_bias", True),
+        qk_norm=v.get("qk_normalization", False),
+        norm_type=v.get("norm_type", "layer_norm"),
+        norm_eps=v.get("layer_norm_eps", 1e-6),
+        hidden_act=v.get("hidden_act", "gelu"),
+    )
+    if cfg.get("ps_version", "v2") != "v2":
+        raise UnsupportedModelError("only pixel shuffle ps_version 'v2' is supported")
+    return ModelConfig(
+        vision=vision,
+        text=_text_config(cfg["llm_config"], tie_default=False),
+        checkpoint_format="original",
+        downsample_ratio=cfg.get("downsample_ratio", 0.5),
+        select_layer=cfg.get("select_layer", -1),
+        max_dynamic_patch=cfg.get("max_dynamic_patch", 12),
+        min_dynamic_patch=cfg.get("min_dynamic_patch", 1),
+        use_thumbnail=cfg.get("use_thumbnail", True),
+        torch_dtype=str(
+            cfg.get("torch_dtype") or cfg["llm_config"].get("torch_dtype") or "bfloat16"
+        ),
+    )
+
+
+def _parse_hf(cfg: dict[str, Any]) -> ModelConfig:
+    v = cfg["vision_config"]
+    norm = v.get("norm_type", "layer_norm")
+    vision = VisionConfig(
+        hidden_size=v["hidden_size"],
+        num_layers=v["num_hidden_layers"],
+        num_heads=v["num_attention_heads"],
+        intermediate_size=v["intermediate_size"],
+        image_size=_image_size(v.get("image_size", 448)),
+        patch_size=_image_size(v.get("patch_size", 14)),
+        qkv_bias=v.get("attention_bias", True),
+        qk_norm=v.get("use_qk_norm", False),
+        norm_type=norm,
+        norm_eps=v.get("layer_norm_eps", 1e-6),
+        hidden_act=v.get("hidden_act", "gelu"),
+    )
+    if v.get("use_mean_pooling", True) is False:
+        raise UnsupportedModelError(
+            "vision towers with a final LayerNorm (use_mean_pooling=false) are not supported"
+        )
+    layer = cfg.get("vision_feature_layer", -1)
+    if cfg.get("vision_feature_select_strategy", "default") != "default":
+        raise UnsupportedModelError("only vision_feature_select_strategy 'default' is supported")
+    if cfg.get("projector_hidden_act", "gelu") != "gelu":
+        raise UnsupportedModelError("only a GELU projector is supported")
+    return ModelConfig(
+        vision=vision,
+        text=_text_config(cfg["text_config"], tie_default=cfg.get("tie_word_embeddings", False)),
+        checkpoint_format="hf",
+        downsample_ratio=cfg.get("downsample_ratio", 0.5),
+        select_layer=layer,
+        torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+    )

@@ -1,0 +1,119 @@
+"""Owns the model and the KV cache; turns a scheduled batch into one forward pass and returns
+logits.
+
+Inputs are packed: the new tokens of every sequence in the batch are concatenated (T tokens),
+positions are their absolute positions, and the attention metadata tells each layer where to store
+and read KV. Image context tokens take their embeddings from the sequence's ``image_embeds``
+(computed by the vision stage), indexed by how many image tokens precede the chunk, so a prefill
+chunk may start or end inside an image.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlmdeploy.config import ModelConfig
+from vlmdeploy.engine.scheduler import ScheduledBatch
+from vlmdeploy.engine.sequence import Sequence
+from vlmdeploy.layers.attention import AttentionMetadata, PagedAttention, attention_context
+from vlmdeploy.models.internvl import InternVLForCausalLM
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: InternVLForCausalLM,
+        cfg: ModelConfig,
+        image_token_id: int,
+        num_blocks: int,
+        block_size: int,
+        kv_dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.image_token_id = image_token_id
+        self.block_size = block_size
+        t = cfg.text
+        # (2, layers, blocks, block_size, kv_heads, head_dim); each layer gets views of its slices.
+        self.kv_cache = torch.zeros(
+            2,
+            t.num_layers,
+            num_blocks,
+            block_size,
+            t.num_kv_heads,
+            t.head_dim,
+            dtype=kv_dtype,
+            device=device,
+        )
+        layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        for i, layer in enumerate(layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(tiles, 3, 448, 448) → (tiles, 256, H)."""
+        dtype = next(self.model.vision_model.parameters()).dtype
+        return self.model.encode_images(pixel_values.to(self.device, dtype))
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> torch.Tensor:
+        """One forward over the batch; returns logits (len(sample_rows), V) for the last new token
+        of the sequences at ``sample_rows``."""
+        ids, positions, slots, embeds, masks = [], [], [], [], []
+        cu, kv_lens, last = [0], [], []
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            start, end = seq.num_computed, seq.num_computed + n
+            chunk = seq.token_ids[start:end]
+            ids.extend(chunk)
+            positions.extend(range(start, end))
+            slots.extend(_slots(seq, start, end, self.block_size))
+            emb, mask = self._image_rows(seq, start, chunk)
+            embeds.append(emb)
+            masks.append(mask)
+            cu.append(cu[-1] + n)
+            kv_lens.append(end)
+            last.append(cu[-1] - 1)
+        dev = self.device
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        image_embeds = [e for e in embeds if e is not None]
+        mask = torch.cat(masks).to(dev) if image_embeds else None
+        x = self.model.embed(
+            input_ids, torch.cat(image_embeds).to(dev) if image_embeds else None, mask
+        )
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
+            block_tables=_block_tables(batch.seqs, dev),
+            max_q_len=max(batch.num_tokens),
+            max_kv_len=max(kv_lens),
+        )
+        with attention_context(meta):
+            hidden = self.model(x, torch.tensor(positions, dtype=torch.long, device=dev))
+        rows = torch.tensor([last[i] for i in sample_rows], dtype=torch.long, device=dev)
+        return self.model.compute_logits(hidden[rows])
+
+    def _image_rows(self, seq: Sequence, start: int, chunk: list[int]):
+        """Image embeddings for the image tokens inside ``chunk`` and the chunk's image-token
+        mask."""
+        # Only prompt positions hold images: a generated <IMG_CONTEXT> id is an ordinary token.
+        limit = seq.num_prompt_tokens if seq.images else 0
+        mask = torch.tensor(
+            [t == self.image_token_id and start + i < limit for i, t in enumerate(chunk)],
+            dtype=torch.bool,
+        )
+        if seq.image_embeds is None or not bool(mask.any()):
+            return None, mask
+        before = sum(1 for t in seq.token_ids[: min(start, limit)] if t == self.image_token_id)
+        return seq.image_embeds[before : before + int(mask.sum())], mask
+
+
+def _slots(seq: Sequence, start: int, end: int, block_size: int) -> list[int]:
+    table = seq.block_table
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+def _block_tables(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
+    width = max(len(s.block_table) for s in seqs)
+    rows = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
+    return torch.tensor(rows, dtype=torch.int32, device=device)

@@ -1,0 +1,120 @@
+"""Per-request sampling parameters (engine side) and the batched sampler.
+
+Greedy rows take the argmax of the raw logits, so greedy output equals the reference model's.
+Sampled rows go through repetition / presence / frequency penalties, temperature, top-k, top-p and
+min-p, then an exponential race (``argmax(p / E)``, E ~ Exp(1)) whose noise comes from the request's
+own generator: with ``random_seed`` set, a request gives the same tokens whatever else is in the
+batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    stop_token_ids: frozenset[int] = frozenset()  # user stop ids, plus eos ids unless ignore_eos
+    bad_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+    @property
+    def penalised(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+def _apply_penalties(logits: torch.Tensor, p: SamplingParams, history: list[int]) -> None:
+    if not history:
+        return
+    ids = torch.tensor(history, device=logits.device)
+    counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.dtype)
+    seen = counts > 0
+    if p.repetition_penalty != 1.0:  # CTRL-style: shrink positive logits, grow negative ones
+        vals = logits[seen]
+        logits[seen] = torch.where(
+            vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+        )
+    logits -= p.frequency_penalty * counts + p.presence_penalty * seen.to(logits.dtype)
+
+
+def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p on one row; returns probabilities."""
+    logits = logits / max(p.temperature, 1e-5)
+    if 0 < p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the top token always stays)
+        drop = sorted_p.cumsum(-1) - sorted_p >= p.top_p
+        probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return probs / probs.sum()
+
+
+def _mask_tokens(logits: torch.Tensor, p: SamplingParams, num_output: int) -> None:
+    if p.bad_token_ids:
+        logits[list(p.bad_token_ids)] = float("-inf")
+    if num_output < p.min_new_tokens and p.stop_token_ids:
+        logits[list(p.stop_token_ids)] = float("-inf")
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    histories: list[list[int]],
+    num_outputs: list[int],
+) -> tuple[list[int], list[dict[int, float] | None]]:
+    """logits: (B, V) fp32 → one token per row (and its top-logprobs when asked)."""
+    logits = logits.float()
+    raw = logits.clone() if any(p.logprobs is not None for p in params) else None
+    tokens: list[int] = []
+    for i, p in enumerate(params):
+        row = logits[i]
+        _mask_tokens(row, p, num_outputs[i])
+        if p.greedy:
+            tokens.append(int(row.argmax()))
+            continue
+        _apply_penalties(row, p, histories[i])
+        probs = _filter(row, p)
+        noise = torch.empty_like(probs).exponential_(generator=p.generator)
+        tokens.append(int((probs / noise).argmax()))
+    return tokens, _logprobs(raw, params, tokens)
+
+
+def _logprobs(
+    raw: torch.Tensor | None, params: list[SamplingParams], tokens: list[int]
+) -> list[dict[int, float] | None]:
+    if raw is None:
+        return [None] * len(params)
+    logp = torch.log_softmax(raw, dim=-1)
+    out: list[dict[int, float] | None] = []
+    for i, p in enumerate(params):
+        if p.logprobs is None:
+            out.append(None)
+            continue
+        top = torch.topk(logp[i], p.logprobs) if p.logprobs > 0 else None
+        entry = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist()))
+        entry[tokens[i]] = float(logp[i, tokens[i]])
+        out.append(entry)
+    return out

@@ -1,0 +1,109 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Each step schedules, in order: (1) every running sequence that is decoding (one token each), (2) the
+next chunk of every running sequence still in prefill, (3) waiting sequences, admitted while the
+batch has room (``max_batch_size``), the per-step prefill budget (``max_prefill_token_num``) is not
+spent and the free KV blocks cover the whole prompt. Decode goes first so that arriving prompts
+never stall running generations; long prompts are split into chunks that share steps with decodes.
+When a running sequence needs a block and none is free, the most recently admitted other sequence is
+preempted: its blocks are freed and it goes back to the front of the queue to be recomputed later
+(its generated tokens are kept, so the result is the same).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from vlmdeploy.engine.block_manager import BlockManager
+from vlmdeploy.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # new tokens computed for each sequence
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_tokens.append(n)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_prefill_tokens: int):
+        self.blocks = block_manager
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        for seq in [s for s in self.running if s.num_uncomputed == 1]:
+            if seq.status == Status.RUNNING and self._reserve(seq, 1, batch):
+                batch.add(seq, 1)
+        budget = self.max_prefill_tokens
+        for seq in [s for s in self.running if s.num_uncomputed > 1]:
+            if budget <= 0 or seq.status != Status.RUNNING:
+                break
+            n = min(seq.num_uncomputed, budget)
+            if self._reserve(seq, n, batch):
+                batch.add(seq, n)
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            whole = -(-len(seq) // self.blocks.block_size)
+            if whole > self.blocks.num_free:
+                break
+            self.waiting.popleft()
+            n = min(seq.num_uncomputed, budget)
+            self.blocks.allocate(seq, n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.add(seq, n)
+            budget -= n
+        return batch
+
+    def _reserve(self, seq: Sequence, n: int, batch: ScheduledBatch) -> bool:
+        """Give ``seq`` blocks for ``n`` more tokens, preempting the newest sequence not yet in this
+        step's batch if needed. A decoding sequence with nobody left to preempt is preempted itself;
+        a prefilling one keeps what it has and waits a step."""
+        while not self.blocks.can_allocate(seq, n):
+            victim = next(
+                (s for s in reversed(self.running) if s is not seq and s not in batch.seqs), None
+            )
+            if victim is None:
+                if n == 1:
+                    self.preempt(seq)
+                return False
+            self.preempt(victim)
+        self.blocks.allocate(seq, n)
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Remove ``seq`` from the engine (finished or aborted) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,77 @@
+"""A request's state inside the engine: its tokens, its images, its KV blocks and how far prefill
+has got."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmdeploy.engine.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass
+class ImageInput:
+    """One image of a prompt: its preprocessed tiles and where its context tokens start in the
+    prompt."""
+
+    pixel_values: torch.Tensor  # (tiles, 3, 448, 448) float32
+    offset: int  # index of the first <IMG_CONTEXT> token of this image in the prompt
+    num_tokens: int  # 256 * tiles
+    content_hash: str = ""
+
+
+@dataclass
+class Sequence:
+    """Engine-side request. ``num_computed`` tokens already have KV in ``block_table``; the next
+    step computes the following chunk of the prompt (prefill) or the last sampled token (decode)."""
+
+    seq_id: int
+    token_ids: list[int]
+    sampling: SamplingParams
+    images: list[ImageInput] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_prompt_tokens: int = 0
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    image_embeds: torch.Tensor | None = None  # (num image tokens, H), filled by the vision stage
+    finish_reason: str | None = None
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    num_cached: int = 0  # prompt tokens whose KV came from the prefix cache
+    arrival: int = 0
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.token_ids)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    @property
+    def needs_vision(self) -> bool:
+        return bool(self.images) and self.image_embeds is None
+
+    def num_blocks(self, block_size: int) -> int:
+        return (len(self.token_ids) + block_size - 1) // block_size

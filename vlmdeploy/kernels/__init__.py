@@ -1,0 +1,53 @@
+"""Fused ops with one entry point each: a Triton kernel on CUDA tensors, the PyTorch reference
+otherwise.
+
+The reference implementations in :mod:`vlmdeploy.kernels.reference` define the semantics. Triton
+kernels register themselves in ``_TRITON`` (see :func:`_triton_impl`); setting
+``VLMDEPLOY_KERNELS=reference`` forces the reference path everywhere (used to compare the two on the
+GPU).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from . import reference
+
+_TRITON: dict[str, Callable] = {}
+_LOADED = False
+
+
+def _triton_impl(name: str, x: torch.Tensor) -> Callable | None:
+    global _LOADED
+    if not x.is_cuda or os.environ.get("VLMDEPLOY_KERNELS", "triton") == "reference":
+        return None
+    if not _LOADED:
+        _LOADED = True
+        try:
+            from . import triton_ops  # noqa: F401  (registers into _TRITON)
+        except ImportError:
+            pass
+    return _TRITON.get(name)
+
+
+def _dispatch(name: str) -> Callable:
+    ref = getattr(reference, name)
+
+    def op(*args, **kwargs):
+        impl = _triton_impl(name, args[0])
+        return (impl or ref)(*args, **kwargs)
+
+    op.__name__ = name
+    op.__doc__ = ref.__doc__
+    return op
+
+
+rms_norm = _dispatch("rms_norm")
+silu_and_mul = _dispatch("silu_and_mul")
+qk_norm_rope = _dispatch("qk_norm_rope")
+store_kv = _dispatch("store_kv")
+paged_attention = _dispatch("paged_attention")
+rope_cos_sin = reference.rope_cos_sin

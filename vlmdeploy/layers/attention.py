@@ -1,0 +1,80 @@
+"""Paged causal attention for the language model, and the scoped context that carries batch metadata
+to it.
+
+The model runner builds one :class:`AttentionMetadata` per forward and enters
+:func:`attention_context`; every :class:`PagedAttention` layer reads it, writes the step's new
+keys/values into its slice of the KV cache (which the runner injected as ``k_cache``/``v_cache``)
+and attends over each sequence's cached context. Model code never sees scheduling concepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlmdeploy import kernels
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (T,) int64: cache slot of each new token, -1 = do not store
+    cu_seqlens_q: (
+        torch.Tensor
+    )  # (B + 1,) int32: start of each sequence's new tokens in the packed batch
+    kv_lens: torch.Tensor  # (B,) int32: context length of each sequence after this step
+    block_tables: torch.Tensor  # (B, max_blocks) int32, padded with -1
+    max_q_len: int
+    max_kv_len: int
+
+
+_CONTEXT: contextvars.ContextVar[AttentionMetadata | None] = contextvars.ContextVar(
+    "vlmdeploy_attention", default=None
+)
+
+
+@contextlib.contextmanager
+def attention_context(meta: AttentionMetadata) -> Iterator[AttentionMetadata]:
+    token = _CONTEXT.set(meta)
+    try:
+        yield meta
+    finally:
+        _CONTEXT.reset(token)
+
+
+def current_metadata() -> AttentionMetadata:
+    meta = _CONTEXT.get()
+    if meta is None:
+        raise RuntimeError("paged attention called outside attention_context()")
+    return meta
+
+
+class PagedAttention(nn.Module):
+    """Stores k/v of the new tokens, then attends q over the paged context. q: (T, Hq, D), k/v: (T,
+    Hkv, D)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        meta = current_metadata()
+        kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return kernels.paged_attention(
+            q,
+            self.k_cache,
+            self.v_cache,
+            meta.cu_seqlens_q,
+            meta.kv_lens,
+            meta.block_tables,
+            self.scale,
+            max_q_len=meta.max_q_len,
+            max_kv_len=meta.max_kv_len,
+        )

@@ -1,0 +1,233 @@
+"""User-facing configuration and result types, with LMDeploy's field names and defaults.
+
+A field that LMDeploy has but vlmdeploy does not implement yet may be left at its default; setting
+it to anything else raises ``NotImplementedError`` naming the field, so no option is ever silently
+ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length", "error", "abort"]
+
+
+def _reject_unimplemented(obj: Any, defaults: dict[str, Any]) -> None:
+    for name, default in defaults.items():
+        value = getattr(obj, name)
+        if value != default:
+            raise NotImplementedError(
+                f"{type(obj).__name__}.{name}={value!r} is not supported by vlmdeploy yet "
+                f"(only the default {default!r})"
+            )
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling and stopping parameters of one request (LMDeploy's ``GenerationConfig``).
+
+    Decoding is greedy unless ``do_sample=True``, exactly as in LMDeploy: with ``do_sample=False``
+    the sampling fields (``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``)
+    are ignored.
+    """
+
+    n: int = 1
+    max_new_tokens: int | None = 512
+    do_sample: bool = False
+    top_p: float = 1.0
+    top_k: int = 50
+    min_p: float = 0.0
+    temperature: float = 0.8
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    random_seed: int | None = None
+    stop_words: list[str] | None = None
+    bad_words: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    bad_token_ids: list[int] | None = None
+    min_new_tokens: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logprobs: int | None = None
+    response_format: dict | None = None
+    logits_processors: list | None = None
+    output_logits: Literal["all", "generation"] | None = None
+    output_last_hidden_state: Literal["all", "generation"] | None = None
+    include_stop_str_in_output: bool = False
+    return_ppl: bool = False
+    with_cache: bool = False
+    preserve_cache: bool = False
+    migration_request: Any = None
+    return_routed_experts: bool = False
+    repetition_ngram_size: int = 0
+    repetition_ngram_threshold: int = 0
+    # OpenAI's additive penalties (not in LMDeploy's GenerationConfig; used by the HTTP server).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    _UNIMPLEMENTED = {
+        "response_format": None,
+        "logits_processors": None,
+        "output_logits": None,
+        "output_last_hidden_state": None,
+        "return_ppl": False,
+        "with_cache": False,
+        "preserve_cache": False,
+        "migration_request": None,
+        "return_routed_experts": False,
+        "repetition_ngram_size": 0,
+        "repetition_ngram_threshold": 0,
+    }
+
+    def __post_init__(self) -> None:
+        _check(type(self.n) is int and 1 <= self.n, "n must be a positive integer")
+        _check(
+            self.max_new_tokens is None or self.max_new_tokens >= 0, "max_new_tokens must be >= 0"
+        )
+        _check(0.0 <= self.top_p <= 1.0, "top_p must be in [0, 1]")
+        _check(self.top_k >= 0, "top_k must be >= 0")
+        _check(0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]")
+        _check(0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]")
+        _check(self.repetition_penalty > 0.0, "repetition_penalty must be > 0")
+        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]")
+        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]")
+        _check(self.logprobs is None or 0 <= self.logprobs <= 1024, "logprobs must be in [0, 1024]")
+        _reject_unimplemented(self, self._UNIMPLEMENTED)
+
+
+@dataclass
+class PytorchEngineConfig:
+    """Engine parameters (LMDeploy's ``PytorchEngineConfig``).
+
+    ``cache_max_entry_count`` is the fraction of free GPU memory given to the KV cache after the
+    weights and the activation peak are counted; ``num_gpu_blocks > 0`` fixes the number of KV
+    blocks instead (used on CPU and in tests).
+    """
+
+    dtype: str = "auto"
+    tp: int = 1
+    dp: int = 1
+    dp_rank: int = 0
+    ep: int = 1
+    session_len: int | None = None
+    max_batch_size: int | None = None
+    attn_tp_size: int | None = None
+    mlp_tp_size: int | None = None
+    moe_tp_size: int | None = None
+    cache_max_entry_count: float = 0.8
+    prefill_interval: int = 16
+    block_size: int = 64
+    kernel_block_size: int = -1
+    num_cpu_blocks: int = 0
+    num_gpu_blocks: int = 0
+    adapters: dict[str, str] | None = None
+    max_prefill_token_num: int = 8192
+    cudagraph_capture_batch_sizes: list[int] | None = None
+    thread_safe: bool = False
+    enable_prefix_caching: bool = False
+    prefix_cache_state_budget: int = 0
+    prefix_cache_decode_state_interval: int = 0
+    device_type: str = "cuda"
+    eager_mode: bool = False
+    custom_module_map: dict[str, str] | None = None
+    download_dir: str | None = None
+    revision: str | None = None
+    quant_policy: int = 0
+    distributed_executor_backend: str | None = None
+    empty_init: bool = False
+    enable_microbatch: bool = False
+    enable_eplb: bool = False
+    enable_mp_engine: bool = False
+    mp_engine_backend: str = "mp"
+    model_format: str | None = None
+    enable_metrics: bool = True
+    hf_overrides: dict[str, Any] | None = None
+    language_model_only: bool = False
+    logprobs_mode: str | None = None
+    enable_return_routed_experts: bool = False
+    enable_transfer_obj_ref: bool = False
+
+    _UNIMPLEMENTED = {
+        "tp": 1,
+        "dp": 1,
+        "dp_rank": 0,
+        "ep": 1,
+        "attn_tp_size": None,
+        "mlp_tp_size": None,
+        "moe_tp_size": None,
+        "num_cpu_blocks": 0,
+        "adapters": None,
+        "kernel_block_size": -1,
+        "prefix_cache_state_budget": 0,
+        "prefix_cache_decode_state_interval": 0,
+        "custom_module_map": None,
+        "quant_policy": 0,
+        "distributed_executor_backend": None,
+        "empty_init": False,
+        "enable_microbatch": False,
+        "enable_eplb": False,
+        "enable_mp_engine": False,
+        "model_format": None,
+        "hf_overrides": None,
+        "logprobs_mode": None,
+        "enable_return_routed_experts": False,
+        "enable_transfer_obj_ref": False,
+    }
+
+    def __post_init__(self) -> None:
+        _check(
+            self.dtype in ("auto", "float16", "bfloat16", "float32"),
+            "dtype must be one of auto, float16, bfloat16, float32",
+        )
+        _check(self.session_len is None or self.session_len > 0, "session_len must be > 0")
+        _check(self.max_batch_size is None or self.max_batch_size > 0, "max_batch_size must be > 0")
+        _check(0.0 < self.cache_max_entry_count < 1.0, "cache_max_entry_count must be in (0, 1)")
+        _check(
+            self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+            "block_size must be a power of two",
+        )
+        _check(self.num_gpu_blocks >= 0, "num_gpu_blocks must be >= 0")
+        _check(self.max_prefill_token_num > 0, "max_prefill_token_num must be > 0")
+        _check(self.device_type in ("cuda", "cpu"), "device_type must be 'cuda' or 'cpu'")
+        _reject_unimplemented(self, self._UNIMPLEMENTED)
+
+
+@dataclass
+class VisionConfig:
+    """Vision-stage parameters (LMDeploy's ``VisionConfig``)."""
+
+    max_batch_size: int = 1
+    thread_safe: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.max_batch_size > 0, "max_batch_size must be > 0")
+
+
+@dataclass
+class Response:
+    """The result of one prompt (LMDeploy's ``Response``)."""
+
+    text: str
+    generate_token_len: int
+    input_token_len: int
+    finish_reason: FinishReason | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    index: int = 0
+    cached_tokens: int = 0
+    error_message: str | None = None
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name != "token_ids"
+        )
+        return f"Response({fields})"
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)

@@ -1,0 +1,435 @@
+"""The LMDeploy-compatible Python API: ``pipeline(...)`` returns a :class:`Pipeline`.
+
+A request goes: prompt form → messages → images loaded and tiled → chat template → token ids with
+image blocks (:meth:`Pipeline.prepare`, which also validates everything) → engine
+(:class:`EngineLoop`) → token stream → incremental detokenization and stop words →
+:class:`~vlmdeploy.messages.Response` / :class:`GenOut` deltas. The synchronous API (``__call__``,
+``infer``, ``stream_infer``, ``chat``) and the asynchronous one used by the HTTP server (``prepare``
++ ``generate_prepared``) share this path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import logging
+import queue
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmdeploy.config import ModelConfig
+from vlmdeploy.engine.engine_loop import EngineLoop
+from vlmdeploy.engine.llm_engine import LLMEngine, StepOutput
+from vlmdeploy.engine.sampling import SamplingParams
+from vlmdeploy.engine.sequence import ImageInput, Sequence
+from vlmdeploy.errors import ContextLengthExceeded, InvalidRequestError
+from vlmdeploy.messages import GenerationConfig, PytorchEngineConfig, Response
+from vlmdeploy.prompt import ChatTemplate, build_conversation, to_messages, tokenize_with_images
+from vlmdeploy.tokenizer import IncrementalDetokenizer, Tokenizer
+from vlmdeploy.vl.media import MediaPolicy, load_image
+from vlmdeploy.vl.tiling import pixel_values as tile_pixel_values
+
+logger = logging.getLogger("vlmdeploy")
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request, ready for the engine."""
+
+    token_ids: list[int]
+    images: list[ImageInput]
+    sampling: SamplingParams
+    gen_config: GenerationConfig
+    prompt: str
+
+    @property
+    def input_token_len(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class GenOut:
+    """One streamed delta (the server's unit)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None
+    input_token_len: int
+    generate_token_len: int
+    cached_tokens: int = 0
+
+
+@dataclass
+class Session:
+    """A multi-turn conversation for :meth:`Pipeline.chat`; ``response`` is the last turn's
+    answer."""
+
+    session_id: int
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    response: Response | None = None
+    step: int = 0
+
+
+class Pipeline:
+    def __init__(
+        self,
+        model_path: str,
+        backend_config: PytorchEngineConfig | None = None,
+        model_name: str | None = None,
+        **kwargs: Any,
+    ):
+        if kwargs.pop("backend", "pytorch") not in ("pytorch", "turbomind"):
+            raise ValueError("backend must be 'pytorch'")
+        for name in ("chat_template_config", "vision_config", "log_level", "max_log_len"):
+            kwargs.pop(name, None)
+        if kwargs:
+            raise TypeError(f"pipeline() got unexpected arguments: {', '.join(sorted(kwargs))}")
+        self.model_path = str(model_path)
+        self.model_name = model_name or Path(self.model_path).name
+        self.backend_config = backend_config or PytorchEngineConfig()
+        self.model_cfg = ModelConfig.from_pretrained(self.model_path)
+        self.tokenizer = Tokenizer(self.model_path)
+        self.template = ChatTemplate(self.tokenizer.chat_template)
+        self.engine = LLMEngine(
+            self.model_path,
+            self.backend_config,
+            self.tokenizer.image_ids["img_context"],
+            self.model_cfg,
+        )
+        self.loop = EngineLoop(self.engine)
+        self.session_len = self.engine.session_len
+        self._ids = itertools.count(1)
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vlmdeploy-prep")
+
+    # ---- preprocessing
+    # ---------------------------------------------------------------------------------------
+    def prepare_sync(
+        self,
+        prompt: Any,
+        gen_config: GenerationConfig | None = None,
+        media_policy: MediaPolicy | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> PreparedRequest:
+        """Validate and preprocess one prompt; raises :class:`InvalidRequestError` on bad input."""
+        gen = gen_config or GenerationConfig()
+        conv = build_conversation(to_messages(prompt))
+        tiles = [self._tile(ref, media_policy) for ref in conv.images]
+        text = self.template.render(conv.messages, **(chat_template_kwargs or {}))
+        per_tile = self.model_cfg.tokens_per_tile
+        ids = tokenize_with_images(
+            text,
+            [len(t) * per_tile for t in tiles],
+            self.tokenizer.encode,
+            self.tokenizer.image_ids,
+        )
+        images = _image_inputs(ids, tiles, per_tile, self.tokenizer.image_ids["img_context"])
+        sampling = self._sampling(gen, len(ids))
+        reason = self.engine.check_fits(len(ids), sampling.max_new_tokens)
+        if reason:
+            raise ContextLengthExceeded(reason)
+        return PreparedRequest(ids, images, sampling, gen, text)
+
+    async def prepare(
+        self,
+        prompt: Any,
+        gen_config: GenerationConfig | None = None,
+        media_policy: MediaPolicy | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> PreparedRequest:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool,
+            lambda: self.prepare_sync(prompt, gen_config, media_policy, chat_template_kwargs),
+        )
+
+    def _tile(self, ref, policy: MediaPolicy | None):
+        image = load_image(ref.source, policy)
+        max_num = ref.max_dynamic_patch or self.model_cfg.max_dynamic_patch
+        return tile_pixel_values(
+            image,
+            max_num=max_num,
+            min_num=self.model_cfg.min_dynamic_patch,
+            image_size=self.model_cfg.vision.image_size,
+            use_thumbnail=self.model_cfg.use_thumbnail,
+        )
+
+    def _sampling(self, gen: GenerationConfig, prompt_len: int) -> SamplingParams:
+        stop = set(gen.stop_token_ids or [])
+        if not gen.ignore_eos:
+            stop |= self.tokenizer.stop_ids
+        greedy = not gen.do_sample or gen.temperature == 0.0
+        max_new = (
+            gen.max_new_tokens if gen.max_new_tokens is not None else self.session_len - prompt_len
+        )
+        return SamplingParams(
+            greedy=greedy,
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            top_p=gen.top_p,
+            min_p=gen.min_p,
+            repetition_penalty=gen.repetition_penalty,
+            presence_penalty=gen.presence_penalty,
+            frequency_penalty=gen.frequency_penalty,
+            seed=gen.random_seed,
+            max_new_tokens=max_new,
+            min_new_tokens=gen.min_new_tokens or 0,
+            stop_token_ids=frozenset(stop),
+            bad_token_ids=tuple(self._bad_ids(gen)),
+            logprobs=gen.logprobs,
+        )
+
+    def _bad_ids(self, gen: GenerationConfig) -> list[int]:
+        ids = list(gen.bad_token_ids or [])
+        for word in gen.bad_words or []:
+            enc = self.tokenizer.encode(word)
+            if len(enc) != 1:
+                raise InvalidRequestError(
+                    f"bad word {word!r} is not a single token",
+                    code="invalid_bad_words",
+                    param="bad_words",
+                )
+            ids += enc
+        return ids
+
+    # ---- generation
+    # ------------------------------------------------------------------------------------------
+    def _submit(self, req: PreparedRequest, session_id: int, put) -> Sequence:
+        seq = Sequence(session_id, list(req.token_ids), copy.copy(req.sampling), images=req.images)
+        self.loop.add(seq, put)
+        return seq
+
+    async def generate_prepared(
+        self, req: PreparedRequest, session_id: int
+    ) -> AsyncIterator[GenOut]:
+        """Stream the deltas of a prepared request; leaving early (or being cancelled) aborts it."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._submit(req, session_id, lambda o: loop.call_soon_threadsafe(q.put_nowait, o))
+        proc = _OutputProcessor(self.tokenizer, req)
+        try:
+            while proc.finish_reason is None:
+                yield proc.process(await q.get())
+        finally:
+            if not proc.engine_done:
+                self.loop.abort(session_id)
+
+    def abort(self, session_id: int) -> None:
+        self.loop.abort(session_id)
+
+    def stats(self) -> dict[str, float | int]:
+        return self.engine.stats()
+
+    # ---- the LMDeploy API
+    # ------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompts: Any,
+        gen_config: GenerationConfig | list | None = None,
+        use_tqdm: bool = False,
+        **kwargs: Any,
+    ) -> Response | list[Response]:
+        return self.infer(prompts, gen_config=gen_config, use_tqdm=use_tqdm, **kwargs)
+
+    def infer(
+        self,
+        prompts: Any,
+        gen_config: GenerationConfig | list | None = None,
+        use_tqdm: bool = False,
+        do_preprocess: bool = True,
+        **kwargs: Any,
+    ) -> Response | list[Response]:
+        _reject_kwargs(kwargs)
+        single, items = _as_batch(prompts)
+        responses: list[Response | None] = [None] * len(items)
+        bar = _progress(len(items)) if use_tqdm else None
+        for r in self.stream_infer(items, gen_config):
+            acc = responses[r.index]
+            responses[r.index] = r if acc is None else _merge(acc, r)
+            if bar is not None and r.finish_reason is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return responses[0] if single else responses
+
+    def stream_infer(
+        self,
+        prompts: Any,
+        gen_config: GenerationConfig | list | None = None,
+        do_preprocess: bool = True,
+        **kwargs: Any,
+    ) -> Iterator[Response]:
+        """Yields incremental ``Response`` objects (``text`` is the new text, ``index`` the prompt's
+        position) for all prompts concurrently, in the order outputs arrive."""
+        _reject_kwargs(kwargs)
+        _, items = _as_batch(prompts)
+        gens = gen_config if isinstance(gen_config, list) else [gen_config] * len(items)
+        if len(gens) != len(items):
+            raise ValueError("gen_config list must have one entry per prompt")
+        reqs = list(self._pool.map(lambda a: self.prepare_sync(*a), zip(items, gens)))
+        q: queue.SimpleQueue[tuple[int, StepOutput]] = queue.SimpleQueue()
+        procs: dict[int, tuple[int, _OutputProcessor]] = {}
+        for i, req in enumerate(reqs):
+            sid = next(self._ids)
+            procs[sid] = (i, _OutputProcessor(self.tokenizer, req))
+            self._submit(req, sid, lambda o, sid=sid: q.put((sid, o)))
+        try:
+            while any(p.finish_reason is None for _, p in procs.values()):
+                sid, out = q.get()
+                i, proc = procs[sid]
+                if proc.finish_reason is None:
+                    yield _response(proc.process(out), i)
+                    if proc.finish_reason is not None and not proc.engine_done:
+                        self.loop.abort(sid)  # stopped by a stop word: free the engine's blocks
+        finally:
+            for sid, (_, proc) in procs.items():
+                if not proc.engine_done:
+                    self.loop.abort(sid)
+
+    def chat(
+        self,
+        prompt: Any,
+        session: Session | None = None,
+        gen_config: GenerationConfig | None = None,
+        stream_response: bool = False,
+        **kwargs: Any,
+    ) -> Session:
+        """One turn of a multi-turn conversation; returns the session with ``response`` set."""
+        _reject_kwargs(kwargs)
+        session = session or self.session()
+        session.messages = [*session.messages, *to_messages(prompt)]
+        response = self.infer(session.messages, gen_config=gen_config)
+        session.messages.append({"role": "assistant", "content": response.text})
+        session.response, session.step = response, session.step + 1
+        return session
+
+    def session(self) -> Session:
+        return Session(session_id=next(self._ids))
+
+    def close(self) -> None:
+        self.loop.close()
+        self._pool.shutdown(wait=False)
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _OutputProcessor:
+    """Per-request engine outputs → text deltas: detokenizes, applies stop words, drops stop
+    tokens."""
+
+    def __init__(self, tokenizer: Tokenizer, req: PreparedRequest):
+        self.req = req
+        self.detok = IncrementalDetokenizer(tokenizer, req.gen_config.skip_special_tokens)
+        self.stops = [w for w in (req.gen_config.stop_words or []) if w]
+        self.finish_reason: str | None = None
+        self.engine_done = False  # the engine has released the request
+
+    def process(self, out: StepOutput) -> GenOut:
+        self.engine_done = out.finish_reason is not None
+        ids, text, lps = [], "", None
+        is_stop_token = (
+            out.finish_reason == "stop" and out.token_id in self.req.sampling.stop_token_ids
+        )
+        if out.token_id is not None and not is_stop_token:
+            ids, lps = [out.token_id], ([out.logprobs] if out.logprobs is not None else None)
+            text = self.detok.add(out.token_id)
+        if out.finish_reason:
+            text += self.detok.flush()
+        reason = out.finish_reason
+        if self.stops:
+            text, hit = _cut_stop(
+                self.detok.text, text, self.stops, self.req.gen_config.include_stop_str_in_output
+            )
+            reason = "stop" if hit else reason
+        self.finish_reason = reason
+        return GenOut(
+            text,
+            ids,
+            lps,
+            reason,
+            out.num_prompt_tokens,
+            out.num_output_tokens,
+            out.num_cached_tokens,
+        )
+
+
+def _image_inputs(ids: list[int], tiles: list, per_tile: int, ctx_id: int) -> list[ImageInput]:
+    images, pos = [], 0
+    for t in tiles:
+        pos = ids.index(ctx_id, pos)
+        images.append(ImageInput(pixel_values=t, offset=pos, num_tokens=len(t) * per_tile))
+        pos += len(t) * per_tile
+    return images
+
+
+def _cut_stop(full: str, delta: str, stops: list[str], include: bool) -> tuple[str, bool]:
+    """If a stop word now appears in the text, cut the delta at it (keeping it if ``include``)."""
+    start = len(full) - len(delta)
+    for word in stops:
+        at = full.find(word, max(0, start - len(word) + 1))
+        if at != -1:
+            end = at + len(word) if include else at
+            return full[start:end] if end > start else "", True
+    return delta, False
+
+
+def _as_batch(prompts: Any) -> tuple[bool, list[Any]]:
+    single = isinstance(prompts, (str, tuple)) or (
+        isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict)
+    )
+    if single:
+        return True, [prompts]
+    if not isinstance(prompts, list) or not prompts:
+        raise InvalidRequestError(
+            f"unsupported prompt form {type(prompts).__name__}: expected a str, a (text, image) "
+            "tuple, an OpenAI-style message list, or a non-empty list of those",
+            code="invalid_prompt",
+            param="prompts",
+        )
+    return False, prompts
+
+
+def _response(d: GenOut, index: int) -> Response:
+    return Response(
+        text=d.text,
+        generate_token_len=d.generate_token_len,
+        input_token_len=d.input_token_len,
+        finish_reason=d.finish_reason,
+        token_ids=d.token_ids,
+        logprobs=d.logprobs,
+        index=index,
+        cached_tokens=d.cached_tokens,
+    )
+
+
+def _merge(acc: Response, r: Response) -> Response:
+    acc.text += r.text
+    acc.token_ids = acc.token_ids + r.token_ids
+    if r.logprobs is not None:
+        acc.logprobs = (acc.logprobs or []) + r.logprobs
+    acc.generate_token_len, acc.finish_reason = r.generate_token_len, r.finish_reason
+    acc.cached_tokens = r.cached_tokens
+    return acc
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="Generating", unit="prompt")
+
+
+def _reject_kwargs(kwargs: dict[str, Any]) -> None:
+    allowed = {"do_preprocess", "adapter_name", "sequence_start", "sequence_end"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise TypeError(f"unexpected arguments: {', '.join(sorted(unknown))}")
+    if kwargs.get("adapter_name") is not None:
+        raise NotImplementedError("adapter_name is not supported by vlmdeploy yet")

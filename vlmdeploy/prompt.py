@@ -1,0 +1,221 @@
+"""From user prompts to token ids: prompt forms → messages → chat template → tokens with image
+blocks.
+
+Accepted prompt forms (LMDeploy's): a string; a ``(text, image)`` or ``(text, [images])`` tuple; an
+OpenAI-style message list whose user contents may hold ``text``, ``image_url`` and ``image`` parts.
+Placement rules:
+
+* if any user text contains ``IMAGE_TOKEN``, each occurrence takes the next image, in order, and
+  image parts only
+  supply the images;
+* otherwise every image part becomes its own block followed by a newline, where the part stands; the
+  tuple forms
+  put their images before the text, as the reference ``model.chat()`` does.
+
+The checkpoint's own chat template renders the conversation (ChatML when it has none), with
+``IMAGE_TOKEN`` left in the text; the rendered prompt is then split there and each image becomes
+``<img>`` + ``<IMG_CONTEXT>`` × (256 · tiles) + ``</img>``. Splitting at these special tokens
+tokenizes exactly like the expanded string would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+
+from vlmdeploy.errors import InvalidRequestError
+from vlmdeploy.vl.constants import IMAGE_TOKEN
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# InternVL3.5's system prompt that switches on thinking mode (from its model card).
+THINKING_SYSTEM_PROMPT = (
+    "You are an AI assistant that rigorously follows this response protocol:\n\n"
+    "1. First, conduct a detailed analysis of the question. Consider different angles, "
+    "potential solutions, and reason through the problem step-by-step. Enclose this entire "
+    "thinking process within <think> and </think> tags.\n\n"
+    "2. After the thinking section, provide a clear, concise, and accurate answer to the "
+    "question.\n\n"
+    "3. Ensure the thinking process is thorough but remains focused on the query at hand.\n\n"
+    "4. The final answer should be standalone and not reference the thinking section."
+)
+
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class ImageRef:
+    """An image as the user gave it (PIL image, path, URL, data URL, bytes) and its tiling limit."""
+
+    source: Any
+    max_dynamic_patch: int | None = None
+    param: str = "messages"
+
+
+@dataclass
+class Conversation:
+    """Messages with string contents (images replaced by ``IMAGE_TOKEN``) and the images in
+    order."""
+
+    messages: list[dict[str, str]]
+    images: list[ImageRef] = field(default_factory=list)
+
+
+def to_messages(prompt: Any) -> list[dict[str, Any]]:
+    """Normalise one prompt of any accepted form into an OpenAI-style message list."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, tuple) and len(prompt) == 2 and isinstance(prompt[0], str):
+        text, images = prompt
+        images = images if isinstance(images, list) else [images]
+        parts = [{"type": "image", "image": im} for im in images]
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        return prompt
+    raise InvalidRequestError(
+        f"unsupported prompt form {type(prompt).__name__}: expected a str, a (text, image) or "
+        "(text, [images]) tuple, or a list of OpenAI-style message dicts",
+        code="invalid_prompt",
+        param="prompts",
+    )
+
+
+def build_conversation(messages: list[dict[str, Any]]) -> Conversation:
+    """Flatten message contents to strings, collecting images and placing ``IMAGE_TOKEN``
+    markers."""
+    if not messages:
+        raise InvalidRequestError(
+            "messages must not be empty", code="empty_array", param="messages"
+        )
+    explicit = any(
+        IMAGE_TOKEN in _text_of(m.get("content")) for m in messages if m.get("role") == "user"
+    )
+    conv = Conversation(messages=[])
+    for i, msg in enumerate(messages):
+        role = msg.get("role") if isinstance(msg, dict) else None
+        if role not in _ROLES:
+            raise InvalidRequestError(
+                f"messages[{i}].role must be one of {', '.join(_ROLES)}",
+                code="invalid_role",
+                param=f"messages[{i}].role",
+            )
+        text = _flatten(msg.get("content"), conv.images, explicit, f"messages[{i}].content")
+        conv.messages.append({"role": role, "content": text})
+    placed = sum(m["content"].count(IMAGE_TOKEN) for m in conv.messages)
+    if placed != len(conv.images):
+        raise InvalidRequestError(
+            f"the prompt has {placed} {IMAGE_TOKEN} placeholders but {len(conv.images)} images",
+            code="image_count_mismatch",
+            param="messages",
+        )
+    return conv
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return ""
+
+
+def _flatten(content: Any, images: list[ImageRef], explicit: bool, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequestError(
+            f"{param} must be a string or a list of content parts",
+            code="invalid_content",
+            param=param,
+        )
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            out.append(str(part.get("text", "")))
+        elif kind in ("image_url", "image"):
+            images.append(_image_ref(part, f"{param}[{j}]"))
+            if not explicit:
+                out.append(IMAGE_TOKEN + "\n")
+        else:
+            raise InvalidRequestError(
+                f"unsupported content part type {kind!r}",
+                code="unsupported_content_type",
+                param=f"{param}[{j}].type",
+            )
+    return "".join(out)
+
+
+def _image_ref(part: dict[str, Any], param: str) -> ImageRef:
+    if part["type"] == "image":
+        return ImageRef(part.get("image"), part.get("max_dynamic_patch"), param)
+    spec = part.get("image_url")
+    if isinstance(spec, str):
+        return ImageRef(spec, None, f"{param}.image_url")
+    if not isinstance(spec, dict) or "url" not in spec:
+        raise InvalidRequestError(
+            "image_url must be a string or an object with a 'url'",
+            code="invalid_image_url",
+            param=f"{param}.image_url",
+        )
+    limit = spec.get("max_dynamic_patch")
+    if limit is None and spec.get("detail") is not None:
+        from vlmdeploy.vl.tiling import detail_to_max_num
+
+        limit = detail_to_max_num(spec["detail"])
+    return ImageRef(spec["url"], limit, f"{param}.image_url.url")
+
+
+class ChatTemplate:
+    """Renders a conversation with the checkpoint's Jinja chat template, in a sandbox."""
+
+    def __init__(self, template: str | None):
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        self.template = env.from_string(template or CHATML_TEMPLATE)
+
+    def render(
+        self,
+        messages: list[dict[str, str]],
+        enable_thinking: bool = False,
+        add_generation_prompt: bool = True,
+    ) -> str:
+        if enable_thinking and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": THINKING_SYSTEM_PROMPT}, *messages]
+        return self.template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+        )
+
+
+def _raise_template_error(message: str):
+    raise InvalidRequestError(
+        f"chat template error: {message}", code="invalid_prompt", param="messages"
+    )
+
+
+def tokenize_with_images(
+    prompt: str, image_tokens: list[int], encode, ids: dict[str, int]
+) -> list[int]:
+    """Token ids of ``prompt`` with the i-th ``IMAGE_TOKEN`` replaced by an image block of
+    ``image_tokens[i]`` context tokens. ``encode(text) -> list[int]`` must not add special
+    tokens."""
+    segments = prompt.split(IMAGE_TOKEN)
+    out: list[int] = []
+    for i, seg in enumerate(segments):
+        if i > 0:
+            out += [ids["img_start"], *[ids["img_context"]] * image_tokens[i - 1], ids["img_end"]]
+        if seg:
+            out += encode(seg)
+    return out

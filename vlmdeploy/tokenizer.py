@@ -1,0 +1,89 @@
+"""The checkpoint's tokenizer, the special token ids the engine needs, and incremental
+detokenization.
+
+All ids (image tokens, eos, stop ids) are resolved through the tokenizer and
+``generation_config.json``; none is hard-coded. The tokenizer is loaded from standard HF files
+without running any code shipped with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+IMAGE_SPECIAL_TOKENS = {"img_start": "<img>", "img_end": "</img>", "img_context": "<IMG_CONTEXT>"}
+
+
+class Tokenizer:
+    def __init__(self, model_path: str | Path):
+        self.hf = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=False)
+        self.image_ids = {k: self._id_of(tok) for k, tok in IMAGE_SPECIAL_TOKENS.items()}
+        self.eos_token_id = self.hf.eos_token_id
+        self.stop_ids = frozenset(_generation_eos(Path(model_path)) | {self.eos_token_id} - {None})
+        self.chat_template: str | None = getattr(self.hf, "chat_template", None)
+        self.vocab_size = len(self.hf)
+
+    def _id_of(self, token: str) -> int:
+        tid = self.hf.convert_tokens_to_ids(token)
+        if (
+            tid is None
+            or tid == self.hf.unk_token_id
+            or self.hf.convert_ids_to_tokens(tid) != token
+        ):
+            raise ValueError(
+                f"the tokenizer has no {token!r} token; it is not an InternVL tokenizer"
+            )
+        return tid
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _generation_eos(model_path: Path) -> set[int]:
+    path = model_path / "generation_config.json"
+    if not path.is_file():
+        return set()
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without re-decoding everything each step.
+
+    Text is released only once it no longer ends in an incomplete UTF-8 sequence (decoded as
+    U+FFFD), so a multi-byte character split across tokens is emitted whole.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset :], self.skip)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. a trailing incomplete character) at the end of
+        generation."""
+        full = self.tok.decode(self.ids, self.skip)
+        delta = full[len(self.text) :] if full.startswith(self.text) else ""
+        self.text += delta
+        return delta

@@ -1,0 +1,214 @@
+"""InternVL dynamic tiling: how an image becomes ``(tiles, 3, 448, 448)`` pixel values.
+
+Contract (must match the InternVL reference preprocessing bit for bit):
+
+* A grid (cols, rows) is chosen from the candidates with ``min_num <= cols * rows <= max_num``,
+  taken in the reference order (see `_candidates`). The candidate with the smallest
+  ``|w / h - cols / rows|`` wins; on an exact tie a later candidate replaces the current one only
+  if the image area exceeds ``0.5 * image_size**2 * cols * rows``.
+* The RGB image is resized to ``(image_size * cols, image_size * rows)`` with PIL bicubic and cut
+  into tiles row-major. If that gives more than one tile and ``use_thumbnail`` is set, the whole
+  image resized to ``image_size x image_size`` (bicubic) is appended last.
+* Each tile is scaled by ``/ 255`` and normalized with the ImageNet mean and std in float32, with
+  the reference's operation order (divide, subtract, divide), so results are bitwise equal.
+
+The tile count depends on the image size alone, so prompts can be sized (``num_image_tokens``)
+before any pixel is touched. Every function here is pure and safe to call from a thread pool.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SIZE = 448
+PATCH_SIZE = 14
+DOWNSAMPLE_RATIO = 0.5
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# LMDeploy's per-image `detail` levels for InternVL, as max tiles.
+DETAIL_MAX_NUM = {"low": 6, "medium": 12, "high": 24}
+
+
+@lru_cache(maxsize=64)
+def _candidates(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
+    """Candidate (cols, rows) grids in the reference order.
+
+    The reference collects the grids in a Python set, then stable-sorts them by tile count, so
+    grids with the same count keep the set's iteration order. That order decides exact ties when
+    ``min_num > 1`` (e.g. (3, 1) vs (1, 3) for min = max = 3), so it is reproduced by inserting
+    the same tuples in the same sequence into a set (tuple-of-int hashing is not randomized).
+    """
+    grids = {
+        (cols, rows)
+        for n in range(min_num, max_num + 1)
+        for cols in range(1, n + 1)
+        for rows in range(1, n + 1)
+        if min_num <= cols * rows <= max_num
+    }
+    return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
+
+
+def _check_args(width: int, height: int, min_num: int, max_num: int) -> None:
+    if width < 1 or height < 1:
+        raise ValueError("image width and height must be >= 1")
+    if not 1 <= min_num <= max_num:
+        raise ValueError("tile counts must satisfy 1 <= min_num <= max_num")
+
+
+def target_grid(
+    width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = IMAGE_SIZE
+) -> tuple[int, int]:
+    """The (cols, rows) tile grid for an image of ``width x height`` pixels."""
+    _check_args(width, height, min_num, max_num)
+    aspect = width / height
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in _candidates(min_num, max_num):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            # Exact tie: take the larger grid only when the image has pixels enough to fill it.
+            best = (cols, rows)
+    return best
+
+
+def num_tiles(
+    width: int,
+    height: int,
+    max_num: int = 12,
+    min_num: int = 1,
+    use_thumbnail: bool = True,
+    image_size: int = IMAGE_SIZE,
+) -> int:
+    """How many tiles `dynamic_tiles` produces for this size (thumbnail included)."""
+    cols, rows = target_grid(width, height, min_num, max_num, image_size)
+    blocks = cols * rows
+    return blocks + 1 if use_thumbnail and blocks > 1 else blocks
+
+
+def tokens_per_tile(
+    image_size: int = IMAGE_SIZE,
+    patch_size: int = PATCH_SIZE,
+    downsample_ratio: float = DOWNSAMPLE_RATIO,
+) -> int:
+    """Image tokens one tile becomes after pixel shuffle (256 for 448 / 14 / 0.5)."""
+    return int((image_size // patch_size) ** 2 * downsample_ratio**2)
+
+
+def num_image_tokens(
+    width: int,
+    height: int,
+    max_num: int = 12,
+    min_num: int = 1,
+    use_thumbnail: bool = True,
+    image_size: int = IMAGE_SIZE,
+    patch_size: int = PATCH_SIZE,
+    downsample_ratio: float = DOWNSAMPLE_RATIO,
+) -> int:
+    """Number of ``<IMG_CONTEXT>`` tokens the image takes in the prompt."""
+    tiles = num_tiles(width, height, max_num, min_num, use_thumbnail, image_size)
+    return tiles * tokens_per_tile(image_size, patch_size, downsample_ratio)
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def dynamic_tiles(
+    image: Image.Image,
+    max_num: int = 12,
+    min_num: int = 1,
+    image_size: int = IMAGE_SIZE,
+    use_thumbnail: bool = True,
+) -> list[Image.Image]:
+    """The tiles as PIL images: row-major grid tiles, then the thumbnail (if more than one tile)."""
+    image = _rgb(image)
+    cols, rows = target_grid(image.width, image.height, min_num, max_num, image_size)
+    resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
+    tiles = [
+        resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    if use_thumbnail and len(tiles) > 1:
+        tiles.append(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def tile_array(
+    image: Image.Image,
+    max_num: int = 12,
+    min_num: int = 1,
+    image_size: int = IMAGE_SIZE,
+    use_thumbnail: bool = True,
+) -> np.ndarray:
+    """The tiles as one uint8 array (tiles, image_size, image_size, 3), without per-tile images."""
+    image = _rgb(image)
+    cols, rows = target_grid(image.width, image.height, min_num, max_num, image_size)
+    s = image_size
+    resized = np.asarray(image.resize((s * cols, s * rows), Image.Resampling.BICUBIC))
+    # (rows*s, cols*s, 3) -> (rows, s, cols, s, 3) -> (rows, cols, s, s, 3): row-major tiles
+    tiles = resized.reshape(rows, s, cols, s, 3).transpose(0, 2, 1, 3, 4).reshape(-1, s, s, 3)
+    if use_thumbnail and cols * rows > 1:
+        thumb = np.asarray(image.resize((s, s), Image.Resampling.BICUBIC))  # (s, s, 3)
+        tiles = np.concatenate([tiles, thumb[None]], axis=0)
+    return tiles
+
+
+@lru_cache(maxsize=1)
+def _normalize_table() -> np.ndarray:
+    """float32 (3, 256): the normalized value of every uint8 input, per channel.
+
+    Computed with the reference's float32 ops in its order (ToTensor: ``/ 255``; Normalize:
+    ``- mean``, ``/ std``), so a lookup gives bitwise the reference's result at a third of the cost
+    of doing the arithmetic over every pixel.
+    """
+    values = torch.arange(256, dtype=torch.float32).expand(3, 256)  # (3, 256)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1)
+    table = values.div(255).sub(mean).div(std).numpy()
+    table.setflags(write=False)  # shared by every caller (cached)
+    return table
+
+
+def normalize_tiles(tiles: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float32 (T, 3, H, W) holding ``(x / 255 - mean) / std``."""
+    t, h, w, _ = tiles.shape
+    table = _normalize_table()
+    out = np.empty((t, 3, h, w), dtype=np.float32)  # (T, 3, H, W)
+    for c in range(3):
+        np.take(table[c], tiles[..., c], out=out[:, c], mode="clip")  # uint8 indices, never clipped
+    return torch.from_numpy(out)
+
+
+def pixel_values(
+    image: Image.Image,
+    max_num: int = 12,
+    min_num: int = 1,
+    image_size: int = IMAGE_SIZE,
+    use_thumbnail: bool = True,
+) -> torch.Tensor:
+    """Normalized tiles of shape (tiles, 3, image_size, image_size), float32."""
+    return normalize_tiles(tile_array(image, max_num, min_num, image_size, use_thumbnail))
+
+
+def detail_to_max_num(detail: str | None, default: int = 12) -> int:
+    """Max tiles for an OpenAI-style ``detail`` level: low 6, medium 12, high 24; otherwise
+    ``default`` (the checkpoint's ``max_dynamic_patch``), as LMDeploy does for e.g. ``auto``."""
+    return DETAIL_MAX_NUM.get(detail, default) if isinstance(detail, str) else default
+
+
+def resolve_max_num(
+    max_dynamic_patch: int | None = None, detail: str | None = None, default: int = 12
+) -> int:
+    """Per-image max tiles with LMDeploy's precedence: an int ``max_dynamic_patch`` wins, then
+    ``detail``, then the checkpoint default."""
+    if isinstance(max_dynamic_patch, int) and not isinstance(max_dynamic_patch, bool):
+        return max_dynamic_patch
+    return detail_to_max_num(detail, default)
