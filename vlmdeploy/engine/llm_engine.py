@@ -184,10 +184,10 @@ class LLMEngine:
         self.vision.run(batch.seqs)
         done = [s.num_computed + n == len(s) for s, n in zip(batch.seqs, batch.num_tokens)]
         rows = [i for i, d in enumerate(done) if d]
-        logits = self.runner.run(batch, rows) if rows else None
+        logits = self.runner.run(batch, rows)  # always runs: mid-prefill chunks must still write KV
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
-        if logits is None:
+        if not rows:
             return []
         sampled = [batch.seqs[i] for i in rows]
         tokens, logprobs = sample(

@@ -56,7 +56,7 @@ class ModelRunner:
         return self.model.encode_images(pixel_values.to(self.device, dtype))
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> torch.Tensor:
+    def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> torch.Tensor | None:
         """One forward over the batch; returns logits (len(sample_rows), V) for the last new token
         of the sequences at ``sample_rows``."""
         ids, positions, slots, embeds, masks = [], [], [], [], []
@@ -90,6 +90,8 @@ class ModelRunner:
         )
         with attention_context(meta):
             hidden = self.model(x, torch.tensor(positions, dtype=torch.long, device=dev))
+        if not sample_rows:
+            return None
         rows = torch.tensor([last[i] for i in sample_rows], dtype=torch.long, device=dev)
         return self.model.compute_logits(hidden[rows])
 

@@ -1,0 +1,78 @@
+"""Bad input raises a clear exception naming the problem, and the engine keeps serving other
+requests."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
+from vlmdeploy.errors import ContextLengthExceeded, ImageError, InvalidRequestError
+
+GEN = GenerationConfig(max_new_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpts):
+    with pipeline(tiny_ckpts["original"], PytorchEngineConfig(session_len=600)) as p:
+        yield p
+
+
+def still_serves(pipe) -> None:
+    assert pipe("hello", gen_config=GEN).generate_token_len == 4
+
+
+@pytest.mark.parametrize("prompt", [42, None, {"role": "user"}, [], [1, 2], ("text", "a", "b")])
+def test_unknown_prompt_form(pipe, prompt):
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        pipe(prompt, gen_config=GEN)
+    still_serves(pipe)
+
+
+def test_undecodable_image(pipe, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    with pytest.raises(ImageError) as info:
+        pipe(("describe", str(bad)), gen_config=GEN)
+    assert info.value.code in ("invalid_image_format", "unsupported_image_type")
+    still_serves(pipe)
+
+
+def test_prompt_longer_than_session_len(pipe, images):
+    with pytest.raises(ContextLengthExceeded, match="session_len=600"):
+        pipe(("describe", images[1]), gen_config=GEN)  # 3 tiles = 768 image tokens
+    with pytest.raises(ContextLengthExceeded):
+        pipe("word " * 700, gen_config=GEN)
+    still_serves(pipe)
+
+
+def test_one_bad_prompt_in_a_batch_fails_the_call_before_any_work(pipe):
+    with pytest.raises(InvalidRequestError):
+        pipe(["fine", 3.5], gen_config=GEN)
+    assert pipe.stats()["num_running"] == 0 and pipe.stats()["num_waiting"] == 0
+    still_serves(pipe)
+
+
+def test_unknown_config_fields_are_named():
+    with pytest.raises(TypeError, match="no_such_field"):
+        PytorchEngineConfig(no_such_field=1)
+    with pytest.raises(TypeError, match="no_such_field"):
+        GenerationConfig(no_such_field=1)
+    with pytest.raises(NotImplementedError, match="tp"):
+        PytorchEngineConfig(tp=2)
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationConfig(top_p=1.5)
+
+
+def test_unknown_pipeline_argument(pipe, tiny_ckpts):
+    with pytest.raises(TypeError, match="bogus"):
+        pipe("hi", gen_config=GEN, bogus=1)
+    with pytest.raises(TypeError, match="bogus"):
+        pipeline(tiny_ckpts["original"], bogus=True)
+
+
+def test_unsupported_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}'
+    )
+    with pytest.raises(ValueError, match="supports InternVL3.5"):
+        pipeline(str(tmp_path))
