@@ -106,8 +106,7 @@ class Pipeline:
         self._ids = itertools.count(1)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vlmdeploy-prep")
 
-    # ---- preprocessing
-    # ---------------------------------------------------------------------------------------
+    # ---- preprocessing ---------------------------------------------------------------------------
     def prepare_sync(
         self,
         prompt: Any,
@@ -196,8 +195,7 @@ class Pipeline:
             ids += enc
         return ids
 
-    # ---- generation
-    # ------------------------------------------------------------------------------------------
+    # ---- generation ------------------------------------------------------------------------------
     def _submit(self, req: PreparedRequest, session_id: int, put) -> Sequence:
         seq = Sequence(session_id, list(req.token_ids), copy.copy(req.sampling), images=req.images)
         self.loop.add(seq, put)
@@ -224,8 +222,7 @@ class Pipeline:
     def stats(self) -> dict[str, float | int]:
         return self.engine.stats()
 
-    # ---- the LMDeploy API
-    # ------------------------------------------------------------------------------------
+    # ---- the LMDeploy API ------------------------------------------------------------------------
     def __call__(
         self,
         prompts: Any,
@@ -311,8 +308,10 @@ class Pipeline:
         return Session(session_id=next(self._ids))
 
     def close(self) -> None:
+        """Stop the engine thread and release the model and KV cache (GPU memory included)."""
         self.loop.close()
         self._pool.shutdown(wait=False)
+        self.engine.release()
 
     def __enter__(self) -> Pipeline:
         return self

@@ -18,7 +18,7 @@ IMAGE_SPECIAL_TOKENS = {"img_start": "<img>", "img_end": "</img>", "img_context"
 
 class Tokenizer:
     def __init__(self, model_path: str | Path):
-        self.hf = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=False)
+        self.hf = _load_hf_tokenizer(str(model_path))
         self.image_ids = {k: self._id_of(tok) for k, tok in IMAGE_SPECIAL_TOKENS.items()}
         self.eos_token_id = self.hf.eos_token_id
         self.stop_ids = frozenset(_generation_eos(Path(model_path)) | {self.eos_token_id} - {None})
@@ -42,6 +42,19 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _load_hf_tokenizer(path: str):
+    # transformers probes config.json, whose original-format model_type it does not know, and
+    # warns; the tokenizer itself loads from the standard tokenizer files, so it is silenced.
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _generation_eos(model_path: Path) -> set[int]:

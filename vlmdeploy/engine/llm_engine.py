@@ -9,6 +9,7 @@ decided here; text-level stops (stop words) by the front end.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from dataclasses import dataclass
@@ -105,8 +106,7 @@ class LLMEngine:
         self.seqs: dict[int, Sequence] = {}
         self._arrivals = 0
 
-    # ---- capacity
-    # -------------------------------------------------------------------------------------------
+    # ---- capacity --------------------------------------------------------------------------------
     def _kv_bytes_per_block(self) -> int:
         t = self.model_cfg.text
         elem = torch.tensor([], dtype=self.dtype).element_size()
@@ -143,8 +143,16 @@ class LLMEngine:
             )
         return None
 
-    # ---- requests
-    # ---------------------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Drop the model and the KV cache so their memory can be reused by another engine."""
+        self.runner = None
+        self.vision = None
+        self.seqs.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- requests --------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         reason = self.check_fits(len(seq), seq.sampling.max_new_tokens)
         if reason:
@@ -175,7 +183,6 @@ class LLMEngine:
         }
 
     # ---- the loop --------------------------------------------------------------------------------
-    # ---------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
