@@ -207,7 +207,12 @@ class Pipeline:
         """Stream the deltas of a prepared request; leaving early (or being cancelled) aborts it."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self._submit(req, session_id, lambda o: loop.call_soon_threadsafe(q.put_nowait, o))
+
+        def put(out: StepOutput) -> None:
+            if not loop.is_closed():  # the consumer's loop may be gone after an early exit
+                loop.call_soon_threadsafe(q.put_nowait, out)
+
+        self._submit(req, session_id, put)
         proc = _OutputProcessor(self.tokenizer, req)
         try:
             while proc.finish_reason is None:

@@ -76,3 +76,18 @@ def test_unsupported_checkpoint_is_a_clear_error(tmp_path):
     )
     with pytest.raises(ValueError, match="supports InternVL3.5"):
         pipeline(str(tmp_path))
+
+
+def test_a_failing_forward_fails_fast_and_loudly(tiny_ckpts):
+    from vlmdeploy.errors import EngineDeadError
+
+    with pipeline(tiny_ckpts["original"], PytorchEngineConfig(session_len=600)) as p:
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected fault")
+
+        p.engine.runner.run = broken
+        out = p(["a", "b"], gen_config=GEN)
+        assert [r.finish_reason for r in out] == ["error", "error"]
+        with pytest.raises(EngineDeadError):
+            p("c", gen_config=GEN)

@@ -78,7 +78,10 @@ class EngineLoop:
             else self._callbacks.get(out.seq_id)
         )
         if callback is not None:
-            callback(out)
+            try:
+                callback(out)
+            except Exception:  # a consumer that went away must not take the engine down
+                logger.exception("output callback of request %d failed", out.seq_id)
 
     def _run(self) -> None:
         while not self._stop:
@@ -92,9 +95,8 @@ class EngineLoop:
             except BaseException as exc:  # noqa: BLE001 — any failure here leaves KV state unknown
                 logger.exception("engine step failed; failing all requests")
                 self.error = exc
-                for seq_id, callback in list(self._callbacks.items()):
-                    callback(StepOutput(seq_id, None, None, "error", 0, 0, 0))
-                self._callbacks.clear()
+                for seq_id in list(self._callbacks):
+                    self._deliver(StepOutput(seq_id, None, None, "error", 0, 0, 0))
                 return
             for out in outputs:
                 self._deliver(out)
