@@ -29,10 +29,11 @@ def pipeline(
         raise NotImplementedError(
             "chat_template_config is not supported yet: the checkpoint's own chat template is used"
         )
-    if model_path is None:
-        from vlmdeploy.assets import default_model_path
+    from vlmdeploy.assets import resolve_model_path
 
-        model_path = str(default_model_path())
+    model_path = resolve_model_path(
+        model_path
+    )  # None or the default model's name: the embedded one
     if backend_config is not None and not isinstance(backend_config, PytorchEngineConfig):
         raise NotImplementedError(
             f"{type(backend_config).__name__} is not supported: vlmdeploy runs its "

@@ -12,6 +12,7 @@ dataclasses.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,10 @@ class ModelConfig:
         path = Path(model_path) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in {model_path}")
-        return cls.from_dict(json.loads(path.read_text()))
+        cfg = cls.from_dict(json.loads(path.read_text()))
+        if cfg.checkpoint_format == "hf":
+            cfg = _with_image_processor(cfg, Path(model_path) / "preprocessor_config.json")
+        return cfg
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -117,6 +121,13 @@ def _check_llm(llm: dict[str, Any]) -> None:
             f"unsupported language model {archs!r}: vlmdeploy supports dense Qwen3 "
             "(Qwen3ForCausalLM) language models"
         )
+    # Options our Qwen3 does not implement would otherwise be dropped silently, changing the math.
+    for key in ("attention_bias", "use_sliding_window"):
+        if llm.get(key):
+            raise UnsupportedModelError(
+                f"unsupported language model option {key}=true: vlmdeploy supports dense Qwen3 "
+                "without attention bias or sliding-window attention"
+            )
 
 
 def _rope_theta(llm: dict[str, Any]) -> float:
@@ -218,3 +229,21 @@ def _parse_hf(cfg: dict[str, Any]) -> ModelConfig:
         select_layer=layer,
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
     )
+
+
+def _with_image_processor(cfg: ModelConfig, path: Path) -> ModelConfig:
+    """-HF checkpoints keep the tiling limits in ``preprocessor_config.json`` (``max_patches`` /
+    ``min_patches``), not in ``config.json``.
+
+    ``crop_to_patches`` is deliberately not read: transformers' ``InternVLProcessor`` passes
+    ``crop_to_patches=True`` to its image processor on every call, so the reference pipeline tiles
+    even where the file says ``false`` (as some published -HF repos do).
+    """
+    if not path.is_file():
+        return cfg
+    proc = json.loads(path.read_text())
+    hi = int(proc.get("max_patches", cfg.max_dynamic_patch))
+    lo = int(proc.get("min_patches", cfg.min_dynamic_patch))
+    if not 1 <= lo <= hi:
+        raise ValueError(f"{path.name}: need 1 <= min_patches <= max_patches, got {lo}, {hi}")
+    return dataclasses.replace(cfg, max_dynamic_patch=hi, min_dynamic_patch=lo)

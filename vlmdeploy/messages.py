@@ -8,10 +8,27 @@ ignored.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "error", "abort"]
+
+
+class EngineRole(enum.Enum):
+    """LMDeploy's disaggregated-serving role; vlmdeploy runs ``Hybrid`` engines only."""
+
+    Hybrid = enum.auto()
+    Prefill = enum.auto()
+    Decode = enum.auto()
+
+
+class MigrationBackend(enum.Enum):
+    """LMDeploy's KV migration backend for disaggregated serving (not implemented)."""
+
+    DLSlime = enum.auto()
+    Mooncake = enum.auto()
 
 
 def _reject_unimplemented(obj: Any, defaults: dict[str, Any]) -> None:
@@ -68,6 +85,7 @@ class GenerationConfig:
     frequency_penalty: float = 0.0
 
     _UNIMPLEMENTED = {
+        "n": 1,  # LMDeploy's pipeline serves one choice too; the HTTP server fans out ``n``
         "response_format": None,
         "logits_processors": None,
         "output_logits": None,
@@ -83,17 +101,39 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         _check(type(self.n) is int and 1 <= self.n, "n must be a positive integer")
-        _check(
-            self.max_new_tokens is None or self.max_new_tokens >= 0, "max_new_tokens must be >= 0"
-        )
+        _check(_optional_int(self.max_new_tokens, 0), "max_new_tokens must be an integer >= 0")
+        _check(_optional_int(self.min_new_tokens, 0), "min_new_tokens must be an integer >= 0")
         _check(0.0 <= self.top_p <= 1.0, "top_p must be in [0, 1]")
-        _check(self.top_k >= 0, "top_k must be >= 0")
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0")
         _check(0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]")
         _check(0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]")
         _check(self.repetition_penalty > 0.0, "repetition_penalty must be > 0")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]")
-        _check(self.logprobs is None or 0 <= self.logprobs <= 1024, "logprobs must be in [0, 1024]")
+        _check(
+            _optional_int(self.logprobs, 0) and (self.logprobs or 0) <= 1024,
+            "logprobs must be an integer in [0, 1024]",
+        )
+        _check(
+            _optional_int(self.random_seed, -(2**63)) and (self.random_seed or 0) < 2**64,
+            "random_seed must be an integer in [-2**63, 2**64)",
+        )
+        for name in ("stop_token_ids", "bad_token_ids"):
+            ids = getattr(self, name)
+            _check(
+                ids is None or (isinstance(ids, list) and all(_optional_int(i, 0) for i in ids)),
+                f"{name} must be a list of token ids (integers >= 0)",
+            )
+        for name in ("stop_words", "bad_words"):
+            words = getattr(self, name)
+            _check(
+                words is None
+                or (isinstance(words, list) and all(isinstance(w, str) for w in words)),
+                f"{name} must be a list of strings",
+            )
+        if self.repetition_ngram_size <= 0 or self.repetition_ngram_threshold <= 0:
+            # LMDeploy treats an incomplete n-gram stop setting as off
+            self.repetition_ngram_size = self.repetition_ngram_threshold = 0
         _reject_unimplemented(self, self._UNIMPLEMENTED)
 
 
@@ -148,6 +188,12 @@ class PytorchEngineConfig:
     logprobs_mode: str | None = None
     enable_return_routed_experts: bool = False
     enable_transfer_obj_ref: bool = False
+    dllm_block_length: int | None = None
+    dllm_unmasking_strategy: str = "low_confidence_dynamic"
+    dllm_denoising_steps: int | None = None
+    dllm_confidence_threshold: float = 0.85
+    role: EngineRole = EngineRole.Hybrid
+    migration_backend: MigrationBackend = MigrationBackend.DLSlime
 
     _UNIMPLEMENTED = {
         "tp": 1,
@@ -174,6 +220,12 @@ class PytorchEngineConfig:
         "logprobs_mode": None,
         "enable_return_routed_experts": False,
         "enable_transfer_obj_ref": False,
+        "dllm_block_length": None,
+        "dllm_unmasking_strategy": "low_confidence_dynamic",
+        "dllm_denoising_steps": None,
+        "dllm_confidence_threshold": 0.85,
+        "role": EngineRole.Hybrid,
+        "migration_backend": MigrationBackend.DLSlime,
     }
 
     def __post_init__(self) -> None:
@@ -231,3 +283,12 @@ class Response:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _optional_int(value: Any, minimum: int) -> bool:
+    """None, or an integer >= ``minimum`` (a float or bool would fail later, in the engine)."""
+    return value is None or (_is_int(value) and value >= minimum)

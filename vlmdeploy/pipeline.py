@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import itertools
 import logging
 import queue
@@ -21,15 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vlmdeploy.config import ModelConfig
 from vlmdeploy.engine.engine_loop import EngineLoop
 from vlmdeploy.engine.llm_engine import LLMEngine, StepOutput
 from vlmdeploy.engine.sampling import SamplingParams
 from vlmdeploy.engine.sequence import ImageInput, Sequence
-from vlmdeploy.errors import ContextLengthExceeded, InvalidRequestError
+from vlmdeploy.errors import ContextLengthExceeded, EngineDeadError, ImageError, InvalidRequestError
 from vlmdeploy.messages import GenerationConfig, PytorchEngineConfig, Response
 from vlmdeploy.prompt import ChatTemplate, build_conversation, to_messages, tokenize_with_images
 from vlmdeploy.tokenizer import IncrementalDetokenizer, Tokenizer
+from vlmdeploy.vl.constants import IMAGE_TOKEN
 from vlmdeploy.vl.media import MediaPolicy, load_image
 from vlmdeploy.vl.tiling import pixel_values as tile_pixel_values
 
@@ -113,16 +117,21 @@ class Pipeline:
         gen_config: GenerationConfig | None = None,
         media_policy: MediaPolicy | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        do_preprocess: bool = True,
     ) -> PreparedRequest:
-        """Validate and preprocess one prompt; raises :class:`InvalidRequestError` on bad input."""
+        """Validate and preprocess one prompt; raises :class:`InvalidRequestError` on bad input.
+        With ``do_preprocess=False`` a string prompt is used as is, without the chat template."""
         gen = gen_config or GenerationConfig()
-        conv = build_conversation(to_messages(prompt))
-        tiles = [self._tile(ref, media_policy) for ref in conv.images]
-        text = self.template.render(conv.messages, **(chat_template_kwargs or {}))
+        if do_preprocess:
+            conv = build_conversation(to_messages(prompt))
+            text = self.template.render(conv.messages, **(chat_template_kwargs or {}))
+            tiles = [self._tile(ref, media_policy) for ref in conv.images]
+        else:
+            text, tiles = _raw_prompt(prompt), []
         per_tile = self.model_cfg.tokens_per_tile
         ids = tokenize_with_images(
             text,
-            [len(t) * per_tile for t in tiles],
+            [len(t) * per_tile for t, _ in tiles],
             self.tokenizer.encode,
             self.tokenizer.image_ids,
         )
@@ -139,23 +148,41 @@ class Pipeline:
         gen_config: GenerationConfig | None = None,
         media_policy: MediaPolicy | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        do_preprocess: bool = True,
     ) -> PreparedRequest:
+        """:meth:`prepare_sync` on the preprocessing pool, off the caller's event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._pool,
-            lambda: self.prepare_sync(prompt, gen_config, media_policy, chat_template_kwargs),
+            lambda: self.prepare_sync(
+                prompt, gen_config, media_policy, chat_template_kwargs, do_preprocess
+            ),
         )
 
-    def _tile(self, ref, policy: MediaPolicy | None):
-        image = load_image(ref.source, policy)
-        max_num = ref.max_dynamic_patch or self.model_cfg.max_dynamic_patch
-        return tile_pixel_values(
-            image,
-            max_num=max_num,
-            min_num=self.model_cfg.min_dynamic_patch,
-            image_size=self.model_cfg.vision.image_size,
-            use_thumbnail=self.model_cfg.use_thumbnail,
+    def _tile(self, ref, policy: MediaPolicy | None) -> tuple[torch.Tensor, str]:
+        """Tiles (n, 3, 448, 448) of one image and its content hash (pixels, size, tiling)."""
+        try:
+            image = load_image(ref.source, policy)
+        except ImageError as exc:
+            exc.param = exc.param or ref.param  # name the offending part: messages[i].content[j]…
+            raise
+        cfg = self.model_cfg
+        params = (
+            ref.max_dynamic_patch or cfg.max_dynamic_patch,
+            cfg.min_dynamic_patch,
+            cfg.vision.image_size,
+            cfg.use_thumbnail,
         )
+        tiles = tile_pixel_values(
+            image,
+            max_num=params[0],
+            min_num=params[1],
+            image_size=params[2],
+            use_thumbnail=params[3],
+        )
+        key = hashlib.blake2b(image.tobytes(), digest_size=16)
+        key.update(repr((image.mode, image.size, params)).encode())
+        return tiles, key.hexdigest()
 
     def _sampling(self, gen: GenerationConfig, prompt_len: int) -> SamplingParams:
         stop = set(gen.stop_token_ids or [])
@@ -225,6 +252,9 @@ class Pipeline:
         self.loop.abort(session_id)
 
     def stats(self) -> dict[str, float | int]:
+        """Engine load; raises :class:`EngineDeadError` once the engine has failed."""
+        if not self.loop.alive:
+            raise EngineDeadError("the engine has stopped after an internal error")
         return self.engine.stats()
 
     # ---- the LMDeploy API ------------------------------------------------------------------------
@@ -249,7 +279,7 @@ class Pipeline:
         single, items = _as_batch(prompts)
         responses: list[Response | None] = [None] * len(items)
         bar = _progress(len(items)) if use_tqdm else None
-        for r in self.stream_infer(items, gen_config):
+        for r in self.stream_infer(items, gen_config, do_preprocess=do_preprocess):
             acc = responses[r.index]
             responses[r.index] = r if acc is None else _merge(acc, r)
             if bar is not None and r.finish_reason is not None:
@@ -272,7 +302,12 @@ class Pipeline:
         gens = gen_config if isinstance(gen_config, list) else [gen_config] * len(items)
         if len(gens) != len(items):
             raise ValueError("gen_config list must have one entry per prompt")
-        reqs = list(self._pool.map(lambda a: self.prepare_sync(*a), zip(items, gens)))
+        reqs = list(
+            self._pool.map(
+                lambda a: self.prepare_sync(a[0], a[1], do_preprocess=do_preprocess),
+                zip(items, gens),
+            )
+        )
         q: queue.SimpleQueue[tuple[int, StepOutput]] = queue.SimpleQueue()
         procs: dict[int, tuple[int, _OutputProcessor]] = {}
         for i, req in enumerate(reqs):
@@ -365,13 +400,28 @@ class _OutputProcessor:
         )
 
 
-def _image_inputs(ids: list[int], tiles: list, per_tile: int, ctx_id: int) -> list[ImageInput]:
+def _image_inputs(
+    ids: list[int], tiles: list[tuple[torch.Tensor, str]], per_tile: int, ctx_id: int
+) -> list[ImageInput]:
     images, pos = [], 0
-    for t in tiles:
+    for t, key in tiles:
         pos = ids.index(ctx_id, pos)
-        images.append(ImageInput(pixel_values=t, offset=pos, num_tokens=len(t) * per_tile))
-        pos += len(t) * per_tile
+        n = len(t) * per_tile
+        images.append(ImageInput(pixel_values=t, offset=pos, num_tokens=n, content_hash=key))
+        pos += n
     return images
+
+
+def _raw_prompt(prompt: Any) -> str:
+    if not isinstance(prompt, str):
+        raise InvalidRequestError(
+            "do_preprocess=False needs a string prompt", code="invalid_prompt", param="prompt"
+        )
+    if IMAGE_TOKEN in prompt:
+        raise InvalidRequestError(
+            f"a raw prompt cannot hold {IMAGE_TOKEN}", code="invalid_prompt", param="prompt"
+        )
+    return prompt
 
 
 def _cut_stop(full: str, delta: str, stops: list[str], include: bool) -> tuple[str, bool]:

@@ -20,7 +20,9 @@ tokenizes exactly like the expanded string would.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import jinja2
@@ -50,6 +52,10 @@ THINKING_SYSTEM_PROMPT = (
 
 _ROLES = ("system", "user", "assistant")
 
+# Upper bound on a request's per-image max_dynamic_patch (InternVL's "high" detail is 24): tiling
+# and encoding cost grow with it, so a request must not pick an arbitrary number.
+MAX_TILES_PER_IMAGE = 64
+
 
 @dataclass
 class ImageRef:
@@ -73,8 +79,8 @@ def to_messages(prompt: Any) -> list[dict[str, Any]]:
     """Normalise one prompt of any accepted form into an OpenAI-style message list."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, tuple) and len(prompt) == 2 and isinstance(prompt[0], str):
-        text, images = prompt
+    if isinstance(prompt, tuple) and len(prompt) == 2 and _text_first(*prompt) is not None:
+        text, images = prompt if _text_first(*prompt) else prompt[::-1]
         images = images if isinstance(images, list) else [images]
         parts = [{"type": "image", "image": im} for im in images]
         return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
@@ -88,6 +94,20 @@ def to_messages(prompt: Any) -> list[dict[str, Any]]:
     )
 
 
+def _text_first(a: Any, b: Any) -> bool | None:
+    """Which element of a 2-tuple prompt is the text: True for ``(text, image)``, False for
+    ``(image, text)`` (LMDeploy accepts both), None when neither is."""
+    if isinstance(a, str) and isinstance(b, str):  # a URL or data URL is the image
+        return not _looks_like_image_url(a) or _looks_like_image_url(b)
+    if isinstance(a, str) or isinstance(b, str):
+        return isinstance(a, str)
+    return None
+
+
+def _looks_like_image_url(s: str) -> bool:
+    return s.startswith(("http://", "https://", "data:image", "file://"))
+
+
 def build_conversation(messages: list[dict[str, Any]]) -> Conversation:
     """Flatten message contents to strings, collecting images and placing ``IMAGE_TOKEN``
     markers."""
@@ -96,7 +116,9 @@ def build_conversation(messages: list[dict[str, Any]]) -> Conversation:
             "messages must not be empty", code="empty_array", param="messages"
         )
     explicit = any(
-        IMAGE_TOKEN in _text_of(m.get("content")) for m in messages if m.get("role") == "user"
+        IMAGE_TOKEN in _text_of(m.get("content"))
+        for m in messages
+        if isinstance(m, dict) and m.get("role") == "user"
     )
     conv = Conversation(messages=[])
     for i, msg in enumerate(messages):
@@ -158,7 +180,8 @@ def _flatten(content: Any, images: list[ImageRef], explicit: bool, param: str) -
 
 def _image_ref(part: dict[str, Any], param: str) -> ImageRef:
     if part["type"] == "image":
-        return ImageRef(part.get("image"), part.get("max_dynamic_patch"), param)
+        limit = _tile_limit(part.get("max_dynamic_patch"), f"{param}.max_dynamic_patch")
+        return ImageRef(part.get("image"), limit, param)
     spec = part.get("image_url")
     if isinstance(spec, str):
         return ImageRef(spec, None, f"{param}.image_url")
@@ -168,35 +191,77 @@ def _image_ref(part: dict[str, Any], param: str) -> ImageRef:
             code="invalid_image_url",
             param=f"{param}.image_url",
         )
-    limit = spec.get("max_dynamic_patch")
-    if limit is None and spec.get("detail") is not None:
-        from vlmdeploy.vl.tiling import detail_to_max_num
+    limit = _tile_limit(spec.get("max_dynamic_patch"), f"{param}.image_url.max_dynamic_patch")
+    detail = spec.get("detail")
+    if limit is None and isinstance(detail, str):
+        from vlmdeploy.vl.tiling import DETAIL_MAX_NUM
 
-        limit = detail_to_max_num(spec["detail"])
+        # low/medium/high are fixed counts; anything else ("auto") keeps the checkpoint's limit
+        limit = DETAIL_MAX_NUM.get(detail)
     return ImageRef(spec["url"], limit, f"{param}.image_url.url")
 
 
-class ChatTemplate:
-    """Renders a conversation with the checkpoint's Jinja chat template, in a sandbox."""
+def _tile_limit(value: Any, param: str) -> int | None:
+    """A per-image ``max_dynamic_patch``: None, or an int in [1, MAX_TILES_PER_IMAGE]."""
+    if value is None:
+        return None
+    if type(value) is not int or not 1 <= value <= MAX_TILES_PER_IMAGE:
+        raise InvalidRequestError(
+            f"max_dynamic_patch must be an integer from 1 to {MAX_TILES_PER_IMAGE}",
+            code="invalid_max_dynamic_patch",
+            param=param,
+        )
+    return value
 
-    def __init__(self, template: str | None):
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+class ChatTemplate:
+    """Renders a conversation with the checkpoint's Jinja chat template, in a sandbox.
+
+    The environment offers what transformers' ``apply_chat_template`` offers templates (loop
+    controls, a ``tojson`` that does not HTML-escape, ``raise_exception``, ``strftime_now``, the
+    tokenizer's special tokens such as ``bos_token``), so both render the same text.
+    """
+
+    def __init__(self, template: str | None, special_tokens: dict[str, str] | None = None):
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = _raise_template_error
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = _tojson
         self.template = env.from_string(template or CHATML_TEMPLATE)
+        self.special_tokens = dict(special_tokens or {})
 
     def render(
         self,
         messages: list[dict[str, str]],
-        enable_thinking: bool = False,
+        enable_thinking: bool | None = None,
         add_generation_prompt: bool = True,
     ) -> str:
+        """``enable_thinking=True`` adds InternVL3.5's thinking system prompt (unless the
+        conversation has a system message); like any template variable it reaches the template
+        only when given."""
         if enable_thinking and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": THINKING_SYSTEM_PROMPT}, *messages]
+        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         return self.template.render(
+            **self.special_tokens,
             messages=messages,
             add_generation_prompt=add_generation_prompt,
-            enable_thinking=enable_thinking,
+            **extra,
         )
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _raise_template_error(message: str):
@@ -212,10 +277,27 @@ def tokenize_with_images(
     ``image_tokens[i]`` context tokens. ``encode(text) -> list[int]`` must not add special
     tokens."""
     segments = prompt.split(IMAGE_TOKEN)
+    if len(segments) - 1 != len(image_tokens):  # e.g. a chat template that drops a message
+        raise InvalidRequestError(
+            f"the rendered prompt has {len(segments) - 1} {IMAGE_TOKEN} placeholders but "
+            f"{len(image_tokens)} images",
+            code="image_count_mismatch",
+            param="messages",
+        )
+    reserved = {ids["img_start"], ids["img_end"], ids["img_context"]}
     out: list[int] = []
     for i, seg in enumerate(segments):
         if i > 0:
             out += [ids["img_start"], *[ids["img_context"]] * image_tokens[i - 1], ids["img_end"]]
         if seg:
-            out += encode(seg)
+            enc = encode(seg)
+            # Typed image tokens would take image embeddings meant for the real image blocks.
+            if not reserved.isdisjoint(enc):
+                raise InvalidRequestError(
+                    "the prompt text contains a reserved image token (<img>, </img> or "
+                    f"<IMG_CONTEXT>); place images with image parts or {IMAGE_TOKEN}",
+                    code="invalid_prompt",
+                    param="messages",
+                )
+            out += enc
     return out

@@ -100,9 +100,10 @@ class LLMEngine:
             self.dtype,
             self.device,
         )
-        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.max_batch_size, cfg.max_prefill_token_num)
-        self.vision = VisionStage(self.runner.encode_images, max_tiles=64)
+        cache_bytes = (1 << 30) if self.device.type == "cuda" else (256 << 20)
+        self.vision = VisionStage(self.runner.encode_images, max_tiles=64, cache_bytes=cache_bytes)
         self.seqs: dict[int, Sequence] = {}
         self._arrivals = 0
 
@@ -194,6 +195,7 @@ class LLMEngine:
         logits = self.runner.run(batch, rows)  # always runs: mid-prefill chunks must still write KV
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
+            self.blocks.commit(seq)
         if not rows:
             return []
         sampled = [batch.seqs[i] for i in rows]

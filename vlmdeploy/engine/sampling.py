@@ -64,8 +64,10 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     probs = torch.softmax(logits, dim=-1)
     if p.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the top token always stays)
+        # keep the smallest prefix whose mass reaches top_p (the top token always stays, also
+        # for top_p=0, which would otherwise drop everything)
         drop = sorted_p.cumsum(-1) - sorted_p >= p.top_p
+        drop[0] = False
         probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
     if p.min_p > 0.0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
@@ -73,10 +75,13 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def _mask_tokens(logits: torch.Tensor, p: SamplingParams, num_output: int) -> None:
+    vocab = logits.shape[-1]
+    # An id outside the vocabulary can never be sampled anyway; indexing with it would raise
+    # inside the engine step and take every other request down with it.
     if p.bad_token_ids:
-        logits[list(p.bad_token_ids)] = float("-inf")
+        logits[[t for t in p.bad_token_ids if 0 <= t < vocab]] = float("-inf")
     if num_output < p.min_new_tokens and p.stop_token_ids:
-        logits[list(p.stop_token_ids)] = float("-inf")
+        logits[[t for t in p.stop_token_ids if 0 <= t < vocab]] = float("-inf")
 
 
 def sample(
@@ -85,9 +90,10 @@ def sample(
     histories: list[list[int]],
     num_outputs: list[int],
 ) -> tuple[list[int], list[dict[int, float] | None]]:
-    """logits: (B, V) fp32 → one token per row (and its top-logprobs when asked)."""
-    logits = logits.float()
-    raw = logits.clone() if any(p.logprobs is not None for p in params) else None
+    """logits: (B, V) → one token per row (and its top-logprobs when asked). ``logits`` is not
+    modified."""
+    raw = logits.float()  # (B, V); may alias the caller's tensor, so it is only read
+    logits = raw.clone()
     tokens: list[int] = []
     for i, p in enumerate(params):
         row = logits[i]
@@ -103,9 +109,11 @@ def sample(
 
 
 def _logprobs(
-    raw: torch.Tensor | None, params: list[SamplingParams], tokens: list[int]
+    raw: torch.Tensor, params: list[SamplingParams], tokens: list[int]
 ) -> list[dict[int, float] | None]:
-    if raw is None:
+    """Log-softmax of the raw logits (before penalties, masks and temperature): the top
+    ``logprobs`` entries plus the sampled token."""
+    if all(p.logprobs is None for p in params):
         return [None] * len(params)
     logp = torch.log_softmax(raw, dim=-1)
     out: list[dict[int, float] | None] = []
@@ -113,7 +121,7 @@ def _logprobs(
         if p.logprobs is None:
             out.append(None)
             continue
-        top = torch.topk(logp[i], p.logprobs) if p.logprobs > 0 else None
+        top = torch.topk(logp[i], min(p.logprobs, logp.shape[-1])) if p.logprobs > 0 else None
         entry = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist()))
         entry[tokens[i]] = float(logp[i, tokens[i]])
         out.append(entry)

@@ -63,9 +63,12 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            whole = -(-len(seq) // self.blocks.block_size)
-            if whole > self.blocks.num_free:
+            cached = self.blocks.match_prefix(seq)
+            if self.blocks.blocks_needed(seq, seq.num_uncomputed) > self.blocks.num_free:
+                self.blocks.free_seq(seq)  # the whole prompt must fit; hand cached blocks back
                 break
+            if seq.num_output == 0:
+                seq.num_cached = cached
             self.waiting.popleft()
             n = min(seq.num_uncomputed, budget)
             self.blocks.allocate(seq, n)

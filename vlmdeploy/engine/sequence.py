@@ -45,6 +45,8 @@ class Sequence:
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     num_cached: int = 0  # prompt tokens whose KV came from the prefix cache
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of full blocks
+    num_committed: int = 0  # full blocks already registered in the prefix cache
     arrival: int = 0
 
     def __post_init__(self) -> None:
@@ -71,7 +73,11 @@ class Sequence:
 
     @property
     def needs_vision(self) -> bool:
-        return bool(self.images) and self.image_embeds is None
+        """Embeddings are missing and some image token still needs computing (a prefix-cache hit
+        may already cover every image)."""
+        return self.image_embeds is None and any(
+            im.offset + im.num_tokens > self.num_computed for im in self.images
+        )
 
     def num_blocks(self, block_size: int) -> int:
         return (len(self.token_ids) + block_size - 1) // block_size

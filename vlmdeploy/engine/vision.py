@@ -1,35 +1,84 @@
-"""Vision stage: encodes the images of newly scheduled sequences, many requests' tiles in one
-encoder call.
+"""Vision stage: encodes the images of newly scheduled sequences, many requests' tiles in one call.
 
-Tiles of all sequences that need embeddings this step are concatenated and run through the encoder
-in chunks of at most ``max_tiles``; the resulting (tiles, 256, H) rows are split back so that each
-sequence gets one (num image tokens, H) tensor in prompt order. Embeddings stay with the sequence
-through preemption, so a recomputed request never re-encodes its images.
+Images not in the embedding cache are gathered across all sequences that need embeddings this step,
+their tiles concatenated and run through the encoder in chunks of at most ``max_tiles``; the (tiles,
+256, H) rows are split back per image. Each sequence then gets one (num image tokens, H) tensor in
+prompt order, which stays with it through preemption, so a recomputed request never re-encodes. The
+cache is keyed by the image's content hash (decoded pixels, size and tiling parameters) and bounded
+in bytes, least recently used first out; a repeated image skips the encoder entirely.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
+
 import torch
 
-from vlmdeploy.engine.sequence import Sequence
+from vlmdeploy.engine.sequence import ImageInput, Sequence
+
+
+class EmbeddingCache:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        value = self.entries.get(key) if key else None
+        if value is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if not key or key in self.entries or size > self.max_bytes:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+        self.entries[key] = value
+        self.bytes += size
 
 
 class VisionStage:
-    def __init__(self, encode, max_tiles: int):
+    def __init__(
+        self, encode: Callable[[torch.Tensor], torch.Tensor], max_tiles: int, cache_bytes: int = 0
+    ):
         self.encode = encode  # (tiles, 3, 448, 448) → (tiles, 256, H)
         self.max_tiles = max_tiles
+        self.cache = EmbeddingCache(cache_bytes)
 
     def run(self, seqs: list[Sequence]) -> None:
         pending = [s for s in seqs if s.needs_vision]
         if not pending:
             return
-        tiles = torch.cat([im.pixel_values for s in pending for im in s.images])
-        chunks = [
-            self.encode(tiles[i : i + self.max_tiles]) for i in range(0, len(tiles), self.max_tiles)
-        ]
-        embeds = torch.cat(chunks).flatten(0, 1)  # (all tiles * 256, H)
-        start = 0
+        found: dict[int, torch.Tensor] = {}  # id(image) → (tiles, 256, H)
+        misses: list[ImageInput] = []
+        for im in (im for s in pending for im in s.images):
+            hit = self.cache.get(im.content_hash)
+            if hit is not None:
+                found[id(im)] = hit
+            elif all(im is not m for m in misses):
+                misses.append(im)
+        if misses:
+            tiles = torch.cat([im.pixel_values for im in misses])
+            out = torch.cat(
+                [
+                    self.encode(tiles[i : i + self.max_tiles])
+                    for i in range(0, len(tiles), self.max_tiles)
+                ]
+            )
+            start = 0
+            for im in misses:
+                n = len(im.pixel_values)
+                found[id(im)] = out[start : start + n]
+                self.cache.put(im.content_hash, found[id(im)])
+                start += n
         for seq in pending:
-            n = sum(im.num_tokens for im in seq.images)
-            seq.image_embeds = embeds[start : start + n]
-            start += n
+            seq.image_embeds = torch.cat([found[id(im)] for im in seq.images]).flatten(0, 1)

@@ -37,7 +37,8 @@ def _dispatch(name: str) -> Callable:
     ref = getattr(reference, name)
 
     def op(*args, **kwargs):
-        impl = _triton_impl(name, args[0])
+        first = args[0] if args else next(iter(kwargs.values()))
+        impl = _triton_impl(name, first)
         return (impl or ref)(*args, **kwargs)
 
     op.__name__ = name

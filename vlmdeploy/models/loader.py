@@ -96,6 +96,9 @@ def safetensors_files(model_path: str | Path) -> list[Path]:
     index = root / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        for shard in shards:  # plain file names beside the index, nothing else is opened
+            if Path(shard).name != shard or not shard.endswith(".safetensors"):
+                raise WeightLoadError(f"the weight index names an invalid shard {shard!r}")
         return [root / s for s in shards]
     files = sorted(root.glob("*.safetensors"))
     if not files:
@@ -124,20 +127,25 @@ def iter_tensors(files: list[Path], progress: bool = False) -> Iterator[tuple[st
         bar.close()
 
 
-def _fused_rows(model: nn.Module, param_name: str, shard: int) -> tuple[int, int]:
-    """Row range of ``shard`` inside a fused parameter; the owning module declares its split in
-    ``fused``."""
+def _fused_sizes(model: nn.Module, param_name: str) -> list[int] | None:
+    """Row split of a fused parameter, declared by its owning module in ``fused``; None if the
+    parameter is not fused."""
     owner, leaf, _ = param_name.rsplit(".", 2)
-    sizes = model.get_submodule(owner).fused[leaf]
+    return getattr(model.get_submodule(owner), "fused", {}).get(leaf)
+
+
+def _fused_rows(model: nn.Module, param_name: str, shard: int) -> tuple[int, int]:
+    """Row range of ``shard`` inside a fused parameter."""
+    sizes = _fused_sizes(model, param_name)
     start = sum(sizes[:shard])
     return start, start + sizes[shard]
 
 
 def load_weights(model: nn.Module, model_path: str | Path, progress: bool = False) -> None:
-    """Fill every parameter of ``model`` from the checkpoint; raise on anything missing, extra or
-    misshapen."""
+    """Fill every parameter of ``model`` from the checkpoint; raise on anything missing, extra,
+    written twice or misshapen."""
     params = dict(model.named_parameters())
-    filled: dict[str, int] = {}  # parameter → rows written (fused) or -1 (whole)
+    written: dict[str, set[int | None]] = {}  # parameter → shards written (None: the whole)
     files = safetensors_files(model_path)
     for ckpt_name, tensor in iter_tensors(files, progress and len(files) > 1):
         name = to_original_name(ckpt_name)
@@ -146,16 +154,22 @@ def load_weights(model: nn.Module, model_path: str | Path, progress: bool = Fals
             raise WeightLoadError(
                 f"unexpected tensor {ckpt_name!r} in checkpoint (no parameter {target!r})"
             )
+        done = written.setdefault(target, set())
+        # A second writer (two layouts' names for one tensor, or a fused tensor and its parts)
+        # would make the result depend on file order.
+        if shard in done or None in done or (shard is None and done):
+            raise WeightLoadError(f"tensor {ckpt_name!r} writes {target!r} a second time")
         param = params[target]
         if shard is None:
             _copy(param.data, tensor, ckpt_name)
-            filled[target] = -1
+        elif _fused_sizes(model, target) is None:
+            raise WeightLoadError(f"unexpected tensor {ckpt_name!r}: {target!r} is not fused")
         else:
             start, end = _fused_rows(model, target, shard)
             _copy(param.data[start:end], tensor, ckpt_name)
-            filled[target] = filled.get(target, 0) + (end - start)
-    _tie_lm_head(model, params, filled)
-    _check_complete(params, filled)
+        done.add(shard)
+    _tie_lm_head(params, written)
+    _check_complete(model, params, written)
 
 
 def _route(name: str) -> tuple[str, int | None]:
@@ -163,6 +177,14 @@ def _route(name: str) -> tuple[str, int | None]:
         if part in name:
             return name.replace(part, fused), shard
     return name, None
+
+
+def _part_name(param_name: str, shard: int) -> str:
+    """The split tensor that fills row block ``shard`` of a fused parameter (for messages)."""
+    for fused, part, i in _STACKED:
+        if i == shard and fused in param_name:
+            return param_name.replace(fused, part)
+    return f"{param_name}[block {shard}]"
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
@@ -173,17 +195,28 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     dst.copy_(src)
 
 
-def _tie_lm_head(model: nn.Module, params: dict[str, nn.Parameter], filled: dict[str, int]) -> None:
+def _tie_lm_head(params: dict[str, nn.Parameter], written: dict[str, set[int | None]]) -> None:
     head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
-    if head in params and head not in filled and embed in filled:
+    if head in params and head not in written and embed in written:
         params[head].data.copy_(params[embed].data)  # tie only when the checkpoint has no lm_head
-        filled[head] = -1
+        written[head] = {None}
 
 
-def _check_complete(params: dict[str, nn.Parameter], filled: dict[str, int]) -> None:
-    for name, param in params.items():
-        got = filled.get(name)
-        if got is None:
-            raise WeightLoadError(f"tensor for parameter {name!r} is missing from the checkpoint")
-        if got != -1 and got != param.shape[0]:
-            raise WeightLoadError(f"fused parameter {name!r} got {got} of {param.shape[0]} rows")
+def _check_complete(
+    model: nn.Module, params: dict[str, nn.Parameter], written: dict[str, set[int | None]]
+) -> None:
+    for name in params:
+        done = written.get(name, set())
+        if None in done:
+            continue
+        sizes = _fused_sizes(model, name)
+        missing = (
+            [name]
+            if sizes is None
+            else [_part_name(name, i) for i in range(len(sizes)) if i not in done]
+        )
+        if missing:
+            raise WeightLoadError(
+                f"the checkpoint has no tensor for {', '.join(map(repr, missing))} "
+                f"(parameter {name!r})"
+            )

@@ -1,0 +1,371 @@
+"""Per-kernel benchmark at InternVL3.5-8B shapes: the Triton kernels against the PyTorch reference
+path and, for attention, torch's SDPA flash kernel on contiguous (unpaged) K/V.
+
+Every case counts the fewest bytes it must move and the FLOPs it must do; with the copy bandwidth
+and bf16 matmul rate measured at the start, ``max(bytes / bandwidth, flops / rate)`` is its floor
+and "% roofline" is floor / measured time. Triton and SDPA times are medians of CUDA-graph replays
+(launch gaps removed, as in the engine's captured decode) that rotate over enough independent input
+sets to defeat the L2 cache; the reference path host-syncs, so it is timed eagerly with
+``triton.testing.do_bench`` (median, L2 flushed). Each case also checks the kernel against the
+reference once. Writes a markdown table (default ``docs/kernels.md``).
+
+    python benchmarks/kernels.py [--out docs/kernels.md] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import math
+import statistics
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from vlmdeploy.kernels import reference  # noqa: E402
+from vlmdeploy.kernels.triton_ops import (  # noqa: E402
+    paged_attention_triton,
+    qk_norm_rope_triton,
+    rms_norm_triton,
+    silu_and_mul_triton,
+    store_kv_triton,
+)
+
+HIDDEN, INTER, N_Q, N_KV, HEAD_DIM, PAGE = 4096, 12288, 32, 8, 128, 64  # InternVL3.5-8B's Qwen3-8B
+DTYPE = torch.bfloat16
+DEV = torch.device("cuda")
+ROTATE_BYTES = 256 << 20  # input sets per graph until their total is ~5x the 50 MB L2
+
+
+@dataclasses.dataclass
+class Row:
+    kernel: str
+    case: str
+    bytes: float
+    flops: float
+    ours_ms: float
+    ref_ms: float | None = None
+    sdpa_ms: float | None = None
+    err: float = 0.0
+    sdpa_note: str = ""
+
+
+# ---------------------------------------------------------------- timing
+
+
+def graph_ms(calls: list[Callable[[], object]], reps: int = 30) -> float:
+    """Median time of one call, from replays of a graph that runs every call once in turn."""
+    for c in calls:
+        c()  # compile and allocate outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times) / len(calls)
+
+
+def eager_ms(fn: Callable[[], object]) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def n_sets(bytes_per_call: float) -> int:
+    return max(1, min(64, math.ceil(ROTATE_BYTES / max(bytes_per_call, 1))))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------- ceilings
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), on random data."""
+    src = torch.randn(1 << 29, device=DEV, dtype=DTYPE)  # 1 GiB
+    dst = torch.empty_like(src)
+    # the faster of the copy engine path (copy_) and an SM streaming kernel (neg): both move 2 GiB
+    copy_ms = min(graph_ms([lambda: dst.copy_(src)], reps=20),
+                  graph_ms([lambda: torch.neg(src, out=dst)], reps=20))
+    bw = 2 * src.numel() * 2 / (copy_ms * 1e-3)
+    a = torch.randn(8192, 8192, device=DEV, dtype=DTYPE)
+    b = torch.randn(8192, 8192, device=DEV, dtype=DTYPE)
+    rate = 2 * 8192 ** 3 / (graph_ms([lambda: a @ b], reps=20) * 1e-3)
+    return bw, rate
+
+
+# ---------------------------------------------------------------- elementwise kernels
+
+
+def bench_rms_norm(T: int) -> Row:
+    nbytes = 4 * T * HIDDEN * 2 + HIDDEN * 2  # read x, residual; write out, residual
+    w = (1 + 0.1 * torch.randn(HIDDEN, device=DEV)).to(DTYPE)
+    sets = [(torch.randn(T, HIDDEN, device=DEV, dtype=DTYPE),
+             torch.randn(T, HIDDEN, device=DEV, dtype=DTYPE)) for _ in range(n_sets(nbytes))]
+    ours = graph_ms([lambda x=x, r=r: rms_norm_triton(x, w, 1e-6, r) for x, r in sets])
+    ref = graph_ms([lambda x=x, r=r: reference.rms_norm(x, w, 1e-6, r) for x, r in sets])
+    x, r = sets[0]
+    err = rel_err(rms_norm_triton(x, w, 1e-6, r)[0], reference.rms_norm(x, w, 1e-6, r)[0])
+    return Row("rms_norm + residual", f"T={T}, hidden {HIDDEN}", nbytes, 0, ours, ref, err=err)
+
+
+def bench_silu_and_mul(T: int) -> Row:
+    nbytes = 3 * T * INTER * 2
+    sets = [torch.randn(T, 2 * INTER, device=DEV, dtype=DTYPE) for _ in range(n_sets(nbytes))]
+    ours = graph_ms([lambda x=x: silu_and_mul_triton(x) for x in sets])
+    ref = graph_ms([lambda x=x: reference.silu_and_mul(x) for x in sets])
+    err = rel_err(silu_and_mul_triton(sets[0]), reference.silu_and_mul(sets[0]))
+    return Row("silu_and_mul", f"T={T}, inter {INTER}", nbytes, 0, ours, ref, err=err)
+
+
+def bench_qk_norm_rope(T: int) -> Row:
+    nbytes = T * ((N_Q + N_KV) * HEAD_DIM * 2 * 2 + 2 * HEAD_DIM * 2)  # q, k in and out; cos, sin
+    qw = (1 + 0.1 * torch.randn(HEAD_DIM, device=DEV)).to(DTYPE)
+    kw = (1 + 0.1 * torch.randn(HEAD_DIM, device=DEV)).to(DTYPE)
+    sets = []
+    for _ in range(n_sets(nbytes)):
+        qkv = torch.randn(T, (N_Q + 2 * N_KV) * HEAD_DIM, device=DEV, dtype=DTYPE)
+        q = qkv[:, :N_Q * HEAD_DIM].view(T, N_Q, HEAD_DIM)  # strided views, as in the model
+        k = qkv[:, N_Q * HEAD_DIM:(N_Q + N_KV) * HEAD_DIM].view(T, N_KV, HEAD_DIM)
+        pos = torch.randint(0, 8192, (T,), device=DEV)
+        sets.append((q, k, qw, kw, *reference.rope_cos_sin(pos, HEAD_DIM, 1e6, DTYPE)))
+    ours = graph_ms([lambda a=a: qk_norm_rope_triton(*a, 1e-6) for a in sets])
+    ref = graph_ms([lambda a=a: reference.qk_norm_rope(*a, 1e-6) for a in sets])
+    err = rel_err(qk_norm_rope_triton(*sets[0], 1e-6)[0], reference.qk_norm_rope(*sets[0], 1e-6)[0])
+    return Row("qk_norm_rope", f"T={T}, {N_Q}+{N_KV} heads", nbytes, 0, ours, ref, err=err)
+
+
+def bench_store_kv(T: int) -> Row:
+    nbytes = 4 * T * N_KV * HEAD_DIM * 2
+    blocks = 2 * triton.cdiv(T, PAGE)
+    sets = []
+    for _ in range(n_sets(nbytes)):
+        kv = torch.randn(T, 2, N_KV, HEAD_DIM, device=DEV, dtype=DTYPE)
+        caches = torch.zeros(2, blocks, PAGE, N_KV, HEAD_DIM, device=DEV, dtype=DTYPE)
+        slots = torch.randperm(blocks * PAGE, device=DEV)[:T]
+        sets.append((kv[:, 0], kv[:, 1], caches[0], caches[1], slots))
+    ours = graph_ms([lambda a=a: store_kv_triton(*a) for a in sets])
+    ref = eager_ms(lambda: reference.store_kv(*sets[0]))  # boolean indexing syncs: no graph
+    k, v, kc, vc, slots = sets[0]
+    kc2, vc2 = kc.clone(), vc.clone()
+    store_kv_triton(k, v, kc, vc, slots)
+    reference.store_kv(k, v, kc2, vc2, slots)
+    return Row("store_kv", f"T={T}, page {PAGE}", nbytes, 0, ours, ref, err=rel_err(kc, kc2))
+
+
+# ---------------------------------------------------------------- attention
+
+
+def paged_batch(q_lens: list[int], kv_lens: list[int]) -> dict:
+    """Random paged batch: each sequence's blocks scattered over a shuffled cache."""
+    n_blocks = [triton.cdiv(kv, PAGE) for kv in kv_lens]
+    total = sum(n_blocks)
+    order = torch.randperm(total, device=DEV).to(torch.int32)
+    tables = torch.full((len(kv_lens), max(n_blocks)), -1, dtype=torch.int32, device=DEV)
+    used = 0
+    for b, nb in enumerate(n_blocks):
+        tables[b, :nb] = order[used:used + nb]
+        used += nb
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    return dict(q=torch.randn(int(cu[-1]), N_Q, HEAD_DIM, device=DEV, dtype=DTYPE),
+                k_cache=torch.randn(total, PAGE, N_KV, HEAD_DIM, device=DEV, dtype=DTYPE),
+                v_cache=torch.randn(total, PAGE, N_KV, HEAD_DIM, device=DEV, dtype=DTYPE),
+                cu_seqlens_q=cu, kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=DEV),
+                block_tables=tables, scale=HEAD_DIM ** -0.5)
+
+
+def dense_kv(batch: dict, b: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence b's context as contiguous (1, Hkv, kv_len, D) tensors for SDPA."""
+    k = reference.gather_kv(batch["k_cache"], batch["block_tables"][b], kv_len)
+    v = reference.gather_kv(batch["v_cache"], batch["block_tables"][b], kv_len)
+    return k.transpose(0, 1)[None].contiguous(), v.transpose(0, 1)[None].contiguous()
+
+
+def sdpa_flash_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+                  ) -> tuple[float | None, str]:
+    """SDPA restricted to the flash backend, GQA native if it accepts that, else with K/V expanded.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(kk: torch.Tensor, vv: torch.Tensor, gqa: bool) -> float:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return graph_ms([lambda: F.scaled_dot_product_attention(
+                q, kk, vv, is_causal=causal, enable_gqa=gqa)])
+    try:
+        return run(k, v, True), "flash, native GQA"
+    except RuntimeError:
+        pass
+    group = q.shape[1] // k.shape[1]
+    if k.numel() * group * 2 * 2 > (24 << 30):
+        return None, "skipped: expanded K/V too large"
+    kx, vx = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    try:
+        return run(kx, vx, False), "flash, K/V expanded to 32 heads"
+    except RuntimeError as e:
+        return None, f"flash unavailable ({type(e).__name__})"
+
+
+def attention_bytes(q_tokens: int, kv_lens: list[int]) -> float:
+    return (2 * q_tokens * N_Q * HEAD_DIM + 2 * sum(kv_lens) * N_KV * HEAD_DIM) * 2
+
+
+def attention_flops(q_lens: list[int], kv_lens: list[int]) -> float:
+    visible = sum(q * (kv - q) + q * (q + 1) // 2 for q, kv in zip(q_lens, kv_lens, strict=True))
+    return 4 * HEAD_DIM * N_Q * visible
+
+
+def bench_decode(B: int, ctx: int) -> Row:
+    q_lens, kv_lens = [1] * B, [ctx] * B
+    nbytes = attention_bytes(B, kv_lens)
+    batches = [paged_batch(q_lens, kv_lens) for _ in range(n_sets(nbytes))]
+    call = lambda bt: paged_attention_triton(**bt, max_q_len=1, max_kv_len=ctx)  # noqa: E731
+    ours = graph_ms([lambda bt=bt: call(bt) for bt in batches])
+    bt = batches[0]
+    ref = eager_ms(lambda: reference.paged_attention(**bt))
+    err = rel_err(call(bt), reference.paged_attention(**bt))
+    # SDPA on the same contexts laid out densely: (B, Hkv, ctx, D)
+    ks, vs = zip(*(dense_kv(bt, b, ctx) for b in range(B)), strict=True)
+    k, v = torch.cat(ks), torch.cat(vs)
+    del ks, vs
+    sdpa, note = sdpa_flash_ms(bt["q"].view(B, N_Q, 1, HEAD_DIM), k, v, causal=False)
+    row = Row("paged decode", f"B={B}, ctx {ctx}", nbytes, attention_flops(q_lens, kv_lens), ours,
+              ref, sdpa, err, note)
+    del k, v, batches
+    return row
+
+
+def bench_prefill(name: str, q_lens: list[int], kv_lens: list[int], sdpa: bool) -> Row:
+    nbytes = attention_bytes(sum(q_lens), kv_lens)
+    bt = paged_batch(q_lens, kv_lens)
+    call = lambda: paged_attention_triton(**bt, max_q_len=max(q_lens),  # noqa: E731
+                                          max_kv_len=max(kv_lens))
+    ours = graph_ms([call])
+    ref = eager_ms(lambda: reference.paged_attention(**bt))
+    err = rel_err(call(), reference.paged_attention(**bt))
+    sdpa_ms, note = None, "n/a: SDPA aligns its causal mask top-left"
+    if sdpa:  # whole prompts of equal length: SDPA's is_causal is the same mask
+        B, T = len(q_lens), q_lens[0]
+        ks, vs = zip(*(dense_kv(bt, b, T) for b in range(B)), strict=True)
+        q = bt["q"].view(B, T, N_Q, HEAD_DIM).transpose(1, 2).contiguous()
+        sdpa_ms, note = sdpa_flash_ms(q, torch.cat(ks), torch.cat(vs), causal=True)
+    return Row("paged prefill", name, nbytes, attention_flops(q_lens, kv_lens), ours, ref, sdpa_ms,
+               err, note)
+
+
+# ---------------------------------------------------------------- report
+
+
+def device_line() -> str:
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        gpu = smi.stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        gpu = torch.cuda.get_device_name()
+    props = torch.cuda.get_device_properties(DEV)
+    return (f"{gpu}; {props.multi_processor_count} SMs; torch {torch.__version__}, "
+            f"triton {triton.__version__}, CUDA {torch.version.cuda}")
+
+
+def today() -> str:
+    try:
+        return subprocess.run(["date", "+%Y-%m-%d"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return datetime.date.today().isoformat()
+
+
+def fmt_us(ms: float | None) -> str:
+    return "–" if ms is None else f"{ms * 1e3:,.1f}"
+
+
+def render(rows: list[Row], bw: float, rate: float) -> str:
+    lines = [
+        "# Kernel benchmark", "",
+        f"Device: {device_line()}. Date: {today()}. "
+        "Produced by `python benchmarks/kernels.py`.", "",
+        f"Ceilings measured in the same run: device copy **{bw / 1e12:.2f} TB/s** (read + write), "
+        f"bf16 matmul 8192³ **{rate / 1e12:.0f} TFLOP/s**. Shapes: InternVL3.5-8B language model "
+        f"(hidden {HIDDEN}, {N_Q} q heads, {N_KV} kv heads, head_dim {HEAD_DIM}), bf16, "
+        f"KV pages of {PAGE} tokens. Times in µs; ours and SDPA are medians of CUDA-graph replays "
+        "over rotating inputs, the reference path eager medians (`do_bench`). % roofline = "
+        "max(bytes / copy BW, FLOPs / matmul rate) / time. err = ‖ours − ref‖ / ‖ref‖.",
+        "",
+        "| kernel | case | ours µs | TB/s | TFLOP/s | % roofline | reference µs | × vs ref "
+        "| SDPA flash µs | × vs SDPA | err |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        sec = r.ours_ms * 1e-3
+        floor = max(r.bytes / bw, r.flops / rate)
+        vs_ref = f"{r.ref_ms / r.ours_ms:.1f}" if r.ref_ms else "–"
+        vs_sdpa = f"{r.sdpa_ms / r.ours_ms:.2f}" if r.sdpa_ms else "–"
+        sdpa = fmt_us(r.sdpa_ms) + (f" ({r.sdpa_note})" if r.sdpa_note else "")
+        lines.append(
+            f"| {r.kernel} | {r.case} | {fmt_us(r.ours_ms)} | {r.bytes / sec / 1e12:.2f} | "
+            f"{r.flops / sec / 1e12:.1f} | {100 * floor / sec:.0f}% | {fmt_us(r.ref_ms)} | "
+            f"{vs_ref} | {sdpa} | {vs_sdpa} | {r.err:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/kernels.md")
+    parser.add_argument("--quick", action="store_true", help="fewer cases (a smoke run)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bw, rate = measure_ceilings()
+    print(f"ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
+    tokens = [64, 2676] if args.quick else [1, 64, 256, 2676]
+    decode = [(1, 512), (64, 2048)] if args.quick else [
+        (B, ctx) for B in (1, 64, 256) for ctx in (512, 2048, 8192)]
+    cases: list[Callable[[], Row]] = []
+    for fn in (bench_rms_norm, bench_silu_and_mul, bench_qk_norm_rope, bench_store_kv):
+        cases += [lambda fn=fn, T=T: fn(T) for T in tokens]
+    cases += [lambda B=B, ctx=ctx: bench_decode(B, ctx) for B, ctx in decode]
+    cases += [
+        lambda: bench_prefill("1 prompt × 2,676", [2676], [2676], sdpa=True),
+        lambda: bench_prefill("4 prompts × 2,676", [2676] * 4, [2676] * 4, sdpa=True),
+        lambda: bench_prefill("chunk 512 after 2,164 cached", [512], [2676], sdpa=False),
+        lambda: bench_prefill("mixed: 64 decodes @ 2,048 + chunk 512", [1] * 64 + [512],
+                              [2048] * 64 + [2676], sdpa=False),
+    ]
+    rows = []
+    for case in cases:
+        try:
+            row = case()
+        except Exception:  # report the rest even if one case breaks
+            traceback.print_exc()
+            continue
+        rows.append(row)
+        print(f"{row.kernel:20s} {row.case:40s} ours {fmt_us(row.ours_ms):>10s} us  "
+              f"ref {fmt_us(row.ref_ms):>10s} us  sdpa {fmt_us(row.sdpa_ms):>10s} us  "
+              f"err {row.err:.1e}", flush=True)
+        torch.cuda.empty_cache()
+    text = render(rows, bw, rate)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

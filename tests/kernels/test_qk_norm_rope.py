@@ -1,0 +1,76 @@
+"""qk_norm_rope_triton against reference.qk_norm_rope: GQA head counts, strided q/k views of a fused
+qkv projection, real RoPE tables at scattered positions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from vlmdeploy.kernels import reference  # noqa: E402
+from vlmdeploy.kernels.qk_norm_rope_kernel import qk_norm_rope_triton  # noqa: E402
+
+# Rotated values reach ~8; where the two RoPE terms cancel, one rounding step of a term (2^-5 at
+# 4..8 in bf16) is the whole error, so the absolute tolerance is two such steps. Triton's
+# interpreter truncates fp32 -> bf16 instead of rounding, which can cost a few more.
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=6.25e-2, rtol=1.6e-2),
+       torch.float16: dict(atol=8e-3, rtol=2e-3)}
+INTERPRETER_BF16 = dict(atol=1.25e-1, rtol=3.2e-2)
+DTYPES = list(TOL)
+
+
+def _tol(out: torch.Tensor, bf16_step: bool) -> dict:
+    if bf16_step and not out.is_cuda:
+        return INTERPRETER_BF16
+    return TOL[torch.bfloat16 if bf16_step else out.dtype]
+
+
+def _inputs(T: int, n_q: int, n_kv: int, D: int, dtype: torch.dtype, device: torch.device,
+            seed: int) -> tuple:
+    """q and k as slices of one fused (T, (n_q + 2 n_kv) D) projection, as the attention layer makes
+    them.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(T, (n_q + 2 * n_kv) * D, generator=gen) * 2).to(dtype).to(device)
+    q = qkv[:, :n_q * D].view(T, n_q, D)
+    k = qkv[:, n_q * D:(n_q + n_kv) * D].view(T, n_kv, D)
+    qw = (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype).to(device)
+    kw = (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype).to(device)
+    positions = torch.randint(0, 40_000, (T,), generator=gen).to(device)
+    cos, sin = reference.rope_cos_sin(positions, D, 1e6, dtype)
+    return q, k, qw, kw, cos, sin
+
+
+def _check(args: tuple) -> None:
+    q_out, k_out = qk_norm_rope_triton(*args, 1e-6)
+    q_ref, k_ref = reference.qk_norm_rope(*args, 1e-6)
+    assert q_out.shape == q_ref.shape and k_out.shape == k_ref.shape
+    assert q_out.dtype == q_ref.dtype and k_out.dtype == k_ref.dtype
+    bf16_step = args[0].dtype == torch.bfloat16  # the normalised head is rounded to bf16
+    torch.testing.assert_close(q_out, q_ref, **_tol(q_out, bf16_step))
+    torch.testing.assert_close(k_out, k_ref, **_tol(k_out, bf16_step))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,n_q,n_kv,D",
+                         [(1, 4, 2, 16), (7, 6, 1, 16), (5, 8, 8, 64), (3, 3, 1, 32)])
+def test_qk_norm_rope_interpreter(T, n_q, n_kv, D, dtype, device):
+    _check(_inputs(T, n_q, n_kv, D, dtype, device, seed=T * 31 + n_q))
+
+
+def test_qk_norm_rope_mixed_dtypes(device):
+    """fp32 weights and tables over bf16 activations promote the result to fp32, as in the
+    reference.
+    """
+    q, k, qw, kw, cos, sin = _inputs(4, 4, 2, 16, torch.bfloat16, device, seed=5)
+    _check((q, k, qw.float(), kw.float(), cos.float(), sin.float()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,n_q,n_kv,D", [(1, 32, 8, 128), (2676, 32, 8, 128), (257, 16, 4, 64),
+                                          (77, 14, 2, 128)])
+def test_qk_norm_rope_gpu(T, n_q, n_kv, D, dtype):
+    _check(_inputs(T, n_q, n_kv, D, dtype, torch.device("cuda"), seed=T))

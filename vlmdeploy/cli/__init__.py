@@ -1,0 +1,1 @@
+"""Command line: `vlmdeploy serve api_server` and `vlmdeploy chat` (entry point `main.main`)."""

@@ -1,0 +1,171 @@
+"""Paged-KV decode attention (one new token per sequence), GQA-aware, with split-K over long
+contexts.
+
+Contract: :func:`vlmdeploy.kernels.reference.paged_attention` restricted to batches whose sequences
+have at most one new token. One program handles one (sequence, kv head, split): the GROUP query
+heads that share the kv head are stacked into the rows of one matrix (padded to 16 rows for the
+tensor cores), so each KV block is read from memory once per group rather than once per query head.
+Decode is memory-bound, so the padding costs nothing measurable.
+
+When sequences x kv heads would leave the GPU idle (small batches, long contexts), each sequence's
+context is cut into num_splits equal chunks processed in parallel; every split writes its partial
+output and log-sum-exp, and a second small kernel merges them. The chunk length is derived on the
+device from each sequence's own length, so a CUDA graph captured with a generous ``max_kv_len``
+still spreads a short context over all splits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_tile import LOG2E, attend_tile, dot_precision, load_kv_tile
+
+_TARGET_WAVES = 2  # programs per multiprocessor to aim for before splitting contexts
+_MIN_SPLIT_TOKENS = 128  # shorter chunks cost more in partial writes and merging than they gain
+_MAX_SPLITS = 64
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr, out_ptr,
+                   part_o_ptr, part_lse_ptr, qk_scale, n_q_heads, num_splits,
+                   stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
+                   stride_vb, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
+                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    t = tl.load(cu_q_ptr + b).to(tl.int64)  # the sequence's only query token
+    if tl.load(cu_q_ptr + b + 1) == t:
+        return
+    kv_len = tl.load(kv_lens_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, kv_len)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + g  # (BLOCK_G,)
+    g_mask = (g < GROUP)[:, None]
+    q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=g_mask,
+                other=0.0)  # (BLOCK_G, D)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    bt = bt_ptr + b.to(tl.int64) * stride_bt
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_mask = n < hi
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt, n, n_mask, kv_head, d,
+                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                            PAGE, True)
+        m_i, l_i, acc = attend_tile(q, k, v, n_mask[None, :], m_i, l_i, acc, qk_scale,
+                                    PRECISION, True, UPCAST)
+
+    if SPLIT:
+        # an empty split (short context) leaves l_i = 0: it writes lse = -inf and weighs nothing
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        part = (t * n_q_heads + heads) * num_splits + split  # (BLOCK_G,) rows of (T, Hq, S)
+        tl.store(part_lse_ptr + part, m_i + tl.log2(l_safe), mask=g < GROUP)
+        tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None],
+                 mask=g_mask)
+    else:
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=g_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(part_o_ptr, part_lse_ptr, cu_q_ptr, out_ptr, n_q_heads, num_splits,
+                         stride_ot, stride_oh, BLOCK_S: tl.constexpr,
+                         HEAD_DIM: tl.constexpr):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    t = tl.load(cu_q_ptr + b).to(tl.int64)
+    if tl.load(cu_q_ptr + b + 1) == t:
+        return
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    s_mask = s < num_splits
+    part = (t * n_q_heads + head) * num_splits + s  # (BLOCK_S,)
+    lse = tl.load(part_lse_ptr + part, mask=s_mask, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # split 0 is never empty, so the max is finite
+    o = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None],
+                other=0.0)  # (BLOCK_S, D)
+    merged = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + t * stride_ot + head * stride_oh + d, merged.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits keep the split-K path exercised
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(num_programs: int, max_kv_len: int, device: torch.device) -> int:
+    """Enough splits to give every multiprocessor _TARGET_WAVES programs, never below 128 tokens
+    each.
+    """
+    target = _TARGET_WAVES * _multiprocessors(device)
+    if num_programs >= target:
+        return 1
+    by_work = triton.cdiv(target, num_programs)
+    by_len = max(1, triton.cdiv(max_kv_len, _MIN_SPLIT_TOKENS))
+    return max(1, min(by_work, by_len, _MAX_SPLITS))
+
+
+def _tile_config(q: torch.Tensor) -> dict:
+    if not q.is_cuda:
+        return dict(BLOCK_N=16)  # small tiles make tiny interpreter tests cross tile and page edges
+    if q.dtype == torch.float32:
+        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, block_tables: torch.Tensor,
+                     scale: float, max_kv_len: int | None = None,
+                     num_splits: int | None = None) -> torch.Tensor:
+    """Attention for batches with q_len <= 1 per sequence; q (T, Hq, D) -> (T, Hq, D).
+
+    ``num_splits`` overrides the split-K heuristic (tests); without it and without ``max_kv_len``
+    the longest context is read from the device once.
+    """
+    T, n_q, D = q.shape
+    n_kv, page = k_cache.shape[2], k_cache.shape[1]
+    B = kv_lens.shape[0]
+    out = torch.empty(T, n_q, D, dtype=q.dtype, device=q.device)
+    if T == 0 or B == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    group = n_q // n_kv
+    if num_splits is None:
+        if max_kv_len is None:
+            max_kv_len = int(kv_lens.max().item())
+        num_splits = choose_num_splits(B * n_kv, max_kv_len, q.device)
+    part_o = part_lse = out  # unused placeholders when nothing is split
+    if num_splits > 1:
+        part_o = torch.empty(T, n_q, num_splits, D, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(T, n_q, num_splits, dtype=torch.float32, device=q.device)
+    _decode_kernel[(B, n_kv, num_splits)](
+        q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, out, part_o, part_lse,
+        scale * LOG2E, n_q, num_splits, q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE=page,
+        SPLIT=num_splits > 1, PRECISION=dot_precision(q.dtype),
+        UPCAST=not q.is_cuda, **_tile_config(q))
+    if num_splits > 1:
+        _merge_splits_kernel[(B, n_q)](
+            part_o, part_lse, cu_seqlens_q, out, n_q, num_splits, out.stride(0), out.stride(1),
+            BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=D,
+            num_warps=4)
+    return out

@@ -1,0 +1,46 @@
+"""Registers the Triton kernels as the CUDA implementations of the ops in :mod:`vlmdeploy.kernels`.
+
+Imported lazily by the package on the first op called with a CUDA tensor; an ImportError here (no
+triton) leaves the reference path in place. Each launcher has the signature and semantics of its
+reference twin.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _TRITON
+from .decode_attention import decode_attention
+from .prefill_attention import prefill_attention
+from .qk_norm_rope_kernel import qk_norm_rope_triton
+from .rms_norm_kernel import rms_norm_triton
+from .silu_and_mul_kernel import silu_and_mul_triton
+from .store_kv_kernel import store_kv_triton
+
+
+def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor,
+                           block_tables: torch.Tensor, scale: float, max_q_len: int | None = None,
+                           max_kv_len: int | None = None) -> torch.Tensor:
+    """Triton twin of :func:`vlmdeploy.kernels.reference.paged_attention`.
+
+    A pure decode batch (``max_q_len == 1``) takes the split-K decode kernel; anything else
+    (prefill, chunked prefill, mixed prefill + decode) the varlen prefill kernel. Without hints, one
+    device read decides.
+    """
+    if max_q_len is None and q.shape[0] > 0:
+        max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+    if max_q_len == 1:
+        return decode_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
+                                max_kv_len=max_kv_len)
+    return prefill_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
+                             max_q_len=max_q_len)
+
+
+_TRITON.update(
+    rms_norm=rms_norm_triton,
+    silu_and_mul=silu_and_mul_triton,
+    qk_norm_rope=qk_norm_rope_triton,
+    store_kv=store_kv_triton,
+    paged_attention=paged_attention_triton,
+)

@@ -1,0 +1,148 @@
+"""The FastAPI application: routes, middleware and error handlers around one pipeline.
+
+`create_app(pipe, config, media_policy)` needs only the pipeline contract (`model_name`,
+`session_len`, `tokenizer`, `prepare`, `generate_prepared`, `abort`, `stats`), so tests can drive it
+with a test double.
+
+Middleware, outermost first: CORS (answers browser preflights, which carry no key), API key (before
+routing, so no spelling of a path skips it), then the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import Response
+
+from vlmdeploy.errors import EngineDeadError
+from vlmdeploy.serve.auth import APIKeyMiddleware
+from vlmdeploy.serve.chat import create_chat_completion
+from vlmdeploy.serve.completions import create_completion
+from vlmdeploy.serve.config import ServerConfig
+from vlmdeploy.serve.errors import install_handlers
+from vlmdeploy.serve.metrics import ServerMetrics
+from vlmdeploy.serve.state import Admission, ServerState, get_state
+from vlmdeploy.vl.media import MediaPolicy
+
+logger = logging.getLogger("vlmdeploy.serve")
+
+HEALTH_POLL_S = 2.0
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {"id": state.model_name, "object": "model", "created": int(time.time()),
+            "owned_by": "vlmdeploy", "root": state.model_name,
+            "max_model_len": state.pipe.session_len}
+
+
+async def list_models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [_model_card(get_state(request))]})
+
+
+async def retrieve_model(request: Request) -> JSONResponse:
+    state = get_state(request)
+    state.check_model(request.path_params["model"])
+    return JSONResponse(_model_card(state))
+
+
+def _engine_alive(state: ServerState) -> bool:
+    if state.engine_dead:
+        return False
+    try:
+        state.pipe.stats()
+    except EngineDeadError:
+        state.mark_dead()
+        return False
+    except Exception:
+        logger.warning("engine stats failed", exc_info=True)
+        return False
+    return True
+
+
+async def health(request: Request) -> Response:
+    state = get_state(request)
+    if _engine_alive(state):
+        return JSONResponse({})
+    return JSONResponse({"error": {"message": "The engine is not available.",
+                                   "type": "service_unavailable_error", "param": None,
+                                   "code": "service_unavailable"}},
+                        status_code=503, headers={"Retry-After": "5"})
+
+
+async def metrics(request: Request) -> Response:
+    body = get_state(request).metrics.render()
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _watch_engine(state: ServerState) -> None:
+    """Notice a dead engine even when no request is running, so the process can fail fast."""
+    while not state.engine_dead:
+        await asyncio.sleep(HEALTH_POLL_S)
+        _engine_alive(state)
+
+
+def _lifespan(state: ServerState) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager]:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        watcher = asyncio.ensure_future(_watch_engine(state))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+    return lifespan
+
+
+def media_policy_for(config: ServerConfig) -> MediaPolicy:
+    """Requests come from the network: no private hosts, and local files only under the directory
+    the operator opted in with `--allowed-local-media-path`."""
+    root = config.allowed_local_media_path
+    domains = tuple(config.allowed_media_domains) if config.allowed_media_domains else None
+    return MediaPolicy.server_default(allow_local_files=root is not None, local_root=root,
+                                      allowed_domains=domains)
+
+
+def _no_telemetry() -> dict[str, Any]:
+    """FastAPI >= 0.16x traces every request and records validation failures through OpenTelemetry
+    by default: a per-request cost, and a path by which request content could reach an exporter.
+    Off where the option exists."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False,
+                          "operation_spans": False, "auto_configure": False}}
+
+
+def create_app(pipe: Any, config: ServerConfig | None = None, media_policy: Any = None,
+               on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
+    config = config or ServerConfig()
+    media_policy = media_policy or media_policy_for(config)
+    state = ServerState(pipe=pipe, config=config, media_policy=media_policy,
+                        metrics=ServerMetrics(pipe.model_name, pipe.stats),
+                        admission=Admission(config.max_concurrent_requests),
+                        on_engine_dead=on_engine_dead)
+    app = FastAPI(title="vlmdeploy", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=_lifespan(state), **_no_telemetry())
+    app.state.server = state
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model:path}", retrieve_model, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
+    app.add_api_route("/v1/completions", create_completion, methods=["POST"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    install_handlers(app)
+    if config.api_keys:
+        app.add_middleware(APIKeyMiddleware, api_keys=list(config.api_keys))
+    if config.allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allow_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+    return app

@@ -1,0 +1,66 @@
+"""Server settings: one frozen dataclass whose fields are also the CLI flags of `serve api_server`.
+
+The CLI generates `--kebab-case` flags from these fields (see `vlmdeploy.cli.flags`), so a setting
+is declared once, here. `field(metadata={"help": ...})` carries the flag's help text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vlmdeploy.serve.reasoning import REASONING_PARSERS
+
+LogLevel = Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"]
+
+
+def _flag(default: object, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+_PARSERS = ", ".join(REASONING_PARSERS)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the HTTP front end needs that is not the model itself."""
+
+    server_name: str = _flag("0.0.0.0", "host to bind")
+    server_port: int = _flag(23333, "port to bind")
+    backend: Literal["pytorch", "turbomind"] = _flag(
+        "pytorch", "inference backend; turbomind is accepted and runs the PyTorch engine")
+    model_name: str | None = _flag(None, "served model name (default: the model directory's name)")
+    api_keys: tuple[str, ...] | None = _flag(
+        None, "accepted bearer keys, space separated; required on all routes but /health")
+    allow_origins: tuple[str, ...] | None = _flag(None, "CORS allowed origins (default: CORS off)")
+    max_concurrent_requests: int | None = _flag(
+        1024, "generation requests in flight before answering 429 rate_limit_exceeded")
+    allowed_media_domains: tuple[str, ...] | None = _flag(
+        None, "fetch image URLs only from these domains (default: any public host)")
+    allowed_local_media_path: str | None = _flag(
+        None, "directory from which local image paths may be read (default: none)")
+    max_images_per_request: int = _flag(
+        32, "images one request may carry (400 beyond, before any image is fetched)")
+    reasoning_parser: str | None = _flag(
+        None, f"split <think>...</think> into reasoning_content; one of: {_PARSERS}")
+    log_level: LogLevel = _flag("WARNING", "log level")
+    max_body_bytes: int = _flag(64 << 20, "largest request body accepted, in bytes (413 beyond)")
+    header_timeout_s: float = _flag(10.0, "seconds a client has to send a request's headers")
+    body_timeout_s: float = _flag(60.0, "seconds a client has to send a request's body")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.server_port < 65536:
+            raise ValueError("server_port must be in 1..65535")
+        if self.max_concurrent_requests is not None and self.max_concurrent_requests < 1:
+            raise ValueError("max_concurrent_requests must be >= 1")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}; "
+                             f"choose from {', '.join(REASONING_PARSERS)}")
+        if self.max_images_per_request < 0:
+            raise ValueError("max_images_per_request must be >= 0")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be >= 1024")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise ValueError("timeouts must be > 0")
+        if self.api_keys is not None and any(not k for k in self.api_keys):
+            raise ValueError("api keys must be non-empty")

@@ -1,0 +1,153 @@
+"""A validated, prepared generation request (a "job"), and `handle`, the request flow that chat
+and text completions share.
+
+Everything that can refuse a request happens before a response starts: admission, body limits,
+schema, model name, unsupported parameters, and `pipe.prepare` (image fetch/decode, chat template,
+tokenization, the context-length check). A streaming client therefore gets a plain HTTP error, never
+a 200 followed by an error frame, for anything wrong with its input.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from vlmdeploy.errors import EngineDeadError
+from vlmdeploy.serve.body import read_json_object
+from vlmdeploy.serve.errors import from_exception, from_validation_errors
+from vlmdeploy.serve.generation import ChoiceResult, Delta, run_choice
+from vlmdeploy.serve.protocol import SamplingParams
+from vlmdeploy.serve.sampling import generation_config
+from vlmdeploy.serve.state import ServerState, get_state
+from vlmdeploy.serve.streaming import ClientGone, SSEResponse, merge, until_disconnected
+
+logger = logging.getLogger("vlmdeploy.serve")
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class Job:
+    req: Any  # ChatCompletionRequest | CompletionRequest
+    prepared: list[Any]  # one per choice; choices of one prompt share it unless seeded
+    prompt_tokens: int
+    arrival: float
+    id: str
+    created: int
+
+
+async def read_request(request: Request, state: ServerState, model: type[M]) -> M:
+    """Body -> validated request model; 400 in OpenAI's envelope on any schema error."""
+    body = await read_json_object(request, state.config.max_body_bytes, state.config.body_timeout_s)
+    try:
+        req = model.model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        raise from_validation_errors(list(errors)) from None
+    if req.model_extra:  # accepted for compatibility, never forwarded; names only, never values
+        names = sorted(req.model_extra)[:20]
+        logger.info("ignored request fields: %s", ", ".join(repr(n[:40]) for n in names))
+    state.check_model(getattr(req, "model", None))
+    return req
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+async def prepare_job(state: ServerState, req: SamplingParams, prompts: list[Any],
+                      template_kwargs: dict[str, Any] | None, prefix: str,
+                      raw: bool = False) -> Job:
+    """`pipe.prepare` every prompt (once per choice only when seeded choices need distinct configs).
+
+    `raw` prompts (text completions) skip the chat template where the pipeline supports it
+    (`do_preprocess=False`, LMDeploy's name)."""
+    arrival = time.monotonic()
+    raw_ok = raw and _accepts(state.pipe.prepare, "do_preprocess")
+    extra = {"do_preprocess": False} if raw_ok else {}
+    prepared, prompt_tokens = [], 0
+    for prompt in prompts:
+        configs = [generation_config(req, req.max_new_tokens, req.num_logprobs, i)
+                   for i in range(req.n)]
+        distinct = configs if req.seed is not None and req.n > 1 else configs[:1]
+        items = [await state.pipe.prepare(prompt, cfg, media_policy=state.media_policy,
+                                          chat_template_kwargs=template_kwargs, **extra)
+                 for cfg in distinct]
+        prepared += items if len(items) == req.n else items * req.n
+        prompt_tokens += items[0].input_token_len
+    return Job(req=req, prepared=prepared, prompt_tokens=prompt_tokens, arrival=arrival,
+               id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()))
+
+
+def choice_streams(state: ServerState, job: Job) -> list[AsyncGenerator[Delta, None]]:
+    stops = job.req.stop_list
+    return [run_choice(state.pipe, item, state.next_session_id(), stops, state.metrics, job.arrival)
+            for item in job.prepared]
+
+
+def usage(job: Job, results: list[ChoiceResult]) -> dict[str, Any]:
+    completion = sum(r.completion_tokens for r in results)
+    cached = max((r.cached_tokens for r in results), default=0)
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": job.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+async def collect(state: ServerState, job: Job) -> list[ChoiceResult]:
+    """Run every choice of `job` to the end (non-streaming responses)."""
+    results = [ChoiceResult(i) for i in range(len(job.prepared))]
+    async with aclosing(merge(choice_streams(state, job))) as events:
+        async for index, delta in events:
+            results[index].add(delta)
+    return results
+
+
+@dataclass(frozen=True)
+class Route:
+    """What distinguishes chat from text completions; `handle` does the rest."""
+
+    parse: Callable[[Request, ServerState], Awaitable[tuple[Any, list[Any], dict | None]]]
+    events: Callable[[ServerState, Job], AsyncGenerator[bytes, None]]
+    body: Callable[[ServerState, Job, list[ChoiceResult]], dict[str, Any]]
+    id_prefix: str
+    raw_prompts: bool = False
+
+
+async def handle(request: Request, route: Route) -> Response:
+    """Admission, validation and preparation, then an SSE stream or one JSON body. The admission
+    slot is held until the response (or the stream) ends, whichever way it ends."""
+    state = get_state(request)
+    state.check_alive()
+    slot = state.admission.enter()
+    try:
+        req, prompts, kwargs = await route.parse(request, state)
+        job = await until_disconnected(request, prepare_job(
+            state, req, prompts, kwargs, route.id_prefix, route.raw_prompts))
+        if req.stream:
+            response = SSEResponse(route.events(state, job), on_close=slot.release)
+            slot = None  # the response releases it when the stream ends
+            return response
+        results = await until_disconnected(request, collect(state, job))
+        return JSONResponse(route.body(state, job, results))
+    except ClientGone:
+        return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
+    except Exception as exc:  # every failure is answered in the envelope, never re-raised
+        if isinstance(exc, EngineDeadError):
+            state.mark_dead()
+        return from_exception(exc).response()
+    finally:
+        if slot is not None:
+            slot.release()

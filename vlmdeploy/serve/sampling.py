@@ -1,0 +1,117 @@
+"""OpenAI request parameters -> `GenerationConfig`, with OpenAI's sampling semantics.
+
+* `temperature: 0` is greedy; any other temperature samples (`do_sample=True`). OpenAI's default is
+  1.0.
+* `top_k` is off unless given (OpenAI has none); vLLM's `-1` and `0` both mean off.
+* Choice `i` of a request with `seed` uses `seed + i`, so `n` seeded choices differ yet repeat run
+  to run.
+* Stop strings are matched by the server on the decoded text (`vlmdeploy.serve.generation`), because
+  OpenAI's `stop` is text, not tokens, and the matched string is not part of the answer.
+* A parameter we cannot honour is refused with 400 `unsupported_parameter`, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from vlmdeploy.messages import GenerationConfig
+from vlmdeploy.serve.errors import APIError, invalid
+from vlmdeploy.serve.protocol import (
+    MAX_SEED,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingParams,
+)
+
+ALLOWED_TEMPLATE_KWARGS = {"enable_thinking": bool}
+_GEN_FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
+
+
+def _unsupported(param: str, what: str) -> APIError:
+    return invalid(f"{what} is not supported by this server.", param=param,
+                   code="unsupported_parameter")
+
+
+def check_chat_request(req: ChatCompletionRequest) -> None:
+    """Refuse the chat parameters we do not implement (CVE-class inputs included)."""
+    if req.tools:
+        raise _unsupported("tools", "Tool calling")
+    if req.tool_choice not in (None, "none", "auto"):
+        raise _unsupported("tool_choice", "tool_choice")
+    if req.response_format is not None and req.response_format.get("type") != "text":
+        raise _unsupported("response_format", "Structured output (response_format)")
+    if req.chat_template is not None:
+        raise _unsupported("chat_template", "A request-supplied chat template")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid("top_logprobs requires logprobs=true.", param="top_logprobs")
+    _check_common(req)
+
+
+def check_completion_request(req: CompletionRequest) -> None:
+    if req.echo:
+        raise _unsupported("echo", "echo")
+    if req.suffix is not None:
+        raise _unsupported("suffix", "suffix")
+    if req.best_of not in (None, 1):
+        raise _unsupported("best_of", "best_of")
+    if len(req.prompts) * req.n > 64:
+        raise invalid("len(prompt) * n must be at most 64.", param="n")
+    _check_common(req)
+
+
+def _check_common(req: ChatCompletionRequest | CompletionRequest) -> None:
+    if req.prompt_logprobs is not None:
+        raise _unsupported("prompt_logprobs", "prompt_logprobs")
+    if req.logit_bias:
+        raise _unsupported("logit_bias", "logit_bias")
+    limit = req.max_new_tokens
+    if limit is not None and req.min_tokens > limit:
+        raise invalid("min_tokens must not exceed max_tokens.", param="min_tokens")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name) != 0.0 and name not in _GEN_FIELDS:
+            raise _unsupported(name, name)
+
+
+def template_kwargs(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Allowlist of `chat_template_kwargs`: a template must never see `tokenize` & co
+    (CVE-2025-62426)."""
+    if not raw:
+        return None
+    for key, value in raw.items():
+        kind = ALLOWED_TEMPLATE_KWARGS.get(key)
+        if kind is None:
+            allowed = ", ".join(ALLOWED_TEMPLATE_KWARGS)
+            raise invalid(f"chat_template_kwargs.{key} is not allowed; allowed: {allowed}.",
+                          param=f"chat_template_kwargs.{key}")
+        if not isinstance(value, kind):
+            raise invalid(f"chat_template_kwargs.{key} must be a {kind.__name__}.",
+                          param=f"chat_template_kwargs.{key}")
+    return dict(raw)
+
+
+def generation_config(req: SamplingParams, max_new_tokens: int | None, num_logprobs: int | None,
+                      choice: int = 0) -> GenerationConfig:
+    """The engine parameters of choice `choice` of `req` (already validated)."""
+    kwargs: dict[str, Any] = dict(
+        n=1,
+        max_new_tokens=max_new_tokens,
+        do_sample=req.temperature > 0.0,
+        temperature=req.temperature if req.temperature > 0.0 else 1.0,
+        top_p=req.top_p,
+        top_k=max(req.top_k, 0),
+        min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty,
+        ignore_eos=req.ignore_eos,
+        random_seed=None if req.seed is None else (req.seed + choice) % (MAX_SEED + 1),
+        min_new_tokens=req.min_tokens or None,
+        skip_special_tokens=req.skip_special_tokens,
+        logprobs=num_logprobs,
+    )
+    for name in ("presence_penalty", "frequency_penalty"):
+        if name in _GEN_FIELDS:
+            kwargs[name] = getattr(req, name)
+    try:
+        return GenerationConfig(**kwargs)
+    except (ValueError, NotImplementedError) as exc:
+        raise invalid(str(exc)) from None

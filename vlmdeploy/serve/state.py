@@ -1,0 +1,90 @@
+"""What the routes share: the pipeline, settings, metrics, admission counter and engine health."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from vlmdeploy.serve.config import ServerConfig
+from vlmdeploy.serve.errors import APIError
+from vlmdeploy.serve.metrics import ServerMetrics
+from vlmdeploy.serve.reasoning import ReasoningSplitter
+
+logger = logging.getLogger("vlmdeploy.serve")
+
+
+class Slot:
+    """One admitted request; `release` is idempotent so every exit path may call it."""
+
+    def __init__(self, admission: Admission):
+        self._admission: Admission | None = admission
+
+    def release(self) -> None:
+        if self._admission is not None:
+            self._admission.in_flight -= 1
+            self._admission = None
+
+
+class Admission:
+    """Bounds generation requests in flight; a full server answers 429 at once instead of queueing
+    without limit (the SDKs back off on 429 and `Retry-After`)."""
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.in_flight = 0
+
+    def enter(self) -> Slot:
+        if self.limit is not None and self.in_flight >= self.limit:
+            raise APIError(429, "The server is handling too many requests; retry shortly.",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        self.in_flight += 1
+        return Slot(self)
+
+
+@dataclass
+class ServerState:
+    pipe: Any
+    config: ServerConfig
+    media_policy: Any
+    metrics: ServerMetrics
+    admission: Admission
+    on_engine_dead: Callable[[], None] | None = None
+    engine_dead: bool = False
+    _session_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def model_name(self) -> str:
+        return self.pipe.model_name
+
+    def next_session_id(self) -> int:
+        return next(self._session_ids)
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model {name!r} does not exist.", code="model_not_found",
+                           param="model")
+
+    def check_alive(self) -> None:
+        if self.engine_dead:
+            raise APIError(503, "The engine is not available.", code="service_unavailable",
+                           headers={"Retry-After": "5"})
+
+    def mark_dead(self) -> None:
+        if not self.engine_dead:
+            logger.critical("the engine has failed; the server stops accepting requests")
+            self.engine_dead = True
+            if self.on_engine_dead is not None:
+                self.on_engine_dead()
+
+    def splitter(self, enable_thinking: bool | None) -> ReasoningSplitter | None:
+        name = self.config.reasoning_parser
+        return None if name is None else ReasoningSplitter.for_parser(name, enable_thinking)
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
