@@ -19,5 +19,5 @@ else:
 
     image = load_image(str(sample_image_path()))
 pipe = pipeline(model, backend_config=PytorchEngineConfig(session_len=32768, tp=1))
-response = pipe(("describe this image", image))
+response = pipe(("Describe this image.", image))
 print(response.text)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from PIL import Image
+import os
+import shutil
 
-from vlmdeploy.testing.checkpoint import make_checkpoint
+# Triton reads TRITON_INTERPRET once, so it must be set before anything (transformers included)
+# imports
+# it: on machines without a GPU the kernel tests run in Triton's CPU interpreter.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vlmdeploy.testing.checkpoint import make_checkpoint  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -4,6 +4,10 @@
 LMDeploy's API.
 """
 
+# The submodule vlmdeploy.pipeline (the Pipeline class) is imported first on purpose: importing a
+# submodule binds its name on the package, so a later first import would replace the pipeline()
+# function below with the module.
+import vlmdeploy.pipeline  # noqa: F401  isort: skip
 from vlmdeploy.api import pipeline
 from vlmdeploy.messages import GenerationConfig, PytorchEngineConfig, Response, VisionConfig
 

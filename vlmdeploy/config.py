@@ -3,8 +3,8 @@ formats.
 
 * original (``InternVLChatModel``): ``llm_config`` + ``vision_config`` + top-level tiling fields;
 * transformers-native (``InternVLForConditionalGeneration``): ``text_config`` + ``vision_config``,
-  with the rope
-  fields of transformers v4 (``rope_theta``/``rope_scaling``) or v5 (``rope_parameters``).
+  with the rope fields of transformers v4 (``rope_theta``/``rope_scaling``) or v5
+  (``rope_parameters``); its tiling limits come from ``preprocessor_config.json``.
 
 Every value the model needs is read here once; the rest of the code sees only these frozen
 dataclasses.

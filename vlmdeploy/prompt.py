@@ -1,21 +1,20 @@
 """From user prompts to token ids: prompt forms → messages → chat template → tokens with image
 blocks.
 
-Accepted prompt forms (LMDeploy's): a string; a ``(text, image)`` or ``(text, [images])`` tuple; an
-OpenAI-style message list whose user contents may hold ``text``, ``image_url`` and ``image`` parts.
-Placement rules:
+Accepted prompt forms (LMDeploy's): a string; a ``(text, image)`` or ``(text, [images])`` tuple (or
+the same with the image first); an OpenAI-style message list whose user contents may hold
+``text``, ``image_url`` and ``image`` parts. Placement rules:
 
 * if any user text contains ``IMAGE_TOKEN``, each occurrence takes the next image, in order, and
-  image parts only
-  supply the images;
-* otherwise every image part becomes its own block followed by a newline, where the part stands; the
-  tuple forms
-  put their images before the text, as the reference ``model.chat()`` does.
+  image parts only supply the images;
+* otherwise every image part becomes its own block followed by a newline, where the part stands;
+  the tuple forms put their images before the text, as the reference ``model.chat()`` does.
 
 The checkpoint's own chat template renders the conversation (ChatML when it has none), with
 ``IMAGE_TOKEN`` left in the text; the rendered prompt is then split there and each image becomes
 ``<img>`` + ``<IMG_CONTEXT>`` × (256 · tiles) + ``</img>``. Splitting at these special tokens
-tokenizes exactly like the expanded string would.
+tokenizes exactly like the expanded string would. Text that itself spells one of those three image
+tokens is refused: it would take embeddings meant for a real image.
 """
 
 from __future__ import annotations

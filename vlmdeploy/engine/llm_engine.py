@@ -19,6 +19,7 @@ import torch
 
 from vlmdeploy.config import ModelConfig
 from vlmdeploy.engine.block_manager import BlockManager
+from vlmdeploy.engine.cuda_graph import DecodeGraphs
 from vlmdeploy.engine.model_runner import ModelRunner
 from vlmdeploy.engine.sampling import sample
 from vlmdeploy.engine.scheduler import Scheduler
@@ -100,6 +101,8 @@ class LLMEngine:
             self.dtype,
             self.device,
         )
+        if self.device.type == "cuda" and not cfg.eager_mode:
+            self._capture_graphs()
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.max_batch_size, cfg.max_prefill_token_num)
         cache_bytes = (1 << 30) if self.device.type == "cuda" else (256 << 20)
@@ -143,6 +146,20 @@ class LLMEngine:
                 f"{self.blocks.num_blocks * self.block_size}"
             )
         return None
+
+    def _capture_graphs(self) -> None:
+        from vlmdeploy import kernels
+
+        if kernels.triton_ops_available():  # the reference attention syncs with the host
+            self.runner.graphs = DecodeGraphs(
+                self.runner.model,
+                self.max_batch_size,
+                math.ceil(self.session_len / self.cfg.block_size),
+                self.runner.scratch_block,
+                self.cfg.block_size,
+                self.session_len,
+                self.device,
+            )
 
     def release(self) -> None:
         """Drop the model and the KV cache so their memory can be reused by another engine."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from vlmdeploy.config import ModelConfig
+from vlmdeploy.engine.cuda_graph import DecodeGraphs
 from vlmdeploy.engine.scheduler import ScheduledBatch
 from vlmdeploy.engine.sequence import Sequence
 from vlmdeploy.layers.attention import AttentionMetadata, PagedAttention, attention_context
@@ -34,17 +35,20 @@ class ModelRunner:
         self.image_token_id = image_token_id
         self.block_size = block_size
         t = cfg.text
-        # (2, layers, blocks, block_size, kv_heads, head_dim); each layer gets views of its slices.
+        # (2, layers, blocks + 1, block_size, kv_heads, head_dim); each layer gets views of its
+        # slices. The extra block (index num_blocks) is scratch space for padded CUDA-graph rows.
+        self.scratch_block = num_blocks
         self.kv_cache = torch.zeros(
             2,
             t.num_layers,
-            num_blocks,
+            num_blocks + 1,
             block_size,
             t.num_kv_heads,
             t.head_dim,
             dtype=kv_dtype,
             device=device,
         )
+        self.graphs: DecodeGraphs | None = None  # set by the engine when CUDA graphs are on
         layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
@@ -60,7 +64,7 @@ class ModelRunner:
         """One forward over the batch; returns logits (len(sample_rows), V) for the last new token
         of the sequences at ``sample_rows``."""
         ids, positions, slots, embeds, masks = [], [], [], [], []
-        cu, kv_lens, last = [0], [], []
+        cu, kv_lens = [0], []
         for seq, n in zip(batch.seqs, batch.num_tokens):
             start, end = seq.num_computed, seq.num_computed + n
             chunk = seq.token_ids[start:end]
@@ -72,50 +76,77 @@ class ModelRunner:
             masks.append(mask)
             cu.append(cu[-1] + n)
             kv_lens.append(end)
-            last.append(cu[-1] - 1)
-        dev = self.device
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        image_embeds = [e for e in embeds if e is not None]
-        mask = torch.cat(masks).to(dev) if image_embeds else None
-        x = self.model.embed(
-            input_ids, torch.cat(image_embeds).to(dev) if image_embeds else None, mask
+        has_images = any(e is not None for e in embeds)
+        tables = [s.block_table for s in batch.seqs]
+        if (
+            self.graphs is not None
+            and not has_images
+            and len(ids) == len(batch.seqs)
+            and self.graphs.can_run(len(ids), max(map(len, tables)))
+        ):
+            hidden = self.graphs.run(ids, positions, slots, kv_lens, tables)
+        else:
+            hidden = self._forward(
+                ids, positions, slots, cu, kv_lens, tables, embeds, masks, max(batch.num_tokens)
+            )
+        if not sample_rows:
+            return None
+        rows = torch.tensor(
+            [cu[i + 1] - 1 for i in sample_rows], dtype=torch.long, device=self.device
         )
+        return self.model.compute_logits(hidden[rows])
+
+    def _forward(
+        self, ids, positions, slots, cu, kv_lens, tables, embeds, masks, max_q_len: int
+    ) -> torch.Tensor:
+        """Eager forward of a packed batch → hidden states (T, H)."""
+        dev = self.device
+        image_embeds = [e for e in embeds if e is not None]
+        mask = image = None
+        if image_embeds:
+            mask = torch.cat(
+                [
+                    m if m is not None else torch.zeros(len(c), dtype=torch.bool)
+                    for m, c in zip(masks, _spans(cu))
+                ]
+            ).to(dev)
+            image = torch.cat(image_embeds).to(dev)
+        x = self.model.embed(torch.tensor(ids, dtype=torch.long, device=dev), image, mask)
+        width = max(map(len, tables))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
             kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
-            block_tables=_block_tables(batch.seqs, dev),
-            max_q_len=max(batch.num_tokens),
+            block_tables=torch.tensor(
+                [t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev
+            ),
+            max_q_len=max_q_len,
             max_kv_len=max(kv_lens),
         )
         with attention_context(meta):
-            hidden = self.model(x, torch.tensor(positions, dtype=torch.long, device=dev))
-        if not sample_rows:
-            return None
-        rows = torch.tensor([last[i] for i in sample_rows], dtype=torch.long, device=dev)
-        return self.model.compute_logits(hidden[rows])
+            return self.model(x, torch.tensor(positions, dtype=torch.long, device=dev))
 
     def _image_rows(self, seq: Sequence, start: int, chunk: list[int]):
         """Image embeddings for the image tokens inside ``chunk`` and the chunk's image-token
-        mask."""
+        mask (None when the chunk holds no image token)."""
         # Only prompt positions hold images: a generated <IMG_CONTEXT> id is an ordinary token.
         limit = seq.num_prompt_tokens if seq.images else 0
+        if seq.image_embeds is None or start >= limit:
+            return None, None
         mask = torch.tensor(
             [t == self.image_token_id and start + i < limit for i, t in enumerate(chunk)],
             dtype=torch.bool,
         )
-        if seq.image_embeds is None or not bool(mask.any()):
-            return None, mask
+        if not bool(mask.any()):
+            return None, None
         before = sum(1 for t in seq.token_ids[: min(start, limit)] if t == self.image_token_id)
         return seq.image_embeds[before : before + int(mask.sum())], mask
+
+
+def _spans(cu: list[int]) -> list[range]:
+    return [range(a, b) for a, b in zip(cu, cu[1:])]
 
 
 def _slots(seq: Sequence, start: int, end: int, block_size: int) -> list[int]:
     table = seq.block_table
     return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
-
-
-def _block_tables(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
-    width = max(len(s.block_table) for s in seqs)
-    rows = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
-    return torch.tensor(rows, dtype=torch.int32, device=device)

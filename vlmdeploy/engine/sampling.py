@@ -94,17 +94,22 @@ def sample(
     modified."""
     raw = logits.float()  # (B, V); may alias the caller's tensor, so it is only read
     logits = raw.clone()
-    tokens: list[int] = []
     for i, p in enumerate(params):
-        row = logits[i]
-        _mask_tokens(row, p, num_outputs[i])
+        _mask_tokens(logits[i], p, num_outputs[i])
+    tokens = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:  # one argmax and one host transfer for all greedy rows
+        rows = torch.tensor(greedy, device=logits.device)
+        for i, t in zip(greedy, logits[rows].argmax(-1).tolist()):
+            tokens[i] = t
+    for i, p in enumerate(params):
         if p.greedy:
-            tokens.append(int(row.argmax()))
             continue
+        row = logits[i]
         _apply_penalties(row, p, histories[i])
         probs = _filter(row, p)
         noise = torch.empty_like(probs).exponential_(generator=p.generator)
-        tokens.append(int((probs / noise).argmax()))
+        tokens[i] = int((probs / noise).argmax())
     return tokens, _logprobs(raw, params, tokens)
 
 

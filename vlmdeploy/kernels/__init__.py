@@ -33,6 +33,11 @@ def _triton_impl(name: str, x: torch.Tensor) -> Callable | None:
     return _TRITON.get(name)
 
 
+def triton_ops_available() -> bool:
+    """Whether the Triton kernels are importable and enabled (CUDA machines)."""
+    return _triton_impl("paged_attention", torch.empty(0, device="cuda")) is not None
+
+
 def _dispatch(name: str) -> Callable:
     ref = getattr(reference, name)
 

@@ -3,8 +3,9 @@
 Checkpoint names are first rewritten to the original layout (the model's own parameter tree), then
 split tensors are routed into fused parameters (q/k/v → ``qkv``/``qkv_proj``, gate/up →
 ``gate_up_proj``) by row block. Every parameter must be written exactly once in full: a missing,
-unexpected or misshapen tensor is an error naming it, so nothing is ever left silently random. Only
-``.safetensors`` files are read; no code from the checkpoint runs.
+unexpected, duplicated or misshapen tensor is an error naming it, so nothing is ever left silently
+random. Only ``.safetensors`` files are read (a shard index may only name files beside it); no code
+from the checkpoint runs.
 """
 
 from __future__ import annotations

@@ -1,0 +1,555 @@
+"""Train the embedded default model: a tiny InternVL3.5 (InternViT + pixel shuffle + mlp1 + Qwen3).
+
+Reproducible from its arguments: the tokenizer is trained on a fixed generated corpus, the weights
+are initialised after ``torch.manual_seed(seed)``, and training sample ``i`` is the pure function
+``make_question(TRAIN_SEED, i, kind_of(i))`` of its index, so the data stream does not depend on the
+number of loader workers. (On a GPU, floating-point reductions are not bitwise deterministic; on the
+CPU a rerun is bitwise identical.)
+
+Steps: build the tokenizer (ChatML + InternVL image tokens, byte-level BPE over the task's
+vocabulary); write ``config.json`` in the original ``InternVLChatModel`` layout; train
+transformers' ``InternVLForConditionalGeneration`` on prompts rendered exactly as the engine
+renders them (``reference.render_prompt``), with the loss on assistant tokens plus, optionally
+(``--aux``), dense targets on the image tokens from training-only linear heads; save the weights
+under their original names (bf16 safetensors); evaluate greedy exact-answer accuracy on held-out
+questions (``--eval-n``, seed ``EVAL_SEED``).
+
+    python tools/train_default_model.py --out DIR --steps 2303 --warmup 300 --aux none
+    python tools/train_default_model.py --out DIR2 --init-from DIR --data-offset 100000 \
+        --steps 2000 --warmup 100 --aux tokens     # a second stage on fresh questions
+
+With ``--steps 0 --time-budget S`` the number of steps is fixed after ``--calibrate`` steps
+(inside the warmup, so the schedule equals that of ``--steps N`` with the N printed). The model
+card (``vlmdeploy/assets/internvl3_5-shapes-tiny/README.md``) lists the exact commands behind the
+shipped weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bare_packages() -> None:
+    """Register ``vlmdeploy`` and ``vlmdeploy.vl`` as bare packages, so importing the leaf modules
+    training needs (``synthetic``, ``vl.tiling``, ``vl.constants``) never runs the package
+    ``__init__`` files, which import the engine: training must not depend on engine code."""
+    for name, path in (("vlmdeploy", ROOT / "vlmdeploy"), ("vlmdeploy.vl", ROOT / "vlmdeploy/vl")):
+        module = types.ModuleType(name)
+        module.__path__ = [str(path)]
+        sys.modules[name] = module
+
+
+_bare_packages()
+
+from vlmdeploy.synthetic.eval import evaluate  # noqa: E402
+from vlmdeploy.synthetic.questions import (  # noqa: E402
+    KINDS,
+    MULTI_IMAGE_PREFIX,
+    Message,
+    generate_questions,
+    make_question,
+)
+from vlmdeploy.synthetic.reference import (  # noqa: E402
+    ReferenceAnswerer,
+    build_hf_model,
+    hf_to_original,
+    original_to_hf,
+    render_prompt,
+)
+from vlmdeploy.synthetic.scene import COLOURS, SHAPES, SLOTS, Scene, render_labels  # noqa: E402
+from vlmdeploy.vl.constants import IMAGE_TOKEN  # noqa: E402
+from vlmdeploy.vl.tiling import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    target_grid,
+    tile_array,
+)
+
+TRAIN_SEED = 0  # question stream used for training and for the tokenizer corpus
+EVAL_SEED = 1000  # held-out question stream of the reported evaluation
+MAX_DYNAMIC_PATCH = 4
+# Training mix: descriptions and the two-image/two-turn forms are the hardest, so they get more.
+KIND_WEIGHTS = {"describe": 0.22, "count": 0.14, "colour": 0.1, "position": 0.14,
+                "multi_image": 0.2, "multi_turn": 0.2}
+
+# Qwen's pre-tokenization split (contractions, letters, single digits, punctuation, newlines).
+SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# (token, special): ChatML, Qwen3's thinking markers (not special, so decoding keeps them), and
+# InternVL's image tokens. Ids follow the BPE vocabulary; engines resolve them by name.
+ADDED_TOKENS = [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+                ("<think>", False), ("</think>", False),
+                ("<img>", True), ("</img>", True), ("<IMG_CONTEXT>", True)]
+
+# ChatML with no default system prompt. A string content renders as is (the engine flattens
+# messages to strings with IMAGE_TOKEN where images go, then renders); for tools that pass content
+# parts, an image part renders as InternVL's "<image>\n" in place, a text part as its text.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- elif part['type'] in ['image', 'image_url', 'image_data'] -%}{{- '<image>\\n' -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+# Share of training prompts in the other forms users send: a single image after the text
+# (OpenAI-style [text, image] parts) and two images without "Image-i:" labels.
+TEXT_FIRST_SHARE = 0.15
+UNLABELLED_SHARE = 0.2
+
+VISION = {"hidden_size": 128, "num_hidden_layers": 6, "num_attention_heads": 4,
+          "intermediate_size": 512}
+TEXT = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 768}
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+
+
+def _corpus(n: int) -> list[str]:
+    """Every text the task produces (questions, answers, role names, image labels)."""
+    texts = ["user\n", "assistant\n", "system\n"] + [f"Image-{i}: " for i in range(1, 10)]
+    for q in generate_questions(TRAIN_SEED, n):
+        for m in q.messages:
+            c = m["content"]
+            text = c if isinstance(c, str) else "".join(p["text"] for p in c if p["type"] == "text")
+            texts.append(text.replace(IMAGE_TOKEN, ""))
+        texts.append(q.answer)
+    return texts
+
+
+def build_tokenizer() -> Any:
+    """Byte-level BPE (any text encodes) whose merges cover the task's words, plus added tokens."""
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(3000), trainer)
+    for text, special in ADDED_TOKENS:
+        token = AddedToken(text, special=special, normalized=False)
+        (tok.add_special_tokens if special else tok.add_tokens)([token])
+    return tok
+
+
+def write_tokenizer(tok: Any, out: Path) -> None:
+    tok.save(str(out / "tokenizer.json"))
+    decoder = {}
+    for text, special in ADDED_TOKENS:
+        decoder[str(tok.token_to_id(text))] = {
+            "content": text, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": special}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": decoder,
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "additional_special_tokens": [t for t, s in ADDED_TOKENS if s and t != "<|endoftext|>"],
+        "clean_up_tokenization_spaces": False, "split_special_tokens": False,
+        "model_max_length": 8192, "errors": "replace", "chat_template": CHAT_TEMPLATE,
+    }
+    special_map = {k: config[k] for k in ("eos_token", "pad_token", "additional_special_tokens")}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def original_config(vocab_size: int, eos_id: int, pad_id: int) -> dict[str, Any]:
+    """``config.json`` in the original ``InternVLChatModel`` layout."""
+    llm = {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **TEXT,
+        "vocab_size": vocab_size, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+        "max_position_embeddings": 8192, "hidden_act": "silu", "attention_bias": False,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "bos_token_id": pad_id, "eos_token_id": eos_id,
+    }
+    vision = {
+        "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", **VISION,
+        "qkv_bias": True, "qk_normalization": False, "norm_type": "layer_norm",
+        "layer_norm_eps": 1e-6, "hidden_act": "gelu", "image_size": 448, "patch_size": 14,
+        "num_channels": 3, "drop_path_rate": 0.0, "use_flash_attn": False,
+        "torch_dtype": "bfloat16",
+    }
+    return {
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+        "template": "internvl2_5", "torch_dtype": "bfloat16",
+        "downsample_ratio": 0.5, "ps_version": "v2", "select_layer": -1,
+        "force_image_size": 448, "dynamic_image_size": True, "use_thumbnail": True,
+        "min_dynamic_patch": 1, "max_dynamic_patch": MAX_DYNAMIC_PATCH,
+        "tie_word_embeddings": False, "use_backbone_lora": 0, "use_llm_lora": 0,
+        "llm_config": llm, "vision_config": vision,
+    }
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def kind_of(index: int) -> str:
+    rng = random.Random(f"kind/{TRAIN_SEED}/{index}")
+    return rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
+
+
+def prompt_form(index: int, kind: str, messages: list[Message], plain_share: float = 0.0
+                ) -> list[Message]:
+    """Question ``index`` in the prompt form it trains: mostly canonical, sometimes another form."""
+    rng = random.Random(f"form/{TRAIN_SEED}/{index}")
+    first, *rest = messages
+    parts = first["content"]
+    if kind == "multi_image" and rng.random() < UNLABELLED_SHARE:
+        text = parts[-1]["text"].replace(MULTI_IMAGE_PREFIX, "")
+        first = {"role": "user", "content": [*parts[:-1], {"type": "text", "text": text}]}
+    elif kind != "multi_image" and rng.random() < TEXT_FIRST_SHARE:
+        first = {"role": "user", "content": [parts[-1], *parts[:-1]]}
+    out = [first, *rest]
+    if rng.random() < plain_share:  # drawn last, so plain_share=0 leaves earlier draws unchanged
+        out = [_plain(m) if m["role"] == "user" else m for m in out]
+    return out
+
+
+def _plain(message: Message) -> Message:
+    """The message as typed in a terminal: lower case, no final period ("describe this image")."""
+    def plain(text: str) -> str:
+        head, sep, question = text.rpartition("\n")
+        return head + sep + question.lower().rstrip(".")
+
+    content = message["content"]
+    if isinstance(content, str):
+        return {"role": "user", "content": plain(content)}
+    return {"role": "user", "content": [
+        {"type": "text", "text": plain(p["text"])} if p["type"] == "text" else p
+        for p in content]}
+
+
+def token_labels(scene: Scene) -> np.ndarray:
+    """Dense targets of each image token: (tiles, 256, 8) int64, 0 = background/empty.
+
+    Columns 0-2: shape, colour and slot class of the object under the token. Token (i, j) of a
+    tile covers tile pixels [28i, 28i+28) x [28j, 28j+28) (pixel shuffle v2 order), so it takes
+    the object map at that square's centre, tiled with the same grid and thumbnail as the pixels
+    (nearest-neighbour instead of bicubic). Columns 3-7: the whole scene, the (shape, colour) class
+    in each slot, on every token of a tile that shows the whole image (the single tile or the
+    thumbnail); -100 (ignored) on crop tiles, which show only part of it.
+    """
+    table = np.zeros((len(scene.objects) + 1, 3), dtype=np.int64)
+    slots = np.zeros(len(SLOTS), dtype=np.int64)
+    for i, o in enumerate(scene.objects):
+        shape, colour, slot = SHAPES.index(o.shape), COLOURS.index(o.colour), SLOTS.index(o.slot)
+        table[i + 1] = (shape + 1, colour + 1, slot + 1)
+        slots[slot] = 1 + shape * len(COLOURS) + colour
+    objects = render_labels(scene)
+    cols, rows = target_grid(scene.width, scene.height, 1, MAX_DYNAMIC_PATCH)
+    grid = np.asarray(objects.resize((448 * cols, 448 * rows), Image.Resampling.NEAREST))
+    centres = grid[14::28, 14::28].reshape(rows, 16, cols, 16).transpose(0, 2, 1, 3)
+    maps = [centres.reshape(rows * cols, 16, 16)]  # row-major tiles
+    whole = np.full((rows * cols, len(SLOTS)), -100, dtype=np.int64)
+    if rows * cols > 1:
+        thumb = np.asarray(objects.resize((448, 448), Image.Resampling.NEAREST))
+        maps.append(thumb[14::28, 14::28][None])
+        whole = np.concatenate([whole, slots[None]])
+    else:
+        whole[0] = slots
+    local = table[np.concatenate(maps).reshape(-1, 256)]  # (T, 256, 3)
+    scene_cols = np.broadcast_to(whole[:, None, :], (len(whole), 256, len(SLOTS)))
+    return np.concatenate([local, scene_cols], axis=-1)  # (T, 256, 8)
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Sample ``i``: token ids, loss labels (assistant tokens) and uint8 tiles of question ``i``."""
+
+    def __init__(self, tokenizer: Any, length: int, offset: int = 0,
+                 plain_share: float = 0.0) -> None:
+        self.tok = tokenizer
+        self.length = length
+        self.offset = offset  # a later training stage reads fresh questions
+        self.plain_share = plain_share
+        self.im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+        self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.assistant = tokenizer.encode("assistant\n", add_special_tokens=False)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index += self.offset
+        kind = kind_of(index)
+        q = make_question(TRAIN_SEED, index, kind)
+        messages = prompt_form(index, kind, q.messages, self.plain_share)
+        messages.append({"role": "assistant", "content": q.answer})
+        text, images = render_prompt(self.tok, messages, MAX_DYNAMIC_PATCH,
+                                     add_generation_prompt=False)
+        ids = self.tok.encode(text, add_special_tokens=False)
+        pixels = np.concatenate([tile_array(im, max_num=MAX_DYNAMIC_PATCH) for im in images])
+        aux = np.concatenate([token_labels(scene) for scene in q.scenes])
+        return {"ids": torch.tensor(ids), "labels": torch.tensor(self._labels(ids)),
+                "pixels": torch.from_numpy(pixels),  # (T, 448, 448, 3) uint8
+                "aux": torch.from_numpy(aux)}  # (T, 256, 8)
+
+    def _labels(self, ids: list[int]) -> list[int]:
+        """Targets: each assistant turn's content and its closing ``<|im_end|>``; -100 elsewhere."""
+        labels = [-100] * len(ids)
+        head = [self.im_start, *self.assistant]
+        i = 0
+        while i < len(ids):
+            if ids[i:i + len(head)] == head:
+                i += len(head)
+                while i < len(ids):
+                    labels[i] = ids[i]
+                    i += 1
+                    if ids[i - 1] == self.im_end:
+                        break
+            else:
+                i += 1
+        return labels
+
+
+def collate(samples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    length = max(len(s["ids"]) for s in samples)
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, s in enumerate(samples):  # right padding
+        n = len(s["ids"])
+        ids[row, :n], labels[row, :n], mask[row, :n] = s["ids"], s["labels"], 1
+    return {"ids": ids, "labels": labels, "mask": mask,
+            "pixels": torch.cat([s["pixels"] for s in samples]),
+            "aux": torch.cat([s["aux"] for s in samples])}
+
+
+def normalise(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> ImageNet-normalised (T, 3, H, W), done on the device to spare CPUs."""
+    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
+    x = pixels.permute(0, 3, 1, 2).float() / 255.0
+    return ((x - mean) / std).to(dtype)
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    # No weight decay on norms, biases, layer scales, position/cls embeddings (all vectors).
+    decay = [p for p in model.parameters() if p.dim() >= 2 and p.shape[0] > 1]
+    other = [p for p in model.parameters() if not (p.dim() >= 2 and p.shape[0] > 1)]
+    groups = [{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())
+
+
+class AuxHeads(torch.nn.Module):
+    """Training-only linear heads on the projected image tokens (see ``token_labels``): the
+    object under each token, and on whole-image tiles the content of every slot. Dense
+    supervision teaches the vision tower far faster than the answer tokens alone, and the scene
+    summary on every token of the whole-image tile leaves the language model a lookup instead of
+    counting and binding over hundreds of tokens. The heads are not part of the saved model."""
+
+    def __init__(self, hidden: int, scene: bool) -> None:
+        super().__init__()
+        scene_classes = 1 + len(SHAPES) * len(COLOURS)
+        self.sizes = (len(SHAPES) + 1, len(COLOURS) + 1, len(SLOTS) + 1,
+                      *([scene_classes] * len(SLOTS) if scene else []))
+        self.proj = torch.nn.Linear(hidden, sum(self.sizes))
+
+    def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.proj(feats).float().split(self.sizes, dim=-1)  # k x (T, 256, n_k)
+        losses = [F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[..., k].reshape(-1),
+                                  ignore_index=-100)
+                  for k, lg in enumerate(logits)]
+        local = sum(losses[:3]) / 3
+        if len(losses) == 3:
+            return local
+        # Every batch holds whole-image tiles, so the scene terms are never all-ignored (NaN).
+        return (local + sum(losses[3:]) / len(SLOTS)) / 2
+
+
+def image_features(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """What the language model receives for each tile: (T, 256, H). Same modules and order as
+    transformers' own ``get_image_features``."""
+    inner = model.model
+    vis = inner.vision_tower(pixel_values=pixels).last_hidden_state[:, 1:]  # (T, 1024, C), no CLS
+    t, n, c = vis.shape
+    side = math.isqrt(n)
+    vis = inner.pixel_shuffle(vis.reshape(t, side, side, c), scale_factor=0.5)  # (T, 16, 16, 4C)
+    return inner.multi_modal_projector(vis.reshape(t, -1, vis.shape[-1]))  # (T, 256, H)
+
+
+def loss_of(model: torch.nn.Module, heads: AuxHeads, batch: dict[str, torch.Tensor],
+            dtype: torch.dtype, aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer-token loss, dense image-token loss) of one batch."""
+    feats = image_features(model, normalise(batch["pixels"], dtype))
+    embeds = model.get_input_embeddings()(batch["ids"])  # (B, L, H)
+    slots = (batch["ids"] == model.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(slots, feats.to(embeds.dtype))
+    logits = model(inputs_embeds=embeds, attention_mask=batch["mask"]).logits[:, :-1].float()
+    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                         batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    aux = heads(feats, batch["aux"]) if aux_weight else torch.zeros((), device=lm.device)
+    return lm, aux
+
+
+def train(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
+    device = torch.device(args.device)
+    amp = device.type == "cuda"
+    pixel_dtype = torch.bfloat16 if amp else torch.float32
+    max_steps = args.steps or 10**6
+    data = TrainSet(tokenizer, max_steps * args.batch_size, args.data_offset, args.plain_share)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+        collate_fn=lambda s: collate(s, tokenizer.pad_token_id), pin_memory=amp,
+        persistent_workers=args.workers > 0, prefetch_factor=8 if args.workers else None)
+    heads = AuxHeads(model.config.text_config.hidden_size, args.aux == "scene").to(device)
+    aux_weight = 0.0 if args.aux == "none" else args.aux_weight
+    opt = make_optimizer(torch.nn.ModuleList([model, heads]), args.lr)
+    total, log, t0, t_cal = args.steps, [], time.time(), 0.0
+    model.train()
+    for step, batch in enumerate(loader):
+        if total and step >= total:
+            break
+        if args.max_seconds and time.time() - t0 > args.max_seconds:
+            print(f"wall-clock guard: stopped at step {step} of {total}", flush=True)
+            total = step
+            break
+        if not total and step == 10:
+            t_cal = time.time()
+        if not total and step == 10 + args.calibrate:
+            per_step = (time.time() - t_cal) / args.calibrate
+            total = max(step + 1, int((args.time_budget - (time.time() - t0)) / per_step) + step)
+            print(f"calibrated: {per_step * 1e3:.1f} ms/step -> {total} steps", flush=True)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total or args.warmup * 10, args.lr, args.warmup)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            lm, aux = loss_of(model, heads, batch, pixel_dtype, aux_weight)
+        loss = lm + aux_weight * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % args.log_every == 0:
+            entry = {"step": step, "loss": round(lm.item(), 4), "aux": round(aux.item(), 4),
+                     "s": round(time.time() - t0, 1)}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+    return {"steps": total, "seconds": round(time.time() - t0, 1), "log": log}
+
+
+def load_original_weights(model: torch.nn.Module, model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = original_to_hf(load_file(str(model_dir / "model.safetensors")))
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+
+def save_weights(model: torch.nn.Module, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu", torch.bfloat16).contiguous()
+             for k, v in model.state_dict().items()}
+    original = hf_to_original(state)
+    save_file(dict(sorted(original.items())), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=0, help="0: choose from --time-budget")
+    p.add_argument("--time-budget", type=float, default=300.0, help="seconds of training")
+    p.add_argument("--calibrate", type=int, default=100)
+    p.add_argument("--max-seconds", type=float, default=0.0, help="hard stop (0: none)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--eval-n", type=int, default=300)
+    p.add_argument("--aux", choices=("none", "tokens", "scene"), default="scene",
+                   help="dense image-token targets: none; the object under each token; that and "
+                        "the whole scene on whole-image tiles")
+    p.add_argument("--aux-weight", type=float, default=1.0, help="dense image-token loss weight")
+    p.add_argument("--init-from", type=Path, help="start from this saved model's weights")
+    p.add_argument("--data-offset", type=int, default=0, help="index of the first question")
+    p.add_argument("--plain-share", type=float, default=0.0,
+                   help="share of prompts lower-cased without final period")
+    p.add_argument("--log-every", type=int, default=50)
+    args = p.parse_args()
+    if args.steps == 0 and args.warmup < 10 + args.calibrate:
+        p.error("--warmup must cover the calibration steps")
+
+    from transformers import AutoTokenizer
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(build_tokenizer(), args.out)
+    tokenizer = AutoTokenizer.from_pretrained(str(args.out))
+    vocab = 64 * math.ceil(len(tokenizer) / 64)
+    config = original_config(vocab, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {"bos_token_id": tokenizer.pad_token_id,
+           "eos_token_id": [tokenizer.eos_token_id, tokenizer.pad_token_id],
+           "pad_token_id": tokenizer.pad_token_id}
+    (args.out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+    torch.manual_seed(args.seed)
+    model = build_hf_model(config, tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    if args.init_from:
+        load_original_weights(model, args.init_from)
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", flush=True)
+    result = train(args, model.to(args.device), tokenizer)
+    save_weights(model, args.out)
+
+    answerer = ReferenceAnswerer(args.out, device=args.device)
+    t = time.time()
+    report = evaluate(answerer, generate_questions(EVAL_SEED, args.eval_n))
+    print(report.summary(), flush=True)
+    result["eval"] = {"seed": EVAL_SEED, "n": report.n, "seconds": round(time.time() - t, 1),
+                      "overall": report.accuracy(),
+                      **{k: report.accuracy(k) for k in KINDS if k in report.total}}
+    result["args"] = {k: str(v) for k, v in vars(args).items()}
+    result["failures"] = [(q.kind, q.answer, pred) for q, pred in report.failures[:40]]
+    (args.out / "train_log.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
