@@ -98,7 +98,9 @@ class Pipeline:
         self.backend_config = backend_config or PytorchEngineConfig()
         self.model_cfg = ModelConfig.from_pretrained(self.model_path)
         self.tokenizer = Tokenizer(self.model_path)
-        self.template = ChatTemplate(self.tokenizer.chat_template)
+        self.template = ChatTemplate(
+            self.tokenizer.chat_template, self.tokenizer.hf.special_tokens_map
+        )
         self.engine = LLMEngine(
             self.model_path,
             self.backend_config,
