@@ -104,12 +104,14 @@ def measure_ceilings() -> tuple[float, float]:
     src = torch.randn(1 << 29, device=DEV, dtype=DTYPE)  # 1 GiB
     dst = torch.empty_like(src)
     # the faster of the copy engine path (copy_) and an SM streaming kernel (neg): both move 2 GiB
-    copy_ms = min(graph_ms([lambda: dst.copy_(src)], reps=20),
-                  graph_ms([lambda: torch.neg(src, out=dst)], reps=20))
+    copy_ms = min(
+        graph_ms([lambda: dst.copy_(src)], reps=20),
+        graph_ms([lambda: torch.neg(src, out=dst)], reps=20),
+    )
     bw = 2 * src.numel() * 2 / (copy_ms * 1e-3)
     a = torch.randn(8192, 8192, device=DEV, dtype=DTYPE)
     b = torch.randn(8192, 8192, device=DEV, dtype=DTYPE)
-    rate = 2 * 8192 ** 3 / (graph_ms([lambda: a @ b], reps=20) * 1e-3)
+    rate = 2 * 8192**3 / (graph_ms([lambda: a @ b], reps=20) * 1e-3)
     return bw, rate
 
 
@@ -119,8 +121,13 @@ def measure_ceilings() -> tuple[float, float]:
 def bench_rms_norm(T: int) -> Row:
     nbytes = 4 * T * HIDDEN * 2 + HIDDEN * 2  # read x, residual; write out, residual
     w = (1 + 0.1 * torch.randn(HIDDEN, device=DEV)).to(DTYPE)
-    sets = [(torch.randn(T, HIDDEN, device=DEV, dtype=DTYPE),
-             torch.randn(T, HIDDEN, device=DEV, dtype=DTYPE)) for _ in range(n_sets(nbytes))]
+    sets = [
+        (
+            torch.randn(T, HIDDEN, device=DEV, dtype=DTYPE),
+            torch.randn(T, HIDDEN, device=DEV, dtype=DTYPE),
+        )
+        for _ in range(n_sets(nbytes))
+    ]
     ours = graph_ms([lambda x=x, r=r: rms_norm_triton(x, w, 1e-6, r) for x, r in sets])
     ref = graph_ms([lambda x=x, r=r: reference.rms_norm(x, w, 1e-6, r) for x, r in sets])
     x, r = sets[0]
@@ -144,8 +151,8 @@ def bench_qk_norm_rope(T: int) -> Row:
     sets = []
     for _ in range(n_sets(nbytes)):
         qkv = torch.randn(T, (N_Q + 2 * N_KV) * HEAD_DIM, device=DEV, dtype=DTYPE)
-        q = qkv[:, :N_Q * HEAD_DIM].view(T, N_Q, HEAD_DIM)  # strided views, as in the model
-        k = qkv[:, N_Q * HEAD_DIM:(N_Q + N_KV) * HEAD_DIM].view(T, N_KV, HEAD_DIM)
+        q = qkv[:, : N_Q * HEAD_DIM].view(T, N_Q, HEAD_DIM)  # strided views, as in the model
+        k = qkv[:, N_Q * HEAD_DIM : (N_Q + N_KV) * HEAD_DIM].view(T, N_KV, HEAD_DIM)
         pos = torch.randint(0, 8192, (T,), device=DEV)
         sets.append((q, k, qw, kw, *reference.rope_cos_sin(pos, HEAD_DIM, 1e6, DTYPE)))
     ours = graph_ms([lambda a=a: qk_norm_rope_triton(*a, 1e-6) for a in sets])
@@ -183,14 +190,18 @@ def paged_batch(q_lens: list[int], kv_lens: list[int]) -> dict:
     tables = torch.full((len(kv_lens), max(n_blocks)), -1, dtype=torch.int32, device=DEV)
     used = 0
     for b, nb in enumerate(n_blocks):
-        tables[b, :nb] = order[used:used + nb]
+        tables[b, :nb] = order[used : used + nb]
         used += nb
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
-    return dict(q=torch.randn(int(cu[-1]), N_Q, HEAD_DIM, device=DEV, dtype=DTYPE),
-                k_cache=torch.randn(total, PAGE, N_KV, HEAD_DIM, device=DEV, dtype=DTYPE),
-                v_cache=torch.randn(total, PAGE, N_KV, HEAD_DIM, device=DEV, dtype=DTYPE),
-                cu_seqlens_q=cu, kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=DEV),
-                block_tables=tables, scale=HEAD_DIM ** -0.5)
+    return dict(
+        q=torch.randn(int(cu[-1]), N_Q, HEAD_DIM, device=DEV, dtype=DTYPE),
+        k_cache=torch.randn(total, PAGE, N_KV, HEAD_DIM, device=DEV, dtype=DTYPE),
+        v_cache=torch.randn(total, PAGE, N_KV, HEAD_DIM, device=DEV, dtype=DTYPE),
+        cu_seqlens_q=cu,
+        kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=DEV),
+        block_tables=tables,
+        scale=HEAD_DIM**-0.5,
+    )
 
 
 def dense_kv(batch: dict, b: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,16 +211,22 @@ def dense_kv(batch: dict, b: int, kv_len: int) -> tuple[torch.Tensor, torch.Tens
     return k.transpose(0, 1)[None].contiguous(), v.transpose(0, 1)[None].contiguous()
 
 
-def sdpa_flash_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
-                  ) -> tuple[float | None, str]:
-    """SDPA restricted to the flash backend, GQA native if it accepts that, else with K/V expanded.
-    """
+def sdpa_flash_ms(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[float | None, str]:
+    """SDPA restricted to the flash backend; GQA native if it accepts that, else K/V expanded."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def run(kk: torch.Tensor, vv: torch.Tensor, gqa: bool) -> float:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return graph_ms([lambda: F.scaled_dot_product_attention(
-                q, kk, vv, is_causal=causal, enable_gqa=gqa)])
+            return graph_ms(
+                [
+                    lambda: F.scaled_dot_product_attention(
+                        q, kk, vv, is_causal=causal, enable_gqa=gqa
+                    )
+                ]
+            )
+
     try:
         return run(k, v, True), "flash, native GQA"
     except RuntimeError:
@@ -247,8 +264,17 @@ def bench_decode(B: int, ctx: int) -> Row:
     k, v = torch.cat(ks), torch.cat(vs)
     del ks, vs
     sdpa, note = sdpa_flash_ms(bt["q"].view(B, N_Q, 1, HEAD_DIM), k, v, causal=False)
-    row = Row("paged decode", f"B={B}, ctx {ctx}", nbytes, attention_flops(q_lens, kv_lens), ours,
-              ref, sdpa, err, note)
+    row = Row(
+        "paged decode",
+        f"B={B}, ctx {ctx}",
+        nbytes,
+        attention_flops(q_lens, kv_lens),
+        ours,
+        ref,
+        sdpa,
+        err,
+        note,
+    )
     del k, v, batches
     return row
 
@@ -256,8 +282,11 @@ def bench_decode(B: int, ctx: int) -> Row:
 def bench_prefill(name: str, q_lens: list[int], kv_lens: list[int], sdpa: bool) -> Row:
     nbytes = attention_bytes(sum(q_lens), kv_lens)
     bt = paged_batch(q_lens, kv_lens)
-    call = lambda: paged_attention_triton(**bt, max_q_len=max(q_lens),  # noqa: E731
-                                          max_kv_len=max(kv_lens))
+    call = lambda: paged_attention_triton(
+        **bt,
+        max_q_len=max(q_lens),  # noqa: E731
+        max_kv_len=max(kv_lens),
+    )
     ours = graph_ms([call])
     ref = eager_ms(lambda: reference.paged_attention(**bt))
     err = rel_err(call(), reference.paged_attention(**bt))
@@ -267,8 +296,17 @@ def bench_prefill(name: str, q_lens: list[int], kv_lens: list[int], sdpa: bool) 
         ks, vs = zip(*(dense_kv(bt, b, T) for b in range(B)), strict=True)
         q = bt["q"].view(B, T, N_Q, HEAD_DIM).transpose(1, 2).contiguous()
         sdpa_ms, note = sdpa_flash_ms(q, torch.cat(ks), torch.cat(vs), causal=True)
-    return Row("paged prefill", name, nbytes, attention_flops(q_lens, kv_lens), ours, ref, sdpa_ms,
-               err, note)
+    return Row(
+        "paged prefill",
+        name,
+        nbytes,
+        attention_flops(q_lens, kv_lens),
+        ours,
+        ref,
+        sdpa_ms,
+        err,
+        note,
+    )
 
 
 # ---------------------------------------------------------------- report
@@ -276,20 +314,27 @@ def bench_prefill(name: str, q_lens: list[int], kv_lens: list[int], sdpa: bool) 
 
 def device_line() -> str:
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         gpu = smi.stdout.strip().splitlines()[0]
     except (OSError, IndexError, subprocess.SubprocessError):
         gpu = torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties(DEV)
-    return (f"{gpu}; {props.multi_processor_count} SMs; torch {torch.__version__}, "
-            f"triton {triton.__version__}, CUDA {torch.version.cuda}")
+    return (
+        f"{gpu}; {props.multi_processor_count} SMs; torch {torch.__version__}, "
+        f"triton {triton.__version__}, CUDA {torch.version.cuda}"
+    )
 
 
 def today() -> str:
     try:
-        return subprocess.run(["date", "+%Y-%m-%d"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        return subprocess.run(
+            ["date", "+%Y-%m-%d"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return datetime.date.today().isoformat()
 
@@ -300,9 +345,10 @@ def fmt_us(ms: float | None) -> str:
 
 def render(rows: list[Row], bw: float, rate: float) -> str:
     lines = [
-        "# Kernel benchmark", "",
-        f"Device: {device_line()}. Date: {today()}. "
-        "Produced by `python benchmarks/kernels.py`.", "",
+        "# Kernel benchmark",
+        "",
+        f"Device: {device_line()}. Date: {today()}. Produced by `python benchmarks/kernels.py`.",
+        "",
         f"Ceilings measured in the same run: device copy **{bw / 1e12:.2f} TB/s** (read + write), "
         f"bf16 matmul 8192³ **{rate / 1e12:.0f} TFLOP/s**. Shapes: InternVL3.5-8B language model "
         f"(hidden {HIDDEN}, {N_Q} q heads, {N_KV} kv heads, head_dim {HEAD_DIM}), bf16, "
@@ -323,7 +369,8 @@ def render(rows: list[Row], bw: float, rate: float) -> str:
         lines.append(
             f"| {r.kernel} | {r.case} | {fmt_us(r.ours_ms)} | {r.bytes / sec / 1e12:.2f} | "
             f"{r.flops / sec / 1e12:.1f} | {100 * floor / sec:.0f}% | {fmt_us(r.ref_ms)} | "
-            f"{vs_ref} | {sdpa} | {vs_sdpa} | {r.err:.1e} |")
+            f"{vs_ref} | {sdpa} | {vs_sdpa} | {r.err:.1e} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -336,8 +383,11 @@ def main() -> None:
     bw, rate = measure_ceilings()
     print(f"ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
     tokens = [64, 2676] if args.quick else [1, 64, 256, 2676]
-    decode = [(1, 512), (64, 2048)] if args.quick else [
-        (B, ctx) for B in (1, 64, 256) for ctx in (512, 2048, 8192)]
+    decode = (
+        [(1, 512), (64, 2048)]
+        if args.quick
+        else [(B, ctx) for B in (1, 64, 256) for ctx in (512, 2048, 8192)]
+    )
     cases: list[Callable[[], Row]] = []
     for fn in (bench_rms_norm, bench_silu_and_mul, bench_qk_norm_rope, bench_store_kv):
         cases += [lambda fn=fn, T=T: fn(T) for T in tokens]
@@ -346,8 +396,12 @@ def main() -> None:
         lambda: bench_prefill("1 prompt × 2,676", [2676], [2676], sdpa=True),
         lambda: bench_prefill("4 prompts × 2,676", [2676] * 4, [2676] * 4, sdpa=True),
         lambda: bench_prefill("chunk 512 after 2,164 cached", [512], [2676], sdpa=False),
-        lambda: bench_prefill("mixed: 64 decodes @ 2,048 + chunk 512", [1] * 64 + [512],
-                              [2048] * 64 + [2676], sdpa=False),
+        lambda: bench_prefill(
+            "mixed: 64 decodes @ 2,048 + chunk 512",
+            [1] * 64 + [512],
+            [2048] * 64 + [2676],
+            sdpa=False,
+        ),
     ]
     rows = []
     for case in cases:
@@ -357,9 +411,12 @@ def main() -> None:
             traceback.print_exc()
             continue
         rows.append(row)
-        print(f"{row.kernel:20s} {row.case:40s} ours {fmt_us(row.ours_ms):>10s} us  "
-              f"ref {fmt_us(row.ref_ms):>10s} us  sdpa {fmt_us(row.sdpa_ms):>10s} us  "
-              f"err {row.err:.1e}", flush=True)
+        print(
+            f"{row.kernel:20s} {row.case:40s} ours {fmt_us(row.ours_ms):>10s} us  "
+            f"ref {fmt_us(row.ref_ms):>10s} us  sdpa {fmt_us(row.sdpa_ms):>10s} us  "
+            f"err {row.err:.1e}",
+            flush=True,
+        )
         torch.cuda.empty_cache()
     text = render(rows, bw, rate)
     with open(args.out, "w") as f:

@@ -30,14 +30,18 @@ import httpx
 import numpy as np
 from PIL import Image
 
-HEADER = ("| date | device | server / model | requests | concurrency | req/s | output tok/s "
-          "| TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) | failed |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-WORDS = ("please look at the picture carefully and describe every object you can see its colour "
-         "its position relative to the other objects and what the scene as a whole suggests about "
-         "the place the time of day and the people who might have taken it then list three "
-         "questions a curious child could ask about it and answer each of them briefly in plain "
-         "words").split()
+HEADER = (
+    "| date | device | server / model | requests | concurrency | req/s | output tok/s "
+    "| TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) | failed |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+WORDS = (
+    "please look at the picture carefully and describe every object you can see its colour "
+    "its position relative to the other objects and what the scene as a whole suggests about "
+    "the place the time of day and the people who might have taken it then list three "
+    "questions a curious child could ask about it and answer each of them briefly in plain "
+    "words"
+).split()
 
 
 @dataclass
@@ -71,13 +75,17 @@ class Result:
         ttft = [s.ttft * 1e3 for s in good]
         tpot = [s.tpot * 1e3 for s in good if s.tpot is not None]
         return {
-            "requests": len(self.samples), "failed": self.failed,
+            "requests": len(self.samples),
+            "failed": self.failed,
             "req_per_s": len(good) / self.wall_s if self.wall_s else 0.0,
             "output_tok_per_s": sum(s.completion_tokens for s in good) / self.wall_s
-            if self.wall_s else 0.0,
+            if self.wall_s
+            else 0.0,
             "mean_prompt_tokens": float(np.mean([s.prompt_tokens for s in good])) if good else 0.0,
-            "ttft_p50_ms": self.percentile(ttft, 50), "ttft_p99_ms": self.percentile(ttft, 99),
-            "tpot_p50_ms": self.percentile(tpot, 50), "tpot_p99_ms": self.percentile(tpot, 99),
+            "ttft_p50_ms": self.percentile(ttft, 50),
+            "ttft_p99_ms": self.percentile(ttft, 99),
+            "tpot_p50_ms": self.percentile(tpot, 50),
+            "tpot_p99_ms": self.percentile(tpot, 99),
         }
 
 
@@ -93,11 +101,21 @@ def make_image(index: int, size: int) -> str:
 def make_body(index: int, model: str, image_url: str, max_tokens: int, words: int) -> dict:
     text = f"Request {index}: " + " ".join(WORDS[i % len(WORDS)] for i in range(words))
     return {
-        "model": model, "stream": True, "stream_options": {"include_usage": True},
-        "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_url}},
-            {"type": "text", "text": text}]}],
+        "model": model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image_url}},
+                    {"type": "text", "text": text},
+                ],
+            }
+        ],
     }
 
 
@@ -107,12 +125,13 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> Sample:
     try:
         async with client.stream("POST", "chat/completions", json=body) as response:
             if response.status_code != 200:
-                return Sample(False, error=f"HTTP {response.status_code}: "
-                              f"{(await response.aread())[:200]!r}")
+                return Sample(
+                    False, error=f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                )
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                chunk = json.loads(line[len("data: "):])
+                chunk = json.loads(line[len("data: ") :])
                 if "error" in chunk:
                     return Sample(False, error=str(chunk["error"])[:200])
                 delta = chunk["choices"][0]["delta"] if chunk.get("choices") else {}
@@ -135,21 +154,25 @@ async def first_model(client: httpx.AsyncClient) -> str:
     return response.json()["data"][0]["id"]
 
 
-async def run(args: argparse.Namespace,
-              transport: httpx.AsyncBaseTransport | None = None) -> Result:
+async def run(
+    args: argparse.Namespace, transport: httpx.AsyncBaseTransport | None = None
+) -> Result:
     base = args.url.rstrip("/")
     base = base if base.endswith("/v1") else base + "/v1"
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.concurrency,
-                          max_keepalive_connections=args.concurrency)
-    async with httpx.AsyncClient(base_url=base + "/", headers=headers, timeout=None, limits=limits,
-                                 transport=transport) as client:
+    limits = httpx.Limits(
+        max_connections=args.concurrency, max_keepalive_connections=args.concurrency
+    )
+    async with httpx.AsyncClient(
+        base_url=base + "/", headers=headers, timeout=None, limits=limits, transport=transport
+    ) as client:
         model = args.model or await first_model(client)
         args.model = model
         images = [make_image(i, args.image_size) for i in range(args.num_requests + args.warmup)]
-        bodies = [make_body(i, model, url, args.max_tokens, args.words)
-                  for i, url in enumerate(images)]
-        for body in bodies[args.num_requests:]:  # warm-up: compile, graphs, caches
+        bodies = [
+            make_body(i, model, url, args.max_tokens, args.words) for i, url in enumerate(images)
+        ]
+        for body in bodies[args.num_requests :]:  # warm-up: compile, graphs, caches
             await one_request(client, body)
         gate = asyncio.Semaphore(args.concurrency)
 
@@ -158,17 +181,26 @@ async def run(args: argparse.Namespace,
                 return await one_request(client, body)
 
         start = time.perf_counter()
-        samples = await asyncio.gather(*(limited(b) for b in bodies[:args.num_requests]))
+        samples = await asyncio.gather(*(limited(b) for b in bodies[: args.num_requests]))
         return Result(list(samples), time.perf_counter() - start)
 
 
 def markdown_row(result: Result, args: argparse.Namespace) -> str:
     s = result.summary()
-    cells = [datetime.date.today().isoformat(), args.device_line or "-",
-             f"{args.url} / {args.model}",
-             str(s["requests"]), str(args.concurrency), f"{s['req_per_s']:.2f}",
-             f"{s['output_tok_per_s']:.0f}", f"{s['ttft_p50_ms']:.0f}", f"{s['ttft_p99_ms']:.0f}",
-             f"{s['tpot_p50_ms']:.1f}", f"{s['tpot_p99_ms']:.1f}", str(s["failed"])]
+    cells = [
+        datetime.date.today().isoformat(),
+        args.device_line or "-",
+        f"{args.url} / {args.model}",
+        str(s["requests"]),
+        str(args.concurrency),
+        f"{s['req_per_s']:.2f}",
+        f"{s['output_tok_per_s']:.0f}",
+        f"{s['ttft_p50_ms']:.0f}",
+        f"{s['ttft_p99_ms']:.0f}",
+        f"{s['tpot_p50_ms']:.1f}",
+        f"{s['tpot_p99_ms']:.1f}",
+        str(s["failed"]),
+    ]
     return "| " + " | ".join(cells) + " |\n"
 
 
@@ -176,8 +208,11 @@ def append_row(path: Path, row: str) -> None:
     text = path.read_text() if path.exists() else ""
     with path.open("a") as out:
         if HEADER.splitlines()[0] not in text:
-            out.write(("\n" if text and not text.endswith("\n\n") else "") +
-                      "## S1 serving (DESIGN §5)\n\n" + HEADER)
+            out.write(
+                ("\n" if text and not text.endswith("\n\n") else "")
+                + "## S1 serving (DESIGN §5)\n\n"
+                + HEADER
+            )
         out.write(row)
 
 

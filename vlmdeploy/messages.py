@@ -195,6 +195,10 @@ class PytorchEngineConfig:
     role: EngineRole = EngineRole.Hybrid
     migration_backend: MigrationBackend = MigrationBackend.DLSlime
 
+    # vlmdeploy's own: "auto" reads safetensors; "dummy" makes seeded random weights on the device
+    # (benchmarks of sizes too large to write to disk; needs only config.json and the tokenizer).
+    load_format: str = "auto"
+
     _UNIMPLEMENTED = {
         "tp": 1,
         "dp": 1,
@@ -243,6 +247,7 @@ class PytorchEngineConfig:
         _check(self.num_gpu_blocks >= 0, "num_gpu_blocks must be >= 0")
         _check(self.max_prefill_token_num > 0, "max_prefill_token_num must be > 0")
         _check(self.device_type in ("cuda", "cpu"), "device_type must be 'cuda' or 'cpu'")
+        _check(self.load_format in ("auto", "dummy"), "load_format must be 'auto' or 'dummy'")
         _reject_unimplemented(self, self._UNIMPLEMENTED)
 
 

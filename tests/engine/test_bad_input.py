@@ -91,3 +91,24 @@ def test_a_failing_forward_fails_fast_and_loudly(tiny_ckpts):
         assert [r.finish_reason for r in out] == ["error", "error"]
         with pytest.raises(EngineDeadError):
             p("c", gen_config=GEN)
+
+
+def test_dummy_load_format_needs_no_weights(tmp_path):
+    from vlmdeploy.testing.checkpoint import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "noweights", "tiny", "original", weights=False)
+    with pytest.raises(ValueError, match="safetensors"):
+        pipeline(str(path), PytorchEngineConfig(session_len=600))
+    with pipeline(str(path), PytorchEngineConfig(session_len=600, load_format="dummy")) as p:
+        out = p("hello", gen_config=GEN)
+        again = p("hello", gen_config=GEN)
+    assert out.generate_token_len == 4 and out.token_ids == again.token_ids
+
+
+def test_memory_profiling_step_runs(pipe):
+    # On a GPU this step's peak sizes the KV cache; here it must simply run on the real model.
+    engine = pipe.engine
+    kv_bytes = engine.profile_step(engine.runner.model)
+    assert kv_bytes > 0
+    engine.runner.bind_cache()  # the layers get the engine's own cache back
+    still_serves(pipe)

@@ -25,11 +25,15 @@ from vlmdeploy.engine.sampling import sample
 from vlmdeploy.engine.scheduler import Scheduler
 from vlmdeploy.engine.sequence import Sequence, Status
 from vlmdeploy.engine.vision import VisionStage
+from vlmdeploy.layers.attention import AttentionMetadata, PagedAttention, attention_context
 from vlmdeploy.messages import PytorchEngineConfig
 from vlmdeploy.models.internvl import InternVLForCausalLM
 from vlmdeploy.models.loader import load_weights
 
 logger = logging.getLogger("vlmdeploy")
+
+MAX_VISION_TILES = 64  # tiles per vision-encoder call (the vision stage chunks larger batches)
+GRAPH_POOL_RESERVE = 512 << 20  # memory kept for the decode CUDA-graph pool
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -64,15 +68,40 @@ def resolve_dtype(
 
 
 def build_model(
-    model_path: str | Path, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device
+    model_path: str | Path,
+    model_cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str = "auto",
 ) -> InternVLForCausalLM:
     """Construct on the meta device (no wasted init), materialise on ``device``, fill from the
-    checkpoint."""
+    checkpoint — or, with ``load_format='dummy'``, with seeded random weights made on the device
+    (for sizes too large to write to disk; only config.json and the tokenizer are read)."""
     with torch.device("meta"):
         model = InternVLForCausalLM(model_cfg)
     model = model.to_empty(device=device).to(dtype)
-    load_weights(model, model_path, progress=True)
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        load_weights(model, model_path, progress=True)
     return model.eval()
+
+
+@torch.no_grad()
+def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights that keep activations finite in bf16: matrices ~ N(0, 0.02), norm weights 1,
+    biases 0, layer scales 0.1."""
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("ls1", "ls2"):
+            p.fill_(0.1)
+        elif leaf == "bias":
+            p.zero_()
+        elif p.dim() == 1:  # norm weights
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
 
 
 class LLMEngine:
@@ -89,7 +118,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(cfg, self.model_cfg, self.device)
         self.session_len = cfg.session_len or self.model_cfg.text.max_position_embeddings
         self.max_batch_size = cfg.max_batch_size or (256 if self.device.type == "cuda" else 16)
-        model = build_model(model_path, self.model_cfg, self.dtype, self.device)
+        model = build_model(model_path, self.model_cfg, self.dtype, self.device, cfg.load_format)
         num_blocks = cfg.num_gpu_blocks or self._plan_blocks(model)
         self.block_size = cfg.block_size
         self.runner = ModelRunner(
@@ -106,7 +135,9 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.max_batch_size, cfg.max_prefill_token_num)
         cache_bytes = (1 << 30) if self.device.type == "cuda" else (256 << 20)
-        self.vision = VisionStage(self.runner.encode_images, max_tiles=64, cache_bytes=cache_bytes)
+        self.vision = VisionStage(
+            self.runner.encode_images, max_tiles=MAX_VISION_TILES, cache_bytes=cache_bytes
+        )
         self.seqs: dict[int, Sequence] = {}
         self._arrivals = 0
 
@@ -121,12 +152,57 @@ class LLMEngine:
         if self.device.type == "cpu":  # enough for max_batch_size full sessions, at most 4 GiB
             want = self.max_batch_size * math.ceil(self.session_len / self.cfg.block_size)
             return max(1, min(want, (4 << 30) // per_block))
+        peak = self._profile_activations(model)
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
-        reserve = (
-            4 << 30
-        )  # activations of the largest prefill and vision batch (profiled in a later stage)
+        # LMDeploy's meaning: a fraction of the memory left once weights and the measured
+        # activation peak (plus room for CUDA-graph pools) are counted.
+        reserve = peak + (0 if self.cfg.eager_mode else GRAPH_POOL_RESERVE)
         return max(1, int((free - reserve) * self.cfg.cache_max_entry_count) // per_block)
+
+    def _profile_activations(self, model: InternVLForCausalLM) -> int:
+        """Peak activation bytes of the largest vision batch and the largest prefill step, measured
+        by running both once on dummy inputs."""
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        kv_bytes = self.profile_step(model)
+        torch.cuda.synchronize(dev)
+        return max(0, torch.cuda.max_memory_allocated(dev) - base - kv_bytes)
+
+    @torch.inference_mode()
+    def profile_step(self, model: InternVLForCausalLM) -> int:
+        """One vision batch of ``MAX_VISION_TILES`` tiles and one prefill of the largest step
+        (``max_prefill_token_num`` prompt tokens + ``max_batch_size`` decodes) over a temporary KV
+        cache; returns that cache's size (it is not an activation)."""
+        dev, t, bs = self.device, self.model_cfg.text, self.cfg.block_size
+        size = self.model_cfg.vision.image_size
+        tiles = torch.zeros(MAX_VISION_TILES, 3, size, size, device=dev, dtype=self.dtype)
+        model.encode_images(tiles)
+        n = self.cfg.max_prefill_token_num + self.max_batch_size
+        blocks = math.ceil(n / bs)
+        kv = torch.zeros(
+            2, t.num_layers, blocks, bs, t.num_kv_heads, t.head_dim, dtype=self.dtype, device=dev
+        )
+        layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        for i, layer in enumerate(layers):
+            layer.k_cache, layer.v_cache = kv[0, i], kv[1, i]
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(n, device=dev),
+            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
+            kv_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
+            max_q_len=n,
+            max_kv_len=n,
+        )
+        ids = torch.zeros(n, dtype=torch.long, device=dev)
+        with attention_context(meta):
+            hidden = model(model.embed(ids, None, None), torch.arange(n, device=dev))
+        model.compute_logits(hidden[-self.max_batch_size :])  # every decode row samples
+        for layer in layers:  # drop the temporary cache so its memory can be given back
+            layer.k_cache = layer.v_cache = torch.empty(0)
+        return kv.numel() * kv.element_size()
 
     @property
     def num_blocks(self) -> int:

@@ -49,7 +49,11 @@ class ModelRunner:
             device=device,
         )
         self.graphs: DecodeGraphs | None = None  # set by the engine when CUDA graphs are on
-        layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        self.bind_cache()
+
+    def bind_cache(self) -> None:
+        """Give every attention layer its views of the KV cache."""
+        layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
