@@ -304,27 +304,35 @@ class Pipeline:
         gens = gen_config if isinstance(gen_config, list) else [gen_config] * len(items)
         if len(gens) != len(items):
             raise ValueError("gen_config list must have one entry per prompt")
-        reqs = list(
-            self._pool.map(
-                lambda a: self.prepare_sync(a[0], a[1], do_preprocess=do_preprocess),
-                zip(items, gens),
-            )
-        )
-        q: queue.SimpleQueue[tuple[int, StepOutput]] = queue.SimpleQueue()
+        # Prompts are preprocessed (images decoded and tiled) on the pool and each goes to the
+        # engine as soon as it is ready, so preprocessing overlaps generation.
+        q: queue.SimpleQueue[tuple[str, int, Any]] = queue.SimpleQueue()
+        futures = [
+            self._pool.submit(self.prepare_sync, item, g, None, None, do_preprocess)
+            for item, g in zip(items, gens)
+        ]
+        for i, fut in enumerate(futures):
+            fut.add_done_callback(lambda f, i=i: q.put(("ready", i, f)))
         procs: dict[int, tuple[int, _OutputProcessor]] = {}
-        for i, req in enumerate(reqs):
-            sid = next(self._ids)
-            procs[sid] = (i, _OutputProcessor(self.tokenizer, req))
-            self._submit(req, sid, lambda o, sid=sid: q.put((sid, o)))
+        waiting = len(items)
         try:
-            while any(p.finish_reason is None for _, p in procs.values()):
-                sid, out = q.get()
-                i, proc = procs[sid]
+            while waiting or any(p.finish_reason is None for _, p in procs.values()):
+                kind, key, value = q.get()
+                if kind == "ready":
+                    req = value.result()  # bad input raises here; the finally clause cleans up
+                    waiting -= 1
+                    sid = next(self._ids)
+                    procs[sid] = (key, _OutputProcessor(self.tokenizer, req))
+                    self._submit(req, sid, lambda o, sid=sid: q.put(("out", sid, o)))
+                    continue
+                i, proc = procs[key]
                 if proc.finish_reason is None:
-                    yield _response(proc.process(out), i)
+                    yield _response(proc.process(value), i)
                     if proc.finish_reason is not None and not proc.engine_done:
-                        self.loop.abort(sid)  # stopped by a stop word: free the engine's blocks
+                        self.loop.abort(key)  # stopped by a stop word: free the engine's blocks
         finally:
+            for fut in futures:
+                fut.cancel()
             for sid, (_, proc) in procs.items():
                 if not proc.engine_done:
                     self.loop.abort(sid)

@@ -45,10 +45,16 @@ def test_prompt_longer_than_session_len(pipe, images):
     still_serves(pipe)
 
 
-def test_one_bad_prompt_in_a_batch_fails_the_call_before_any_work(pipe):
+def test_one_bad_prompt_in_a_batch_fails_the_call_and_frees_its_work(pipe):
+    import time
+
     with pytest.raises(InvalidRequestError):
-        pipe(["fine", 3.5], gen_config=GEN)
-    assert pipe.stats()["num_running"] == 0 and pipe.stats()["num_waiting"] == 0
+        pipe(["fine", 3.5, "also fine"], gen_config=GenerationConfig(max_new_tokens=200))
+    deadline = time.monotonic() + 5
+    while pipe.stats()["num_running"] or pipe.stats()["num_waiting"]:
+        assert time.monotonic() < deadline, "the batch's other requests were not aborted"
+        time.sleep(0.01)
+    assert pipe.engine.blocks.num_free == pipe.engine.num_blocks
     still_serves(pipe)
 
 
