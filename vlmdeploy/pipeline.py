@@ -32,6 +32,7 @@ from vlmdeploy.engine.sequence import ImageInput, Sequence
 from vlmdeploy.errors import ContextLengthExceeded, EngineDeadError, ImageError, InvalidRequestError
 from vlmdeploy.messages import GenerationConfig, PytorchEngineConfig, Response
 from vlmdeploy.prompt import ChatTemplate, build_conversation, to_messages, tokenize_with_images
+from vlmdeploy.stop_words import StopMatcher
 from vlmdeploy.tokenizer import IncrementalDetokenizer, Tokenizer
 from vlmdeploy.vl.constants import IMAGE_TOKEN
 from vlmdeploy.vl.media import MediaPolicy, load_image
@@ -377,7 +378,9 @@ class _OutputProcessor:
     def __init__(self, tokenizer: Tokenizer, req: PreparedRequest):
         self.req = req
         self.detok = IncrementalDetokenizer(tokenizer, req.gen_config.skip_special_tokens)
-        self.stops = [w for w in (req.gen_config.stop_words or []) if w]
+        self.stops = StopMatcher(
+            req.gen_config.stop_words or [], include=req.gen_config.include_stop_str_in_output
+        )
         self.finish_reason: str | None = None
         self.engine_done = False  # the engine has released the request
 
@@ -392,12 +395,10 @@ class _OutputProcessor:
             text = self.detok.add(out.token_id)
         if out.finish_reason:
             text += self.detok.flush()
-        reason = out.finish_reason
-        if self.stops:
-            text, hit = _cut_stop(
-                self.detok.text, text, self.stops, self.req.gen_config.include_stop_str_in_output
-            )
-            reason = "stop" if hit else reason
+        text, hit = self.stops.feed(text)
+        reason = "stop" if hit else out.finish_reason
+        if reason is not None and not hit:
+            text += self.stops.flush()  # held-back text that turned out not to be a stop string
         self.finish_reason = reason
         return GenOut(
             text,
@@ -432,17 +433,6 @@ def _raw_prompt(prompt: Any) -> str:
             f"a raw prompt cannot hold {IMAGE_TOKEN}", code="invalid_prompt", param="prompt"
         )
     return prompt
-
-
-def _cut_stop(full: str, delta: str, stops: list[str], include: bool) -> tuple[str, bool]:
-    """If a stop word now appears in the text, cut the delta at it (keeping it if ``include``)."""
-    start = len(full) - len(delta)
-    for word in stops:
-        at = full.find(word, max(0, start - len(word) + 1))
-        if at != -1:
-            end = at + len(word) if include else at
-            return full[start:end] if end > start else "", True
-    return delta, False
 
 
 def _as_batch(prompts: Any) -> tuple[bool, list[Any]]:

@@ -122,3 +122,23 @@ def test_use_tqdm(pipe, capsys):
     out = pipe(["a", "b"], gen_config=GenerationConfig(max_new_tokens=2), use_tqdm=True)
     assert len(out) == 2
     assert "2/2" in capsys.readouterr().err
+
+
+def test_streamed_text_never_leaks_part_of_a_stop_word(pipe):
+    base = pipe("count", gen_config=GenerationConfig(max_new_tokens=12)).text
+    stop = base[3:9]  # spans several tokens
+    assert len(stop) == 6
+    streamed = "".join(
+        r.text
+        for r in pipe.stream_infer(
+            ["count"], gen_config=GenerationConfig(max_new_tokens=12, stop_words=[stop])
+        )
+    )
+    assert streamed == base[: base.index(stop)]
+    kept = pipe(
+        "count",
+        gen_config=GenerationConfig(
+            max_new_tokens=12, stop_words=[stop], include_stop_str_in_output=True
+        ),
+    )
+    assert kept.text == base[: base.index(stop) + len(stop)] and kept.finish_reason == "stop"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmdeploy.serve.metrics import ServerMetrics
+from vlmdeploy.stop_words import StopMatcher
 
 logger = logging.getLogger("vlmdeploy.serve")
 
@@ -60,41 +61,14 @@ class ChoiceResult:
             self.cached_tokens = delta.cached_tokens
 
 
-class StopMatcher:
-    """Finds OpenAI stop strings in streamed text. Text that could be the start of a stop string is
-    held back until it is decided, so a matched stop string is never sent."""
-
-    def __init__(self, stops: list[str]):
-        self._stops = stops
-        self._pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text now safe to emit, whether a stop string ended the answer)."""
-        if not self._stops:
-            return text, False
-        self._pending += text
-        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            out, self._pending = self._pending[:min(hits)], ""
-            return out, True
-        keep = max(self._held(s) for s in self._stops)
-        out, self._pending = self._pending[:len(self._pending) - keep], self._pending[
-            len(self._pending) - keep:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self._pending = self._pending, ""
-        return out
-
-    def _held(self, stop: str) -> int:
-        for k in range(min(len(stop) - 1, len(self._pending)), 0, -1):
-            if self._pending.endswith(stop[:k]):
-                return k
-        return 0
-
-
-async def run_choice(pipe: Any, prepared: Any, session_id: int, stops: list[str],
-                     metrics: ServerMetrics, arrival: float) -> AsyncIterator[Delta]:
+async def run_choice(
+    pipe: Any,
+    prepared: Any,
+    session_id: int,
+    stops: list[str],
+    metrics: ServerMetrics,
+    arrival: float,
+) -> AsyncIterator[Delta]:
     """Deltas of one engine request; the last one has `finish_reason` and the token counts."""
     matcher = StopMatcher(stops)
     finished, first_token_at, last = False, None, None
@@ -129,9 +103,15 @@ async def run_choice(pipe: Any, prepared: Any, session_id: int, stops: list[str]
 def _delta(out: Any, text: str, reason: str | None, with_ids: bool = True) -> Delta:
     ids = list(out.token_ids or []) if with_ids else []
     logprobs = out.logprobs if with_ids else None
-    return Delta(text=text, token_ids=ids, logprobs=logprobs,
-                 finish_reason=reason, prompt_tokens=out.input_token_len,
-                 completion_tokens=out.generate_token_len, cached_tokens=out.cached_tokens or 0)
+    return Delta(
+        text=text,
+        token_ids=ids,
+        logprobs=logprobs,
+        finish_reason=reason,
+        prompt_tokens=out.input_token_len,
+        completion_tokens=out.generate_token_len,
+        cached_tokens=out.cached_tokens or 0,
+    )
 
 
 def _abort(pipe: Any, session_id: int) -> None:
