@@ -55,23 +55,26 @@ def _apply_penalties(logits: torch.Tensor, p: SamplingParams, history: list[int]
     logits -= p.frequency_penalty * counts + p.presence_penalty * seen.to(logits.dtype)
 
 
-def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p on one row; returns probabilities."""
-    logits = logits / max(p.temperature, 1e-5)
-    if 0 < p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the top token always stays, also
-        # for top_p=0, which would otherwise drop everything)
-        drop = sorted_p.cumsum(-1) - sorted_p >= p.top_p
-        drop[0] = False
-        probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
-    if p.min_p > 0.0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    return probs / probs.sum()
+def _filter_sorted(
+    logits: torch.Tensor, params: list[SamplingParams]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, top-k, top-p and min-p for a batch of rows at once: logits (k, V) →
+    (unnormalised probabilities in descending order (k, V), their token ids (k, V))."""
+    dev, vocab = logits.device, logits.shape[-1]
+    temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=dev)[:, None]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)[
+        :, None
+    ]
+    top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+    min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+    sorted_logits, order = (logits / temps).sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=dev)[None, :]
+    probs = torch.softmax(sorted_logits.masked_fill(rank >= top_k, float("-inf")), dim=-1)
+    # top-p keeps the smallest prefix whose mass reaches top_p; the top token always stays (also
+    # for top_p = 0, which would otherwise drop everything)
+    drop = (probs.cumsum(-1) - probs >= top_p) & (rank > 0)
+    drop |= probs < min_p * probs[:, :1]
+    return probs.masked_fill(drop, 0.0), order
 
 
 def _mask_tokens(logits: torch.Tensor, p: SamplingParams, num_output: int) -> None:
@@ -93,23 +96,33 @@ def sample(
     """logits: (B, V) → one token per row (and its top-logprobs when asked). ``logits`` is not
     modified."""
     raw = logits.float()  # (B, V); may alias the caller's tensor, so it is only read
-    logits = raw.clone()
-    for i, p in enumerate(params):
-        _mask_tokens(logits[i], p, num_outputs[i])
+    masked = [
+        i
+        for i, p in enumerate(params)
+        if p.bad_token_ids or (num_outputs[i] < p.min_new_tokens and p.stop_token_ids)
+    ]
+    logits = raw.clone() if masked else raw  # copy (B x V) only when a row must be masked
+    for i in masked:
+        _mask_tokens(logits[i], params[i], num_outputs[i])
     tokens = [0] * len(params)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:  # one argmax and one host transfer for all greedy rows
         rows = torch.tensor(greedy, device=logits.device)
         for i, t in zip(greedy, logits[rows].argmax(-1).tolist()):
             tokens[i] = t
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        row = logits[i]
-        _apply_penalties(row, p, histories[i])
-        probs = _filter(row, p)
-        noise = torch.empty_like(probs).exponential_(generator=p.generator)
-        tokens[i] = int((probs / noise).argmax())
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:  # all sampled rows together: one sort, one race, one host transfer
+        rows = logits[torch.tensor(sampled, device=logits.device)]  # (k, V), a copy
+        for r, i in enumerate(sampled):
+            if params[i].penalised:
+                _apply_penalties(rows[r], params[i], histories[i])
+        probs, order = _filter_sorted(rows, [params[i] for i in sampled])
+        noise = torch.empty_like(probs)
+        for r, i in enumerate(sampled):  # each request's own generator: batch-independent draws
+            noise[r].exponential_(generator=params[i].generator)
+        choice = (probs / noise).argmax(-1, keepdim=True)
+        for i, t in zip(sampled, order.gather(1, choice)[:, 0].tolist()):
+            tokens[i] = t
     return tokens, _logprobs(raw, params, tokens)
 
 
