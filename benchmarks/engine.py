@@ -160,33 +160,79 @@ def device_line() -> str:
     return f"{out[0]}; torch {torch.__version__}" if out else torch.cuda.get_device_name()
 
 
-def markdown(res: dict) -> str:
-    w1, w2, w3 = res.get("w1", {}), res.get("w2", {}), res.get("w3", {})
-    rows = [
+def comparison(
+    res: dict, lmdeploy: dict | None
+) -> list[tuple[str, float, float | None, float | None]]:
+    """(metric, vlmdeploy, LMDeploy, transformers) rows; None where a system was not measured."""
+    lm, tf = lmdeploy or {}, res.get("transformers_w1", {})
+    rows = []
+    if "w1" in res:
+        lw1 = lm.get("w1", {})
+        rows += [
+            ("W1 TTFT ms", res["w1"]["ttft_ms"], lw1.get("ttft_ms"), tf.get("ttft_ms")),
+            ("W1 TPOT ms", res["w1"]["tpot_ms"], lw1.get("tpot_ms"), tf.get("tpot_ms")),
+        ]
+    if "w2" in res:
+        rows.append(
+            ("W2 requests/s", res["w2"]["requests_per_s"], lm.get("w2", {}).get("req_per_s"), None)
+        )
+    if "w3" in res:
+        rows.append(
+            (
+                "W3 output tokens/s",
+                res["w3"]["output_tokens_per_s"],
+                lm.get("w3", {}).get("output_tok_per_s"),
+                None,
+            )
+        )
+    return rows
+
+
+def markdown(res: dict, lmdeploy: dict | None = None, plot: str | None = None) -> str:
+    def cell(v: float | None) -> str:
+        return "–" if v is None else f"{v:,.2f}" if v < 100 else f"{v:,.0f}"
+
+    lines = [
         f"### {res['date']} — {res['device']}",
         "",
         f"Model: {res['model']} (load format {res['load_format']}); KV cache "
-        f"{res['kv_tokens']:,} tokens; peak GPU memory {res['peak_gib']:.1f} GiB.",
+        f"{res['kv_tokens']:,} tokens; peak GPU memory {res['peak_gib']:.1f} GiB. LMDeploy and "
+        "transformers columns come from the same device call.",
         "",
-        "| workload | metric | vlmdeploy | transformers |",
-        "|---|---|---:|---:|",
+        "| metric | vlmdeploy | LMDeploy | transformers |",
+        "|---|---:|---:|---:|",
     ]
-    tf = res.get("transformers_w1", {})
-    if w1:
-        rows += [
-            f"| W1 | TTFT ms | {w1['ttft_ms']:.1f} | {tf.get('ttft_ms', float('nan')):.1f} |",
-            f"| W1 | TPOT ms | {w1['tpot_ms']:.2f} | {tf.get('tpot_ms', float('nan')):.2f} |",
+    lines += [
+        f"| {m} | {cell(a)} | {cell(b)} | {cell(c)} |" for m, a, b, c in comparison(res, lmdeploy)
+    ]
+    if plot:
+        lines += ["", f"![vlmdeploy against the baselines]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def svg_plot(res: dict, lmdeploy: dict | None) -> str:
+    """Bars of each metric relative to LMDeploy (higher is better; latencies inverted)."""
+    rows = [(m, a, b) for m, a, b, _ in comparison(res, lmdeploy) if b]
+    width, bar, gap = 640, 18, 14
+    height = 40 + len(rows) * (2 * bar + gap)
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="12">',
+        '<text x="10" y="20">speed relative to LMDeploy (1.0 = equal; latency inverted)</text>',
+    ]
+    scale = (width - 220) / max([2.0] + [(b / a if "ms" in m else a / b) for m, a, b in rows])
+    y = 40
+    for m, a, b in rows:
+        ratio = b / a if "ms" in m else a / b
+        out += [
+            f'<text x="10" y="{y + bar - 4}">{m}</text>',
+            f'<rect x="180" y="{y}" width="{ratio * scale:.1f}" height="{bar}" fill="#2b6cb0"/>',
+            f'<text x="{186 + ratio * scale:.1f}" y="{y + bar - 4}">vlmdeploy {ratio:.2f}x</text>',
+            f'<rect x="180" y="{y + bar}" width="{scale:.1f}" height="{bar}" fill="#a0aec0"/>',
+            f'<text x="{186 + scale:.1f}" y="{y + 2 * bar - 4}">LMDeploy 1.00x</text>',
         ]
-    if w2:
-        rows += [
-            f"| W2 ({w2['requests']} req) | requests/s | {w2['requests_per_s']:.2f} | |",
-            f"| W2 | input tokens/s | {w2['input_tokens_per_s']:,.0f} | |",
-        ]
-    if w3:
-        rows += [
-            f"| W3 ({w3['requests']} req) | output tokens/s | {w3['output_tokens_per_s']:,.0f} | |"
-        ]
-    return "\n".join(rows) + "\n"
+        y += 2 * bar + gap
+    return "\n".join(out + ["</svg>"]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--session-len", type=int, default=8192)
     ap.add_argument("--baseline", action="store_true", help="also time transformers on W1")
     ap.add_argument("--json", help="write raw results here")
-    ap.add_argument("--out", help="append a markdown section to this file")
+    ap.add_argument("--out", help="append a markdown section to this file (and an SVG beside it)")
+    ap.add_argument("--lmdeploy", help="results.json of the reference harness, same device call")
     args = ap.parse_args(argv)
     model, load_format = args.model, args.load_format
     if args.preset:
@@ -245,8 +292,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     if args.out:
+        lmdeploy = json.loads(Path(args.lmdeploy).read_text()) if args.lmdeploy else None
+        plot = None
+        if lmdeploy:
+            plot = f"benchmarks-{res['date']}.svg"
+            (Path(args.out).parent / plot).write_text(svg_plot(res, lmdeploy))
         with open(args.out, "a") as f:
-            f.write("\n" + markdown(res))
+            f.write("\n" + markdown(res, lmdeploy, plot))
 
 
 if __name__ == "__main__":
