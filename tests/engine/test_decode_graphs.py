@@ -43,4 +43,5 @@ def test_padded_decode_matches_eager(tiny_ckpts, images):
         single = pipe("x", gen_config=gen[3]).token_ids  # a batch of one after batches of five
     assert padded == eager
     assert single == eager[3]
-    assert calls and max(calls) == 5
+    # prompts reach the engine as they are preprocessed, so batch sizes vary; some are padded
+    assert any(n not in graphs.buckets for n in calls)
