@@ -92,6 +92,11 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path) -> ModelConfig:
+        if not Path(model_path).is_dir():
+            raise FileNotFoundError(
+                f"{model_path} is not a local checkpoint directory (vlmdeploy loads local "
+                "checkpoints only; it does not download models)"
+            )
         path = Path(model_path) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in {model_path}")

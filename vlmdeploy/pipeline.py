@@ -30,7 +30,7 @@ from vlmdeploy.engine.llm_engine import LLMEngine, StepOutput
 from vlmdeploy.engine.sampling import SamplingParams
 from vlmdeploy.engine.sequence import ImageInput, Sequence
 from vlmdeploy.errors import ContextLengthExceeded, EngineDeadError, ImageError, InvalidRequestError
-from vlmdeploy.messages import GenerationConfig, PytorchEngineConfig, Response
+from vlmdeploy.messages import GenerationConfig, PytorchEngineConfig, Response, VisionConfig
 from vlmdeploy.prompt import ChatTemplate, build_conversation, to_messages, tokenize_with_images
 from vlmdeploy.stop_words import StopMatcher
 from vlmdeploy.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -90,7 +90,13 @@ class Pipeline:
     ):
         if kwargs.pop("backend", "pytorch") not in ("pytorch", "turbomind"):
             raise ValueError("backend must be 'pytorch'")
-        for name in ("chat_template_config", "vision_config", "log_level", "max_log_len"):
+        vision = kwargs.pop("vision_config", None)
+        if vision is not None and vision != VisionConfig():
+            raise NotImplementedError(
+                "vision_config is not supported yet: the vision stage batches up to 64 tiles of "
+                "many requests per encoder call on its own"
+            )
+        for name in ("chat_template_config", "log_level", "max_log_len"):  # handled by pipeline()
             kwargs.pop(name, None)
         if kwargs:
             raise TypeError(f"pipeline() got unexpected arguments: {', '.join(sorted(kwargs))}")

@@ -118,3 +118,12 @@ def test_memory_profiling_step_runs(pipe):
     assert kv_bytes > 0
     engine.runner.bind_cache()  # the layers get the engine's own cache back
     still_serves(pipe)
+
+
+def test_hub_ids_and_unsupported_vision_config_are_clear_errors(tiny_ckpts):
+    from vlmdeploy import VisionConfig
+
+    with pytest.raises(FileNotFoundError, match="does not download"):
+        pipeline("OpenGVLab/InternVL3_5-8B")
+    with pytest.raises(NotImplementedError, match="vision_config"):
+        pipeline(tiny_ckpts["original"], vision_config=VisionConfig(max_batch_size=8))
