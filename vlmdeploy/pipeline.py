@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import logging
 import queue
+import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -117,6 +118,7 @@ class Pipeline:
         self.loop = EngineLoop(self.engine)
         self.session_len = self.engine.session_len
         self._ids = itertools.count(1)
+        self._ids_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vlmdeploy-prep")
 
     # ---- preprocessing ---------------------------------------------------------------------------
@@ -328,7 +330,7 @@ class Pipeline:
                 if kind == "ready":
                     req = value.result()  # bad input raises here; the finally clause cleans up
                     waiting -= 1
-                    sid = next(self._ids)
+                    sid = self.new_session_id()
                     procs[sid] = (key, _OutputProcessor(self.tokenizer, req))
                     self._submit(req, sid, lambda o, sid=sid: q.put(("out", sid, o)))
                     continue
@@ -362,7 +364,12 @@ class Pipeline:
         return session
 
     def session(self) -> Session:
-        return Session(session_id=next(self._ids))
+        return Session(session_id=self.new_session_id())
+
+    def new_session_id(self) -> int:
+        """A request id no other request of this pipeline uses (thread-safe)."""
+        with self._ids_lock:
+            return next(self._ids)
 
     def close(self) -> None:
         """Stop the engine thread and release the model and KV cache (GPU memory included)."""

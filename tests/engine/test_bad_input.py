@@ -127,3 +127,16 @@ def test_hub_ids_and_unsupported_vision_config_are_clear_errors(tiny_ckpts):
         pipeline("OpenGVLab/InternVL3_5-8B")
     with pytest.raises(NotImplementedError, match="vision_config"):
         pipeline(tiny_ckpts["original"], vision_config=VisionConfig(max_batch_size=8))
+
+
+def test_request_ids_never_collide(tiny_ckpts):
+    from vlmdeploy.engine.sequence import Sequence
+
+    with pipeline(tiny_ckpts["original"], PytorchEngineConfig(session_len=600)) as p:
+        ids = {p.new_session_id() for _ in range(100)} | {p.session().session_id}
+        assert len(ids) == 101
+        p.loop.close()  # drive the engine directly
+        req = p.prepare_sync("hi", GEN)
+        p.engine.add(Sequence(7, list(req.token_ids), req.sampling))
+        with pytest.raises(ValueError, match="already in use"):
+            p.engine.add(Sequence(7, list(req.token_ids), req.sampling))

@@ -248,6 +248,8 @@ class LLMEngine:
 
     # ---- requests --------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        if seq.seq_id in self.seqs:
+            raise ValueError(f"request id {seq.seq_id} is already in use")
         reason = self.check_fits(len(seq), seq.sampling.max_new_tokens)
         if reason:
             raise ValueError(reason)

@@ -62,7 +62,10 @@ class ServerState:
         return self.pipe.model_name
 
     def next_session_id(self) -> int:
-        return next(self._session_ids)
+        # Ids come from the pipeline when it hands them out, so they never collide with requests
+        # made through its Python API in the same process.
+        new_id = getattr(self.pipe, "new_session_id", None)
+        return new_id() if new_id is not None else next(self._session_ids)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
