@@ -140,3 +140,15 @@ def test_request_ids_never_collide(tiny_ckpts):
         p.engine.add(Sequence(7, list(req.token_ids), req.sampling))
         with pytest.raises(ValueError, match="already in use"):
             p.engine.add(Sequence(7, list(req.token_ids), req.sampling))
+
+
+def test_image_token_mismatch_fails_only_that_request(pipe, images):
+    from vlmdeploy.engine.sequence import Sequence
+
+    req = pipe.prepare_sync(("describe", images[0]), GEN)
+    ctx = pipe.tokenizer.image_ids["img_context"]
+    bad = Sequence(pipe.new_session_id(), req.token_ids + [ctx], req.sampling, images=req.images)
+    outputs = []
+    pipe.loop.add(bad, outputs.append)
+    assert pipe("hello", gen_config=GEN).generate_token_len == 4  # served after the refusal
+    assert outputs and outputs[-1].finish_reason == "error"

@@ -250,7 +250,7 @@ class LLMEngine:
     def add(self, seq: Sequence) -> None:
         if seq.seq_id in self.seqs:
             raise ValueError(f"request id {seq.seq_id} is already in use")
-        reason = self.check_fits(len(seq), seq.sampling.max_new_tokens)
+        reason = self.check_fits(len(seq), seq.sampling.max_new_tokens) or self._check_images(seq)
         if reason:
             raise ValueError(reason)
         if seq.sampling.seed is not None and not seq.sampling.greedy:
@@ -259,6 +259,18 @@ class LLMEngine:
         self._arrivals += 1
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
+
+    def _check_images(self, seq: Sequence) -> str | None:
+        """The prompt's image-context tokens must be exactly its images' blocks: any mismatch would
+        fail the forward of every request in the step, so it is refused here, for this one."""
+        ctx = self.runner.image_token_id
+        for im in seq.images:
+            block = seq.token_ids[im.offset : im.offset + im.num_tokens]
+            if block.count(ctx) != im.num_tokens:  # list.count: C speed on the engine thread
+                return "image tokens do not match the request's images"
+        if seq.token_ids.count(ctx) != sum(im.num_tokens for im in seq.images):
+            return "image tokens do not match the request's images"
+        return None
 
     def abort(self, seq_id: int) -> StepOutput | None:
         seq = self.seqs.pop(seq_id, None)
