@@ -15,6 +15,7 @@ import copy
 import hashlib
 import itertools
 import logging
+import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -119,7 +120,9 @@ class Pipeline:
         self.session_len = self.engine.session_len
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vlmdeploy-prep")
+        # Image decoding and resizing release the GIL, so threads scale with the cores.
+        workers = min(16, max(4, os.cpu_count() or 4))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlmdeploy-prep")
 
     # ---- preprocessing ---------------------------------------------------------------------------
     def prepare_sync(
