@@ -69,6 +69,7 @@ class GenOut:
     input_token_len: int
     generate_token_len: int
     cached_tokens: int = 0
+    error: str | None = None  # why the request failed, when finish_reason is 'error'
 
 
 @dataclass
@@ -150,7 +151,11 @@ class Pipeline:
             self.tokenizer.image_ids,
         )
         images = _image_inputs(ids, tiles, per_tile, self.tokenizer.image_ids["img_context"])
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", code="empty_prompt", param="prompt")
         sampling = self._sampling(gen, len(ids))
+        if sampling.max_new_tokens < 1:
+            raise InvalidRequestError("max_new_tokens must be at least 1", param="max_new_tokens")
         reason = self.engine.check_fits(len(ids), sampling.max_new_tokens)
         if reason:
             raise ContextLengthExceeded(reason)
@@ -357,12 +362,18 @@ class Pipeline:
         stream_response: bool = False,
         **kwargs: Any,
     ) -> Session:
-        """One turn of a multi-turn conversation; returns the session with ``response`` set."""
+        """One turn of a multi-turn conversation; returns the session with ``response`` set. A turn
+        that fails leaves the session as it was."""
         _reject_kwargs(kwargs)
+        if stream_response:
+            raise NotImplementedError(
+                "chat(stream_response=True) is not supported yet; use "
+                "stream_infer() with the session's messages"
+            )
         session = session or self.session()
-        session.messages = [*session.messages, *to_messages(prompt)]
-        response = self.infer(session.messages, gen_config=gen_config)
-        session.messages.append({"role": "assistant", "content": response.text})
+        messages = [*session.messages, *to_messages(prompt)]
+        response = self.infer(messages, gen_config=gen_config)
+        session.messages = [*messages, {"role": "assistant", "content": response.text}]
         session.response, session.step = response, session.step + 1
         return session
 
@@ -378,7 +389,8 @@ class Pipeline:
         """Stop the engine thread and release the model and KV cache (GPU memory included)."""
         self.loop.close()
         self._pool.shutdown(wait=False)
-        self.engine.release()
+        if not self.loop.running:  # never pull the model from under a step still in progress
+            self.engine.release()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -399,6 +411,7 @@ class _OutputProcessor:
         )
         self.finish_reason: str | None = None
         self.engine_done = False  # the engine has released the request
+        self.generated = self.cached = 0
 
     def process(self, out: StepOutput) -> GenOut:
         self.engine_done = out.finish_reason is not None
@@ -416,14 +429,11 @@ class _OutputProcessor:
         if reason is not None and not hit:
             text += self.stops.flush()  # held-back text that turned out not to be a stop string
         self.finish_reason = reason
+        # a final error/abort output carries no counts: keep what earlier outputs reported
+        self.generated = max(self.generated, out.num_output_tokens)
+        self.cached = max(self.cached, out.num_cached_tokens)
         return GenOut(
-            text,
-            ids,
-            lps,
-            reason,
-            out.num_prompt_tokens,
-            out.num_output_tokens,
-            out.num_cached_tokens,
+            text, ids, lps, reason, self.req.input_token_len, self.generated, self.cached, out.error
         )
 
 
@@ -477,6 +487,7 @@ def _response(d: GenOut, index: int) -> Response:
         logprobs=d.logprobs,
         index=index,
         cached_tokens=d.cached_tokens,
+        error_message=d.error,
     )
 
 
@@ -487,6 +498,7 @@ def _merge(acc: Response, r: Response) -> Response:
         acc.logprobs = (acc.logprobs or []) + r.logprobs
     acc.generate_token_len, acc.finish_reason = r.generate_token_len, r.finish_reason
     acc.cached_tokens = r.cached_tokens
+    acc.error_message = r.error_message
     return acc
 
 

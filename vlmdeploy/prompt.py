@@ -283,18 +283,18 @@ def tokenize_with_images(
             code="image_count_mismatch",
             param="messages",
         )
-    reserved = {ids["img_start"], ids["img_end"], ids["img_context"]}
     out: list[int] = []
     for i, seg in enumerate(segments):
         if i > 0:
             out += [ids["img_start"], *[ids["img_context"]] * image_tokens[i - 1], ids["img_end"]]
         if seg:
             enc = encode(seg)
-            # Typed image tokens would take image embeddings meant for the real image blocks.
-            if not reserved.isdisjoint(enc):
+            # A typed <IMG_CONTEXT> would take embeddings meant for the real image blocks (a typed
+            # <img> or </img> takes none, so text about HTML tags stays allowed).
+            if ids["img_context"] in enc:
                 raise InvalidRequestError(
-                    "the prompt text contains a reserved image token (<img>, </img> or "
-                    f"<IMG_CONTEXT>); place images with image parts or {IMAGE_TOKEN}",
+                    "the prompt text contains the reserved image token <IMG_CONTEXT>; place "
+                    f"images with image parts or {IMAGE_TOKEN}",
                     code="invalid_prompt",
                     param="messages",
                 )

@@ -413,14 +413,20 @@ def test_rendered_conversation_tokenizes_like_transformers(tiny_ckpts):
     assert got == tok.hf.encode(want, add_special_tokens=False)
 
 
-@pytest.mark.parametrize("typed", ["<IMG_CONTEXT>", "<img>", "</img>"])
-def test_typed_image_tokens_are_refused(tiny_ckpts, typed):
-    # They would take embeddings meant for the real image block and break the engine's batch.
+def test_typed_image_context_token_is_refused(tiny_ckpts):
+    # It would take embeddings meant for the real image block and break the engine's batch.
     tok = Tokenizer(tiny_ckpts["hf"])
-    text = f"{IMAGE_TOKEN}\nwhat is {typed} here?"
+    text = f"{IMAGE_TOKEN}\nwhat is <IMG_CONTEXT> here?"
     with pytest.raises(InvalidRequestError) as err:
         tokenize_with_images(text, [4], tok.encode, tok.image_ids)
     assert err.value.code == "invalid_prompt"
+
+
+@pytest.mark.parametrize("typed", ["<img>", "</img>"])
+def test_typed_image_delimiters_are_allowed(tiny_ckpts, typed):
+    tok = Tokenizer(tiny_ckpts["hf"])
+    ids = tokenize_with_images(f"What does the HTML tag {typed} do?", [], tok.encode, tok.image_ids)
+    assert tok.image_ids["img_context"] not in ids
 
 
 def test_placeholders_lost_by_the_template_are_an_error(tiny_ckpts):

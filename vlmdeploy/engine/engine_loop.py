@@ -30,18 +30,31 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._callbacks: dict[int, Callback] = {}
         self._wake = threading.Event()
-        self._stop = False
+        # Guards the open/closed state together with the inbox, so no request can slip into the
+        # inbox after the loop has stopped taking work (it would wait forever).
+        self._lock = threading.Lock()
+        self._closed: str | None = None  # None while serving; then "error" or "closed"
         self._thread = threading.Thread(target=self._run, name="vlmdeploy-engine", daemon=True)
         self._thread.start()
 
     @property
+    def running(self) -> bool:
+        """The loop's thread is still running (it may be finishing a step after close())."""
+        return self._thread.is_alive()
+
+    @property
     def alive(self) -> bool:
-        return self.error is None and self._thread.is_alive()
+        return self._closed is None and self._thread.is_alive()
 
     def add(self, seq: Sequence, callback: Callback) -> None:
-        if self.error is not None:
-            raise EngineDeadError("the engine has stopped after an internal error") from self.error
-        self._inbox.put(("add", seq, callback))
+        with self._lock:
+            if self._closed == "error":
+                raise EngineDeadError("the engine has stopped after an internal error") from (
+                    self.error
+                )
+            if self._closed == "closed":
+                raise EngineDeadError("the pipeline has been closed")
+            self._inbox.put(("add", seq, callback))
         self._wake.set()
 
     def abort(self, seq_id: int) -> None:
@@ -49,9 +62,12 @@ class EngineLoop:
         self._wake.set()
 
     def close(self) -> None:
-        self._stop = True
+        """Stop the loop; every request still in flight gets a final ``abort`` output."""
+        with self._lock:
+            if self._closed is None:
+                self._closed = "closed"
         self._wake.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=60)
 
     def _drain(self) -> None:
         while True:
@@ -60,31 +76,31 @@ class EngineLoop:
             except queue.Empty:
                 return
             if kind == "add":
-                self._callbacks[item.seq_id] = callback
-                try:
-                    self.engine.add(item)
-                except (
-                    ValueError
-                ) as exc:  # validated by the front end; kept as a last line of defence
-                    logger.warning("request %d refused: %s", item.seq_id, exc)
-                    self._deliver(StepOutput(item.seq_id, None, None, "error", len(item), 0, 0))
+                self._admit(item, callback)
             elif (out := self.engine.abort(item)) is not None:
                 self._deliver(out)
 
+    def _admit(self, seq: Sequence, callback: Callback) -> None:
+        if seq.seq_id in self._callbacks:  # never hijack the running request's stream
+            _call(callback, _final(seq.seq_id, "error", f"request id {seq.seq_id} is in use"))
+            return
+        self._callbacks[seq.seq_id] = callback
+        try:
+            self.engine.add(seq)
+        except ValueError as exc:  # validated by the front end; kept as a last line of defence
+            logger.warning("request %d refused: %s", seq.seq_id, exc)
+            self._deliver(_final(seq.seq_id, "error", str(exc)))
+
     def _deliver(self, out: StepOutput) -> None:
-        callback = (
-            self._callbacks.pop(out.seq_id, None)
-            if out.finish_reason
-            else self._callbacks.get(out.seq_id)
-        )
+        if out.finish_reason:
+            callback = self._callbacks.pop(out.seq_id, None)
+        else:
+            callback = self._callbacks.get(out.seq_id)
         if callback is not None:
-            try:
-                callback(out)
-            except Exception:  # a consumer that went away must not take the engine down
-                logger.exception("output callback of request %d failed", out.seq_id)
+            _call(callback, out)
 
     def _run(self) -> None:
-        while not self._stop:
+        while self._closed is None:
             self._drain()
             if not self.engine.has_work():
                 self._wake.wait(0.05)
@@ -95,8 +111,33 @@ class EngineLoop:
             except BaseException as exc:  # noqa: BLE001 — any failure here leaves KV state unknown
                 logger.exception("engine step failed; failing all requests")
                 self.error = exc
-                for seq_id in list(self._callbacks):
-                    self._deliver(StepOutput(seq_id, None, None, "error", 0, 0, 0))
+                self._shut("error", "the engine failed")
                 return
             for out in outputs:
                 self._deliver(out)
+        self._shut("abort", "the pipeline was closed")
+
+    def _shut(self, reason: str, message: str) -> None:
+        """Stop taking work and give every request — running or still queued — a final output."""
+        with self._lock:
+            self._closed = self._closed or ("error" if reason == "error" else "closed")
+        while True:
+            try:
+                kind, item, callback = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                _call(callback, _final(item.seq_id, reason, message))
+        for seq_id in list(self._callbacks):
+            self._deliver(_final(seq_id, reason, message))
+
+
+def _final(seq_id: int, reason: str, message: str | None = None) -> StepOutput:
+    return StepOutput(seq_id, None, None, reason, 0, 0, 0, error=message)
+
+
+def _call(callback: Callback, out: StepOutput) -> None:
+    try:
+        callback(out)
+    except Exception:  # a consumer that went away must not take the engine down
+        logger.exception("output callback of request %d failed", out.seq_id)

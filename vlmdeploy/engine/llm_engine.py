@@ -47,6 +47,7 @@ class StepOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    error: str | None = None  # why the request ended with finish_reason "error"
 
 
 def resolve_device(cfg: PytorchEngineConfig) -> torch.device:
@@ -250,6 +251,8 @@ class LLMEngine:
     def add(self, seq: Sequence) -> None:
         if seq.seq_id in self.seqs:
             raise ValueError(f"request id {seq.seq_id} is already in use")
+        if not seq.token_ids or seq.sampling.max_new_tokens < 1:
+            raise ValueError("a request needs at least one prompt token and one new token")
         reason = self.check_fits(len(seq), seq.sampling.max_new_tokens) or self._check_images(seq)
         if reason:
             raise ValueError(reason)
@@ -303,6 +306,7 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
             self.blocks.commit(seq)
+            seq.release_image_embeds()
         if not rows:
             return []
         sampled = [batch.seqs[i] for i in rows]

@@ -120,7 +120,9 @@ def sample(
         noise = torch.empty_like(probs)
         for r, i in enumerate(sampled):  # each request's own generator: batch-independent draws
             noise[r].exponential_(generator=params[i].generator)
-        choice = (probs / noise).argmax(-1, keepdim=True)
+        # Noise is drawn in vocabulary order and read through the sort: a token's draw must not
+        # depend on its rank, which tiny numeric differences between batches can reorder.
+        choice = (probs / noise.gather(1, order)).argmax(-1, keepdim=True)
         for i, t in zip(sampled, order.gather(1, choice)[:, 0].tolist()):
             tokens[i] = t
     return tokens, _logprobs(raw, params, tokens)

@@ -79,5 +79,13 @@ class Sequence:
             im.offset + im.num_tokens > self.num_computed for im in self.images
         )
 
+    def release_image_embeds(self) -> None:
+        """Drop the embeddings once every image token has KV (they are re-made, from the
+        embedding cache or the tiles, if a preemption sends the sequence back)."""
+        if self.image_embeds is not None and all(
+            im.offset + im.num_tokens <= self.num_computed for im in self.images
+        ):
+            self.image_embeds = None
+
     def num_blocks(self, block_size: int) -> int:
         return (len(self.token_ids) + block_size - 1) // block_size

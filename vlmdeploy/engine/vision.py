@@ -77,7 +77,7 @@ class VisionStage:
             start = 0
             for im in misses:
                 n = len(im.pixel_values)
-                found[id(im)] = out[start : start + n]
+                found[id(im)] = out[start : start + n].clone()  # a view would pin all of `out`
                 self.cache.put(im.content_hash, found[id(im)])
                 start += n
         for seq in pending:
