@@ -1,11 +1,11 @@
 """Runs the engine's step loop on a background thread.
 
 Front ends talk to it with three thread-safe calls — :meth:`EngineLoop.add`,
-:meth:`EngineLoop.abort`, :meth:`EngineLoop.close` — and receive :class:`StepOutput` objects through
-the per-request callback given to
-``add`` (called on the engine thread: callbacks must only hand the output over, e.g. to a queue). If
-a step raises, the engine is broken: every in-flight request gets an ``error`` output and later
-calls fail fast.
+:meth:`EngineLoop.abort` and :meth:`EngineLoop.close` — and receive :class:`StepOutput` objects
+through the per-request callback given to ``add`` (called on the engine thread: callbacks must only
+hand the output over, e.g. to a queue). Every accepted request gets exactly one final output: its
+finish, an ``error`` if a step raises (the engine is then broken and later calls fail fast), or an
+``abort`` when the loop is closed — requests still queued in the inbox included.
 """
 
 from __future__ import annotations

@@ -267,6 +267,13 @@ class LLMEngine:
         """The prompt's image-context tokens must be exactly its images' blocks: any mismatch would
         fail the forward of every request in the step, so it is refused here, for this one."""
         ctx = self.runner.image_token_id
+        per_tile = self.model_cfg.tokens_per_tile
+        offsets = [im.offset for im in seq.images]
+        if offsets != sorted(offsets) or any(
+            len(im.pixel_values) * per_tile != im.num_tokens or not im.content_hash
+            for im in seq.images
+        ):
+            return "the request's images are inconsistent with its tokens"
         for im in seq.images:
             block = seq.token_ids[im.offset : im.offset + im.num_tokens]
             if block.count(ctx) != im.num_tokens:  # list.count: C speed on the engine thread

@@ -9,6 +9,7 @@ GPU).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -28,8 +29,12 @@ def _triton_impl(name: str, x: torch.Tensor) -> Callable | None:
         _LOADED = True
         try:
             from . import triton_ops  # noqa: F401  (registers into _TRITON)
-        except ImportError:
-            pass
+        except ImportError as exc:  # the slow path stays correct, but say so
+            logging.getLogger("vlmdeploy").warning(
+                "Triton kernels unavailable (%s): using the PyTorch reference ops, without "
+                "CUDA graphs",
+                exc,
+            )
     return _TRITON.get(name)
 
 
