@@ -93,10 +93,12 @@ def test_a_failing_forward_fails_fast_and_loudly(tiny_ckpts):
             raise RuntimeError("injected fault")
 
         p.engine.runner.run = broken
-        out = p(["a", "b"], gen_config=GEN)
-        assert [r.finish_reason for r in out] == ["error", "error"]
+        out = p("a", gen_config=GEN)
+        assert out.finish_reason == "error" and out.error_message == "the engine failed"
         with pytest.raises(EngineDeadError):
-            p("c", gen_config=GEN)
+            p(["b", "c"], gen_config=GEN)
+        with pytest.raises(EngineDeadError):
+            p.stats()
 
 
 def test_dummy_load_format_needs_no_weights(tmp_path):
