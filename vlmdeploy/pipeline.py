@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -361,21 +362,29 @@ class Pipeline:
         gen_config: GenerationConfig | None = None,
         stream_response: bool = False,
         **kwargs: Any,
-    ) -> Session:
-        """One turn of a multi-turn conversation; returns the session with ``response`` set. A turn
-        that fails leaves the session as it was."""
+    ) -> Session | Iterator[Response]:
+        """One turn of a multi-turn conversation. Returns the session with ``response`` set, or,
+        with ``stream_response=True``, an iterator of ``Response`` deltas that updates the session
+        when it is exhausted (LMDeploy's behaviour). A turn that fails leaves the session as it
+        was."""
         _reject_kwargs(kwargs)
-        if stream_response:
-            raise NotImplementedError(
-                "chat(stream_response=True) is not supported yet; use "
-                "stream_infer() with the session's messages"
-            )
         session = session or self.session()
-        messages = [*session.messages, *to_messages(prompt)]
-        response = self.infer(messages, gen_config=gen_config)
+        turn = self._chat_turn(session, [*session.messages, *to_messages(prompt)], gen_config)
+        if stream_response:
+            return turn
+        for _ in turn:
+            pass
+        return session
+
+    def _chat_turn(
+        self, session: Session, messages: list[dict[str, Any]], gen_config: GenerationConfig | None
+    ) -> Iterator[Response]:
+        response = None
+        for out in self.stream_infer(messages, gen_config=gen_config):
+            response = dataclasses.replace(out) if response is None else _merge(response, out)
+            yield out
         session.messages = [*messages, {"role": "assistant", "content": response.text}]
         session.response, session.step = response, session.step + 1
-        return session
 
     def session(self) -> Session:
         return Session(session_id=self.new_session_id())

@@ -38,8 +38,9 @@ def test_a_failed_chat_turn_leaves_the_session_usable(pipe):
     assert len(sess.messages) == 2
     sess = pipe.chat("again", session=sess, gen_config=GEN)
     assert sess.step == 2 and len(sess.messages) == 4
-    with pytest.raises(NotImplementedError, match="stream_response"):
-        pipe.chat("x", session=sess, gen_config=GEN, stream_response=True)
+    deltas = list(pipe.chat("x", session=sess, gen_config=GEN, stream_response=True))
+    assert sess.step == 3 and sess.response.text == "".join(d.text for d in deltas)
+    assert sess.messages[-1] == {"role": "assistant", "content": sess.response.text}
 
 
 def test_a_duplicate_request_id_does_not_hijack_the_running_one(pipe):
