@@ -39,6 +39,7 @@ from vlmdeploy.stop_words import StopMatcher
 from vlmdeploy.tokenizer import IncrementalDetokenizer, Tokenizer
 from vlmdeploy.vl.constants import IMAGE_TOKEN
 from vlmdeploy.vl.media import MediaPolicy, load_image
+from vlmdeploy.vl.tiling import num_tiles
 from vlmdeploy.vl.tiling import pixel_values as tile_pixel_values
 
 logger = logging.getLogger("vlmdeploy")
@@ -141,7 +142,7 @@ class Pipeline:
         if do_preprocess:
             conv = build_conversation(to_messages(prompt))
             text = self.template.render(conv.messages, **(chat_template_kwargs or {}))
-            tiles = [self._tile(ref, media_policy) for ref in conv.images]
+            tiles = self._tile_all(conv.images, media_policy)
         else:
             text, tiles = _raw_prompt(prompt), []
         per_tile = self.model_cfg.tokens_per_tile
@@ -179,8 +180,30 @@ class Pipeline:
             ),
         )
 
-    def _tile(self, ref, policy: MediaPolicy | None) -> tuple[torch.Tensor, str]:
-        """Tiles (n, 3, 448, 448) of one image and its content hash (pixels, size, tiling)."""
+    def _tile_all(self, refs: list, policy: MediaPolicy | None) -> list[tuple[torch.Tensor, str]]:
+        """Load every image, check that their tokens fit ``session_len`` (known from the sizes
+        alone), and only then tile them: a request that cannot fit never allocates its tiles."""
+        loaded, n_tokens = [], 0
+        for ref in refs:
+            image, params = self._load(ref, policy)
+            n = num_tiles(
+                image.width,
+                image.height,
+                max_num=params[0],
+                min_num=params[1],
+                image_size=params[2],
+                use_thumbnail=params[3],
+            )
+            n_tokens += n * self.model_cfg.tokens_per_tile
+            if n_tokens >= self.session_len:
+                raise ContextLengthExceeded(
+                    f"the images alone need {n_tokens} tokens or more, which does not fit "
+                    f"session_len={self.session_len}"
+                )
+            loaded.append((image, params))
+        return [self._tile(image, params) for image, params in loaded]
+
+    def _load(self, ref, policy: MediaPolicy | None) -> tuple[Any, tuple]:
         try:
             image = load_image(ref.source, policy)
         except ImageError as exc:
@@ -193,6 +216,10 @@ class Pipeline:
             cfg.vision.image_size,
             cfg.use_thumbnail,
         )
+        return image, params
+
+    def _tile(self, image: Any, params: tuple) -> tuple[torch.Tensor, str]:
+        """Tiles (n, 3, 448, 448) of one image and its content hash (pixels, size, tiling)."""
         tiles = tile_pixel_values(
             image,
             max_num=params[0],
@@ -203,6 +230,14 @@ class Pipeline:
         key = hashlib.blake2b(image.tobytes(), digest_size=16)
         key.update(repr((image.mode, image.size, params)).encode())
         return tiles, key.hexdigest()
+
+    def reconfigure(self, req: PreparedRequest, gen_config: GenerationConfig) -> PreparedRequest:
+        """The same prepared prompt and images under another generation config (no re-fetch)."""
+        sampling = self._sampling(gen_config, req.input_token_len)
+        reason = self.engine.check_fits(req.input_token_len, sampling.max_new_tokens)
+        if reason:
+            raise ContextLengthExceeded(reason)
+        return dataclasses.replace(req, sampling=sampling, gen_config=gen_config)
 
     def _sampling(self, gen: GenerationConfig, prompt_len: int) -> SamplingParams:
         stop = set(gen.stop_token_ids or [])

@@ -81,6 +81,7 @@ async def run_choice(
             text, stopped = matcher.feed(out.text or "")
             reason = "stop" if stopped else out.finish_reason
             if reason == "error":
+                pipe.stats()  # raises EngineDeadError (503, server marked dead) if it died
                 raise EngineRequestError("the engine failed this request")
             if reason is not None and not stopped:
                 text += matcher.flush()

@@ -83,9 +83,14 @@ async def prepare_job(state: ServerState, req: SamplingParams, prompts: list[Any
         configs = [generation_config(req, req.max_new_tokens, req.num_logprobs, i)
                    for i in range(req.n)]
         distinct = configs if req.seed is not None and req.n > 1 else configs[:1]
-        items = [await state.pipe.prepare(prompt, cfg, media_policy=state.media_policy,
-                                          chat_template_kwargs=template_kwargs, **extra)
-                 for cfg in distinct]
+        first = await state.pipe.prepare(prompt, distinct[0], media_policy=state.media_policy,
+                                         chat_template_kwargs=template_kwargs, **extra)
+        items = [first]
+        for cfg in distinct[1:]:  # seeded choices: same prompt and images, another seed
+            reconfigure = getattr(state.pipe, "reconfigure", None)
+            items.append(reconfigure(first, cfg) if reconfigure is not None else
+                         await state.pipe.prepare(prompt, cfg, media_policy=state.media_policy,
+                                                  chat_template_kwargs=template_kwargs, **extra))
         prepared += items if len(items) == req.n else items * req.n
         prompt_tokens += items[0].input_token_len
     return Job(req=req, prepared=prepared, prompt_tokens=prompt_tokens, arrival=arrival,
