@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ from vlmdeploy.vl.tiling import num_tiles
 from vlmdeploy.vl.tiling import pixel_values as tile_pixel_values
 
 logger = logging.getLogger("vlmdeploy")
+
+# A request's images together may take this many times the per-image fetch timeout.
+REQUEST_MEDIA_BUDGET = 2.0
 
 
 @dataclass
@@ -126,6 +130,7 @@ class Pipeline:
         # Image decoding and resizing release the GIL, so threads scale with the cores.
         workers = min(16, max(4, os.cpu_count() or 4))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlmdeploy-prep")
+        self._text_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmdeploy-text")
 
     # ---- preprocessing ---------------------------------------------------------------------------
     def prepare_sync(
@@ -135,6 +140,7 @@ class Pipeline:
         media_policy: MediaPolicy | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         do_preprocess: bool = True,
+        cancel: threading.Event | None = None,
     ) -> PreparedRequest:
         """Validate and preprocess one prompt; raises :class:`InvalidRequestError` on bad input.
         With ``do_preprocess=False`` a string prompt is used as is, without the chat template."""
@@ -142,7 +148,7 @@ class Pipeline:
         if do_preprocess:
             conv = build_conversation(to_messages(prompt))
             text = self.template.render(conv.messages, **(chat_template_kwargs or {}))
-            tiles = self._tile_all(conv.images, media_policy)
+            tiles = self._tile_all(conv.images, media_policy, cancel)
         else:
             text, tiles = _raw_prompt(prompt), []
         per_tile = self.model_cfg.tokens_per_tile
@@ -171,21 +177,46 @@ class Pipeline:
         chat_template_kwargs: dict[str, Any] | None = None,
         do_preprocess: bool = True,
     ) -> PreparedRequest:
-        """:meth:`prepare_sync` on the preprocessing pool, off the caller's event loop."""
+        """:meth:`prepare_sync` off the caller's event loop. Prompts with images use the media
+        pool and text-only prompts their own, so slow image hosts never delay text requests; a
+        cancelled caller stops its job between images."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._pool,
+        cancel = threading.Event()
+        pool = self._pool if _has_images(prompt) else self._text_pool
+        job = loop.run_in_executor(
+            pool,
             lambda: self.prepare_sync(
-                prompt, gen_config, media_policy, chat_template_kwargs, do_preprocess
+                prompt, gen_config, media_policy, chat_template_kwargs, do_preprocess, cancel
             ),
         )
+        try:
+            return await job
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
 
-    def _tile_all(self, refs: list, policy: MediaPolicy | None) -> list[tuple[torch.Tensor, str]]:
+    def _tile_all(
+        self, refs: list, policy: MediaPolicy | None, cancel: threading.Event | None = None
+    ) -> list[tuple[torch.Tensor, str]]:
         """Load every image, check that their tokens fit ``session_len`` (known from the sizes
-        alone), and only then tile them: a request that cannot fit never allocates its tiles."""
+        alone), and only then tile them: a request that cannot fit never allocates its tiles.
+        All of a request's images share one deadline of ``REQUEST_MEDIA_BUDGET`` × the policy's
+        per-image ``timeout_s``, so many slow images cannot hold a worker for long."""
+        policy = policy or MediaPolicy()
+        deadline = time.monotonic() + REQUEST_MEDIA_BUDGET * policy.timeout_s
         loaded, n_tokens = [], 0
         for ref in refs:
-            image, params = self._load(ref, policy)
+            if cancel is not None and cancel.is_set():
+                raise InvalidRequestError("the request was cancelled", code="cancelled")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ImageError(
+                    "fetching the request's images took too long",
+                    code="image_fetch_timeout",
+                    param=ref.param,
+                )
+            limited = dataclasses.replace(policy, timeout_s=min(policy.timeout_s, remaining))
+            image, params = self._load(ref, limited)
             n = num_tiles(
                 image.width,
                 image.height,
@@ -433,6 +464,7 @@ class Pipeline:
         """Stop the engine thread and release the model and KV cache (GPU memory included)."""
         self.loop.close()
         self._pool.shutdown(wait=False)
+        self._text_pool.shutdown(wait=False)
         if not self.loop.running:  # never pull the model from under a step still in progress
             self.engine.release()
 
@@ -491,6 +523,13 @@ def _image_inputs(
         images.append(ImageInput(pixel_values=t, offset=pos, num_tokens=n, content_hash=key))
         pos += n
     return images
+
+
+def _has_images(prompt: Any) -> bool:
+    try:
+        return bool(build_conversation(to_messages(prompt)).images)
+    except InvalidRequestError:
+        return False  # prepare_sync reports it
 
 
 def _raw_prompt(prompt: Any) -> str:
