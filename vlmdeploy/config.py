@@ -79,7 +79,6 @@ class ModelConfig:
     min_dynamic_patch: int = 1
     use_thumbnail: bool = True
     torch_dtype: str = "bfloat16"
-    image_token: str = "<IMG_CONTEXT>"
 
     @property
     def tokens_per_tile(self) -> int:

@@ -97,6 +97,7 @@ class GenerationConfig:
         "return_routed_experts": False,
         "repetition_ngram_size": 0,
         "repetition_ngram_threshold": 0,
+        "spaces_between_special_tokens": True,
     }
 
     def __post_init__(self) -> None:
@@ -230,6 +231,11 @@ class PytorchEngineConfig:
         "dllm_confidence_threshold": 0.85,
         "role": EngineRole.Hybrid,
         "migration_backend": MigrationBackend.DLSlime,
+        "prefill_interval": 16,  # the scheduler mixes prefill chunks into every step instead
+        "thread_safe": False,
+        "mp_engine_backend": "mp",
+        "enable_metrics": True,  # the HTTP server always exports metrics
+        "language_model_only": False,
     }
 
     def __post_init__(self) -> None:

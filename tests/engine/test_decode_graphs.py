@@ -45,3 +45,7 @@ def test_padded_decode_matches_eager(tiny_ckpts, images):
     assert single == eager[3]
     # prompts reach the engine as they are preprocessed, so batch sizes vary; some are padded
     assert any(n not in graphs.buckets for n in calls)
+
+
+def test_capture_sizes_can_be_chosen():
+    assert bucket_sizes(64, [3, 1, 200, 24]) == [1, 3, 24, 64]

@@ -18,8 +18,10 @@ import torch
 from vlmdeploy.layers.attention import AttentionMetadata, attention_context
 
 
-def bucket_sizes(max_batch_size: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, max_batch_size + 1, 16))
+def bucket_sizes(max_batch_size: int, sizes: list[int] | None = None) -> list[int]:
+    """Batch sizes to capture: ``sizes`` when given (``cudagraph_capture_batch_sizes``), else
+    1, 2, 4, 8 and multiples of 16; always capped by and including ``max_batch_size``."""
+    sizes = sizes or [1, 2, 4, 8] + list(range(16, max_batch_size + 1, 16))
     return sorted({s for s in sizes if s <= max_batch_size} | {max_batch_size})
 
 
@@ -34,9 +36,10 @@ class DecodeGraphs:
         max_kv_len: int,
         device: torch.device,
         capture: bool = True,
+        sizes: list[int] | None = None,
     ):
         self.model = model
-        self.buckets = bucket_sizes(max_batch_size)
+        self.buckets = bucket_sizes(max_batch_size, sizes)
         self.block_size, self.scratch_block, self.max_kv_len = block_size, scratch_block, max_kv_len
         n, w = self.buckets[-1], max_blocks_per_seq
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)

@@ -236,6 +236,7 @@ class LLMEngine:
                 self.cfg.block_size,
                 self.session_len,
                 self.device,
+                sizes=self.cfg.cudagraph_capture_batch_sizes,
             )
 
     def release(self) -> None:
