@@ -1,7 +1,11 @@
-"""Engine benchmarks W1–W3 of docs/DESIGN §5 (InternVL3.5 architecture, greedy, ``ignore_eos``).
+"""Engine benchmarks W1–W3 of docs/DESIGN §5 and a two-turn chat (InternVL3.5, greedy, no EOS).
 
 * W1 latency: 1 request, one 448×448 image + ~30 text tokens, 512 output tokens, through
   ``stream_infer`` → TTFT and mean TPOT (and the weight bandwidth that TPOT implies).
+* chat2 multi-turn: one 1024×1024 JPEG + ~30 text tokens, 64 output tokens; then the same
+  conversation + the assistant's answer + ~30 new text tokens → TTFT of both turns (submit →
+  first streamed chunk with a token), their ratio, and the prompt tokens turn 2 found in the prefix
+  cache.
 * W2 image-heavy: N requests, each a distinct 1024×1024 JPEG (10 tiles, 2,560 image tokens) + ~100
   text tokens, 100 output tokens, through ``infer`` → requests/s, input and output tokens/s.
 * W3 decode-heavy: N requests, each a distinct 448×448 JPEG + ~30 text tokens, 512 output tokens →
@@ -9,12 +13,15 @@
 
 Images travel as base64 ``data:image/jpeg`` URLs inside OpenAI-style messages, so JPEG decoding,
 tiling and normalisation are inside the timed region, as for the reference system's harness. Each
-workload runs once after a warm-up request of the same shape. With ``--baseline`` the transformers
-reference (``generate``, SDPA) is measured in the same process for W1-shaped decoding.
+workload runs once after a warm-up of the same shape (chat2's warm-up is a two-turn chat on another
+image). A workload that fails records its error and the next one runs; ``--time-limit`` skips the
+workloads that would start after it. With ``--baseline`` the transformers reference (``generate``,
+SDPA) is measured in the same process for W1-shaped decoding, after the engine has been released.
 
-    python benchmarks/engine.py --model /tmp/ivl35-8b [--load-format dummy] [--out
-    docs/benchmarks.md] python benchmarks/engine.py --preset 8b          # writes config +
-    tokenizer, dummy weights
+    python benchmarks/engine.py --model /tmp/ivl8b-hf --baseline --json engine.json \\
+        --out docs/benchmarks.md --lmdeploy-note "quoted from ..."
+    python benchmarks/engine.py --preset 8b          # config + tokenizer only, dummy weights
+    python benchmarks/engine.py --render engine.json --out table.md   # table of saved results
 """
 
 from __future__ import annotations
@@ -22,10 +29,15 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
+import gc
 import io
 import json
+import math
 import subprocess
+import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +45,41 @@ import torch
 from PIL import Image
 
 from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
+from vlmdeploy.vl.constants import IMAGE_TOKEN
 
 VOCAB = (
     "image picture scene shape colour light dark left right top bottom centre object person "
     "street river table window garden bright small large round square describe detail show "
     "the a of and to in is with on for that this"
 ).split()
+WORKLOADS = ("w1", "chat2", "w2", "w3")  # the order they run in
+
+# LMDeploy 0.18.0's PyTorch engine on the same workloads and card type (one H100 80GB HBM3),
+# 2026-11-27: ../shared/anchors/lmdeploy/RESULTS.md (medians; torch's peak memory counters).
+LMDEPLOY_QUOTED = {
+    "label": "LMDeploy 0.18 (quoted, not this call)",
+    "w1": {"ttft_ms": 112.0, "tpot_ms": 6.69},
+    "w2": {"req_per_s": 7.81},
+    "w3": {"output_tok_per_s": 9317.0},
+    "kv_tokens": 347_648,
+    "peak_gib": 66_226 / 1024,
+    "peak_reserved_gib": 68_248 / 1024,
+}
+# The issue's targets: (direction, bound) per metric.
+TARGETS: dict[str, tuple[str, float]] = {
+    "W1 TTFT ms": ("<=", 30.0),
+    "W1 TPOT ms": ("<=", 5.6),
+    "W2 requests/s": (">=", 11.0),
+    "W3 output tokens/s": (">=", 14_000.0),
+    "chat2 TTFT turn 2 / turn 1": ("<", 0.30),
+    "KV cache tokens": (">=", 340_000.0),
+}
+
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[engine.py +{time.monotonic() - _T0:6.1f}s] {msg}", flush=True)
 
 
 def sync() -> None:
@@ -98,6 +139,58 @@ def run_w1(pipe, tok) -> dict:
     return {"ttft_ms": (first - t0) * 1e3, "tpot_ms": tpot * 1e3, "output_tokens": n_out}
 
 
+def chat_turn(pipe, messages: list[dict], n_out: int) -> dict:
+    """One streamed turn: TTFT (submit → first chunk with a token), the answer, cached tokens."""
+    t0, first, parts, cached, n_in, n_gen = time.perf_counter(), None, [], 0, 0, 0
+    for r in pipe.stream_infer([messages], gen_config=gen(n_out)):
+        if first is None and r.token_ids:
+            first = time.perf_counter()
+        parts.append(r.text)
+        cached, n_in = max(cached, r.cached_tokens), r.input_token_len
+        n_gen = max(n_gen, r.generate_token_len)
+        if r.error_message:
+            raise RuntimeError(f"chat turn failed: {r.error_message}")
+    if first is None:
+        raise RuntimeError("the chat turn streamed no token")
+    return {
+        "ttft_ms": (first - t0) * 1e3,
+        "text": "".join(parts),
+        "cached_tokens": cached,
+        "input_tokens": n_in,
+        "output_tokens": n_gen,
+    }
+
+
+def two_turn_chat(pipe, tok, seed: int, side: int = 1024, n_text: int = 30, n_out: int = 64):
+    rng = np.random.default_rng(seed)
+    first = request(jpeg_url(side, rng), text_of(tok, n_text, rng))
+    follow_up = text_of(tok, n_text, rng)
+    t1 = chat_turn(pipe, first, n_out)
+    answer = t1["text"].replace(IMAGE_TOKEN, "")  # random text must not look like a placeholder
+    second = [
+        *first,
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": follow_up},
+    ]
+    return t1, chat_turn(pipe, second, n_out)
+
+
+def run_chat2(pipe, tok) -> dict:
+    two_turn_chat(pipe, tok, seed=41)  # warm-up on another image
+    sync()
+    t1, t2 = two_turn_chat(pipe, tok, seed=40)
+    return {
+        "ttft1_ms": t1["ttft_ms"],
+        "ttft2_ms": t2["ttft_ms"],
+        "ratio": t2["ttft_ms"] / t1["ttft_ms"],
+        "cached_tokens": t2["cached_tokens"],
+        "turn1_input_tokens": t1["input_tokens"],
+        "turn2_input_tokens": t2["input_tokens"],
+        "turn1_cached_tokens": t1["cached_tokens"],
+        "output_tokens": [t1["output_tokens"], t2["output_tokens"]],
+    }
+
+
 def run_batch(pipe, tok, n: int, side: int, n_text: int, n_out: int, seed: int) -> dict:
     prompts = workload(tok, n, side, n_text, seed)
     pipe(workload(tok, 1, side, n_text, seed + 1000), gen_config=gen(n_out))  # warm-up
@@ -112,6 +205,7 @@ def run_batch(pipe, tok, n: int, side: int, n_text: int, n_out: int, seed: int) 
         "requests_per_s": n / wall,
         "input_tokens_per_s": n_in / wall,
         "output_tokens_per_s": n_gen / wall,
+        "short_outputs": sum(r.generate_token_len != n_out for r in out),
     }
 
 
@@ -146,109 +240,343 @@ def transformers_w1(model_dir: str, token_ids: list[int], pixels: torch.Tensor) 
 
 def device_line() -> str:
     if not torch.cuda.is_available():
-        return "CPU"
+        return f"CPU; torch {torch.__version__}"
     q = "name,memory.total,driver_version"
-    out = (
-        subprocess.run(
-            ["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-        )
-        .stdout.strip()
-        .splitlines()
-    )
-    return f"{out[0]}; torch {torch.__version__}" if out else torch.cuda.get_device_name()
-
-
-def comparison(
-    res: dict, lmdeploy: dict | None
-) -> list[tuple[str, float, float | None, float | None]]:
-    """(metric, vlmdeploy, LMDeploy, transformers) rows; None where a system was not measured."""
-    lm, tf = lmdeploy or {}, res.get("transformers_w1", {})
-    rows = []
-    if "w1" in res:
-        lw1 = lm.get("w1", {})
-        rows += [
-            ("W1 TTFT ms", res["w1"]["ttft_ms"], lw1.get("ttft_ms"), tf.get("ttft_ms")),
-            ("W1 TPOT ms", res["w1"]["tpot_ms"], lw1.get("tpot_ms"), tf.get("tpot_ms")),
-        ]
-    if "w2" in res:
-        rows.append(
-            ("W2 requests/s", res["w2"]["requests_per_s"], lm.get("w2", {}).get("req_per_s"), None)
-        )
-    if "w3" in res:
-        rows.append(
-            (
-                "W3 output tokens/s",
-                res["w3"]["output_tokens_per_s"],
-                lm.get("w3", {}).get("output_tok_per_s"),
-                None,
+    try:
+        out = (
+            subprocess.run(
+                ["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
             )
+            .stdout.strip()
+            .splitlines()
         )
+    except (OSError, subprocess.SubprocessError):
+        out = []
+    name = out[0] if out else torch.cuda.get_device_name()
+    return f"{name}; torch {torch.__version__}"
+
+
+# ---- results → table -----------------------------------------------------------------------
+
+
+def _get(d: dict | None, *keys: str) -> float | None:
+    """The first of ``keys`` (dotted paths) that ``d`` holds as a number."""
+    for key in keys:
+        v: object = d or {}
+        for part in key.split("."):
+            v = v.get(part) if isinstance(v, dict) else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def lmdeploy_values(lm: dict | None) -> dict[str, float | None]:
+    """LMDeploy's numbers from its harness's results.json (or ``LMDEPLOY_QUOTED``)."""
+    cfg = (lm or {}).get("engine_config", {}) if isinstance(lm, dict) else {}
+    kv = _get(lm, "kv_tokens")
+    if kv is None and _get(cfg, "num_gpu_blocks") and _get(cfg, "block_size"):
+        kv = _get(cfg, "num_gpu_blocks") * _get(cfg, "block_size")
+    mib = lambda k: None if _get(lm, k) is None else _get(lm, k) / 1024
+    return {
+        "W1 TTFT ms": _get(lm, "w1.ttft_ms_median_of_runs", "w1.ttft_ms"),
+        "W1 TPOT ms": _get(lm, "w1.tpot_ms_median_of_runs", "w1.tpot_ms"),
+        "W2 requests/s": _get(lm, "w2.req_per_s", "w2.requests_per_s"),
+        "W3 output tokens/s": _get(lm, "w3.output_tok_per_s", "w3.output_tokens_per_s"),
+        "KV cache tokens": kv,
+        "peak GPU memory allocated GiB": _get(lm, "peak_gib")
+        or mib("torch_max_memory_allocated_mib"),
+        "peak GPU memory reserved GiB": _get(lm, "peak_reserved_gib")
+        or mib("torch_max_memory_reserved_mib"),
+    }
+
+
+def comparison(res: dict, lmdeploy: dict | None) -> list[tuple[str, object, object, object, bool]]:
+    """(metric, vlmdeploy, LMDeploy, transformers, higher is better) rows. A value is a number,
+    None where a system was not measured, or a string ("error", "skipped") where it failed."""
+    lm, tf = lmdeploy_values(lmdeploy), res.get("transformers_w1") or {}
+
+    def ours(workload: str, key: str) -> object:
+        r = res.get(workload)
+        if not isinstance(r, dict):
+            return None
+        if "error" in r:
+            return "error"
+        if "skipped" in r:
+            return "skipped"
+        return r.get(key)
+
+    def theirs(key: str) -> object:
+        return "error" if "error" in tf else "skipped" if "skipped" in tf else tf.get(key)
+
+    rows: list[tuple[str, object, object, object, bool]] = [
+        ("W1 TTFT ms", ours("w1", "ttft_ms"), lm["W1 TTFT ms"], theirs("ttft_ms"), False),
+        ("W1 TPOT ms", ours("w1", "tpot_ms"), lm["W1 TPOT ms"], theirs("tpot_ms"), False),
+        ("W2 requests/s", ours("w2", "requests_per_s"), lm["W2 requests/s"], None, True),
+        (
+            "W3 output tokens/s",
+            ours("w3", "output_tokens_per_s"),
+            lm["W3 output tokens/s"],
+            None,
+            True,
+        ),
+        ("chat2 TTFT turn 1 ms", ours("chat2", "ttft1_ms"), None, None, False),
+        ("chat2 TTFT turn 2 ms", ours("chat2", "ttft2_ms"), None, None, False),
+        ("chat2 TTFT turn 2 / turn 1", ours("chat2", "ratio"), None, None, False),
+        ("chat2 turn-2 cached tokens", ours("chat2", "cached_tokens"), None, None, True),
+        ("KV cache tokens", res.get("kv_tokens"), lm["KV cache tokens"], None, True),
+        (
+            "peak GPU memory allocated GiB",
+            res.get("peak_gib"),
+            lm["peak GPU memory allocated GiB"],
+            None,
+            False,
+        ),
+        (
+            "peak GPU memory reserved GiB",
+            res.get("peak_reserved_gib"),
+            lm["peak GPU memory reserved GiB"],
+            None,
+            False,
+        ),
+    ]
     return rows
 
 
-def markdown(res: dict, lmdeploy: dict | None = None, plot: str | None = None) -> str:
-    def cell(v: float | None) -> str:
-        return "–" if v is None else f"{v:,.2f}" if v < 100 else f"{v:,.0f}"
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+
+def target_cell(metric: str, value: object) -> tuple[str, str]:
+    if metric not in TARGETS:
+        return "", ""
+    op, bound = TARGETS[metric]
+    text = f"{op.replace('<=', '≤').replace('>=', '≥')} {bound:,g}"
+    if not _is_num(value):
+        return text, "–"
+    ok = {"<=": value <= bound, "<": value < bound, ">=": value >= bound}[op]
+    return text, "yes" if ok else "no"
+
+
+def cell(v: object) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, float) and not math.isfinite(v):
+        return "–"
+    return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
+
+
+def lmdeploy_label(lmdeploy: dict | None, note: str | None, label: str | None = None) -> str:
+    if label:
+        return label
+    if note:
+        return (lmdeploy or {}).get("label") or "LMDeploy (quoted, not this call)"
+    return "LMDeploy (this call)" if lmdeploy else "LMDeploy"
+
+
+def markdown(
+    res: dict,
+    lmdeploy: dict | None = None,
+    plot: str | None = None,
+    note: str | None = None,
+    label: str | None = None,
+) -> str:
+    s = res.get("settings", {})
+    lm_label = lmdeploy_label(lmdeploy, note, label)
+    peak = (
+        f"{res['peak_gib']:.1f} GiB allocated / {res.get('peak_reserved_gib', 0.0):.1f} GiB "
+        "reserved (torch)"
+        if _is_num(res.get("peak_gib"))
+        else "–"
+    )
+    kv = f"{res['kv_tokens']:,}" if _is_num(res.get("kv_tokens")) else "–"
+    lm_where = (
+        "the LMDeploy column comes from the same device call"
+        if lmdeploy and not note
+        else "the LMDeploy column is quoted (see the note below)"
+        if lmdeploy
+        else "LMDeploy was not measured"
+    )
     lines = [
-        f"### {res['date']} — {res['device']}",
+        f"### {res.get('date', '?')} — {res.get('device', '?')}",
         "",
-        f"Model: {res['model']} (load format {res['load_format']}); KV cache "
-        f"{res['kv_tokens']:,} tokens; peak GPU memory {res['peak_gib']:.1f} GiB. LMDeploy and "
-        "transformers columns come from the same device call.",
+        f"Model: {res.get('model')} (load format {res.get('load_format')}). Settings: "
+        f"session_len {s.get('session_len')}, prefix caching "
+        f"{'on' if s.get('enable_prefix_caching') else 'off'}, cache_max_entry_count "
+        f"{s.get('cache_max_entry_count')}, W2 {s.get('n2')} / W3 {s.get('n3')} requests; "
+        f"engine start {cell(res.get('init_s'))} s. KV cache {kv} tokens; peak GPU memory {peak}. "
+        f"The transformers column was measured in the same call; {lm_where}.",
         "",
-        "| metric | vlmdeploy | LMDeploy | transformers |",
-        "|---|---:|---:|---:|",
+        f"| metric | vlmdeploy | target | met | {lm_label} | transformers |",
+        "|---|---:|---:|:-:|---:|---:|",
     ]
-    lines += [
-        f"| {m} | {cell(a)} | {cell(b)} | {cell(c)} |" for m, a, b, c in comparison(res, lmdeploy)
+    for m, a, b, c, _ in comparison(res, lmdeploy):
+        t, ok = target_cell(m, a)
+        lines.append(f"| {m} | {cell(a)} | {t} | {ok} | {cell(b)} | {cell(c)} |")
+    if note:
+        lines += ["", f"LMDeploy column: {note}"]
+    errors = [
+        (k, v.get("error") or v.get("skipped"))
+        for k, v in res.items()
+        if isinstance(v, dict) and ("error" in v or "skipped" in v)
     ]
+    if errors:
+        lines += [""] + [f"- {k}: {msg}" for k, msg in errors]
     if plot:
         lines += ["", f"![vlmdeploy against the baselines]({plot})"]
     return "\n".join(lines) + "\n"
 
 
-def svg_plot(res: dict, lmdeploy: dict | None) -> str:
+def svg_plot(res: dict, lmdeploy: dict | None, label: str = "LMDeploy") -> str:
     """Bars of each metric relative to LMDeploy (higher is better; latencies inverted)."""
-    rows = [(m, a, b) for m, a, b, _ in comparison(res, lmdeploy) if b]
+    rows = [
+        (m, a, b, hi)
+        for m, a, b, _, hi in comparison(res, lmdeploy)
+        if _is_num(a) and _is_num(b) and a and b
+    ]
     width, bar, gap = 640, 18, 14
     height = 40 + len(rows) * (2 * bar + gap)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         'font-family="sans-serif" font-size="12">',
-        '<text x="10" y="20">speed relative to LMDeploy (1.0 = equal; latency inverted)</text>',
+        f'<text x="10" y="20">relative to {label} (1.0 = equal; lower-is-better inverted)</text>',
     ]
-    scale = (width - 220) / max([2.0] + [(b / a if "ms" in m else a / b) for m, a, b in rows])
+    ratios = [(m, a / b if hi else b / a) for m, a, b, hi in rows]
+    scale = (width - 260) / max([2.0] + [r for _, r in ratios])
     y = 40
-    for m, a, b in rows:
-        ratio = b / a if "ms" in m else a / b
+    for m, ratio in ratios:
         out += [
             f'<text x="10" y="{y + bar - 4}">{m}</text>',
-            f'<rect x="180" y="{y}" width="{ratio * scale:.1f}" height="{bar}" fill="#2b6cb0"/>',
-            f'<text x="{186 + ratio * scale:.1f}" y="{y + bar - 4}">vlmdeploy {ratio:.2f}x</text>',
-            f'<rect x="180" y="{y + bar}" width="{scale:.1f}" height="{bar}" fill="#a0aec0"/>',
-            f'<text x="{186 + scale:.1f}" y="{y + 2 * bar - 4}">LMDeploy 1.00x</text>',
+            f'<rect x="220" y="{y}" width="{ratio * scale:.1f}" height="{bar}" fill="#2b6cb0"/>',
+            f'<text x="{226 + ratio * scale:.1f}" y="{y + bar - 4}">vlmdeploy {ratio:.2f}x</text>',
+            f'<rect x="220" y="{y + bar}" width="{scale:.1f}" height="{bar}" fill="#a0aec0"/>',
+            f'<text x="{226 + scale:.1f}" y="{y + 2 * bar - 4}">LMDeploy 1.00x</text>',
         ]
         y += 2 * bar + gap
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def write_outputs(res: dict, args: argparse.Namespace) -> str:
+    """Append the markdown section (and an SVG beside it) to ``args.out``; returns the section."""
+    if args.lmdeploy:
+        lmdeploy = json.loads(Path(args.lmdeploy).read_text())
+    else:
+        lmdeploy = LMDEPLOY_QUOTED if args.lmdeploy_note else None
+    label = lmdeploy_label(lmdeploy, args.lmdeploy_note, args.lmdeploy_label)
+    plot = None
+    if args.out and lmdeploy:
+        plot = f"benchmarks-{res.get('date', 'results')}.svg"
+        (Path(args.out).parent / plot).write_text(svg_plot(res, lmdeploy, label))
+    text = markdown(res, lmdeploy, plot, args.lmdeploy_note, args.lmdeploy_label)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + text)
+    return text
+
+
+# ---- running -------------------------------------------------------------------------------
+
+
+def summary_line(name: str, r: dict) -> str:
+    if name == "w1":
+        return (
+            f"TTFT {r['ttft_ms']:.1f} ms, TPOT {r['tpot_ms']:.2f} ms ({r['output_tokens']} tokens)"
+        )
+    if name == "chat2":
+        return (
+            f"TTFT turn 1 {r['ttft1_ms']:.1f} ms, turn 2 {r['ttft2_ms']:.1f} ms, ratio "
+            f"{r['ratio']:.3f}; turn 2 cached {r['cached_tokens']} of {r['turn2_input_tokens']} "
+            "prompt tokens"
+        )
+    if name in ("w2", "w3"):
+        return (
+            f"{r['requests']} requests in {r['wall_s']:.1f} s: {r['requests_per_s']:.2f} req/s, "
+            f"in {r['input_tokens_per_s']:,.0f} tok/s, out {r['output_tokens_per_s']:,.0f} tok/s"
+        )
+    if name == "transformers_w1":
+        return f"TTFT {r['ttft_ms']:.1f} ms, TPOT {r['tpot_ms']:.2f} ms"
+    return json.dumps(r)
+
+
+def stage(res: dict, name: str, fn: Callable[[], dict], deadline: float, save) -> None:
+    """Run one workload; record its result, or its error, or that the time limit skipped it."""
+    if time.monotonic() > deadline:
+        res[name] = {"skipped": "time limit reached before it started"}
+        log(f"{name}: skipped (time limit)")
+        save()
+        return
+    res[name] = {"error": "started but did not finish (killed by a timeout?)"}
+    save()  # what a killed run leaves behind says so
+    t = time.perf_counter()
+    try:
+        r = fn()
+    except Exception as exc:  # one failure must not lose the other workloads
+        traceback.print_exc()
+        res[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        log(f"{name}: ERROR {res[name]['error']}")
+        save()
+        return
+    r["stage_s"] = round(time.perf_counter() - t, 1)
+    res[name] = r
+    save()
+    try:
+        log(f"{name}: {summary_line(name, r)} [{r['stage_s']} s]")
+    except Exception:
+        log(f"{name}: {r}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="checkpoint directory")
     ap.add_argument("--preset", help="write config + tokenizer of this size and use dummy weights")
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    ap.add_argument("--workloads", default="w1,w2,w3")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="of " + ",".join(WORKLOADS))
     ap.add_argument("--n2", type=int, default=256)
     ap.add_argument("--n3", type=int, default=256)
     ap.add_argument("--session-len", type=int, default=8192)
+    ap.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="enable_prefix_caching of the engine (default on)",
+    )
+    ap.add_argument("--cache-max-entry-count", type=float, default=0.8)
+    ap.add_argument(
+        "--time-limit",
+        type=float,
+        default=0.0,
+        help="seconds; 0: none. Workloads (and the baseline) that would start after it are skipped",
+    )
     ap.add_argument("--baseline", action="store_true", help="also time transformers on W1")
-    ap.add_argument("--json", help="write raw results here")
+    ap.add_argument("--json", help="write raw results here (rewritten after every workload)")
     ap.add_argument("--out", help="append a markdown section to this file (and an SVG beside it)")
-    ap.add_argument("--lmdeploy", help="results.json of the reference harness, same device call")
+    ap.add_argument("--render", metavar="JSON", help="only write the table of saved results")
+    ap.add_argument("--lmdeploy", help="results.json of the reference harness")
+    ap.add_argument(
+        "--lmdeploy-note",
+        help="printed under the table; marks the LMDeploy column as quoted from an earlier run "
+        "(without --lmdeploy, the 2026-11-27 numbers of ../shared/anchors/lmdeploy/RESULTS.md)",
+    )
+    ap.add_argument("--lmdeploy-label", help="heading of the LMDeploy column")
     args = ap.parse_args(argv)
+    unknown = set(args.workloads.split(",")) - set(WORKLOADS) - {""}
+    if unknown:
+        ap.error(f"unknown workloads {sorted(unknown)}; known: {', '.join(WORKLOADS)}")
+    if not (args.model or args.preset or args.render):
+        ap.error("one of --model, --preset, --render is needed")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.render:
+        print(write_outputs(json.loads(Path(args.render).read_text()), args), flush=True)
+        return
+    deadline = _T0 + args.time_limit if args.time_limit > 0 else math.inf
     model, load_format = args.model, args.load_format
     if args.preset:
         from vlmdeploy.testing.checkpoint import make_checkpoint
@@ -263,42 +591,99 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
         load_format = "dummy"
-    cfg = PytorchEngineConfig(session_len=args.session_len, load_format=load_format)
-    res = {
-        "date": datetime.date.today().isoformat(),
+    cfg = PytorchEngineConfig(
+        session_len=args.session_len,
+        load_format=load_format,
+        enable_prefix_caching=args.prefix_caching,
+        cache_max_entry_count=args.cache_max_entry_count,
+    )
+    now = datetime.datetime.now(datetime.timezone.utc)
+    res: dict = {
+        "date": now.date().isoformat(),
+        "time_utc": now.strftime("%H:%M:%S"),
         "device": device_line(),
         "model": model,
         "load_format": load_format,
+        "settings": {
+            "session_len": args.session_len,
+            "enable_prefix_caching": args.prefix_caching,
+            "cache_max_entry_count": args.cache_max_entry_count,
+            "n2": args.n2,
+            "n3": args.n3,
+            "workloads": args.workloads,
+        },
     }
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+
     todo = set(args.workloads.split(","))
     cuda = torch.cuda.is_available()
-    with pipeline(model, backend_config=cfg) as pipe:
-        tok = pipe.tokenizer
-        res["kv_tokens"] = pipe.engine.num_blocks * pipe.engine.block_size
-        w1_req = pipe.prepare_sync(workload(tok, 1, 448, 30, seed=1)[0], gen(1))
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        if "w1" in todo:
-            res["w1"] = run_w1(pipe, tok)
-        if "w2" in todo:
-            res["w2"] = run_batch(pipe, tok, args.n2, 1024, 100, 100, seed=20)
-        if "w3" in todo:
-            res["w3"] = run_batch(pipe, tok, args.n3, 448, 30, 512, seed=30)
-        res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    log(f"device: {res['device']}; loading {model}")
+    w1_req = None
+    t = time.perf_counter()
+    try:
+        pipe = pipeline(model, backend_config=cfg)
+    except Exception as exc:
+        traceback.print_exc()
+        res["engine"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        pipe = None
+    res["init_s"] = round(time.perf_counter() - t, 1)
+    if pipe is not None:
+        try:
+            tok = pipe.tokenizer
+            res["kv_tokens"] = pipe.engine.num_blocks * pipe.engine.block_size
+            log(f"engine up in {res['init_s']} s; KV cache {res['kv_tokens']:,} tokens")
+            save()
+            try:
+                w1_req = pipe.prepare_sync(workload(tok, 1, 448, 30, seed=1)[0], gen(1))
+            except Exception:
+                traceback.print_exc()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            runs = {
+                "w1": lambda: run_w1(pipe, tok),
+                "chat2": lambda: run_chat2(pipe, tok),
+                "w2": lambda: run_batch(pipe, tok, args.n2, 1024, 100, 100, seed=20),
+                "w3": lambda: run_batch(pipe, tok, args.n3, 448, 30, 512, seed=30),
+            }
+            for name in WORKLOADS:
+                if name in todo:
+                    stage(res, name, runs[name], deadline, save)
+        finally:
+            res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+            res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
+            log(
+                f"peak GPU memory {res['peak_gib']:.1f} GiB allocated, "
+                f"{res['peak_reserved_gib']:.1f} GiB reserved"
+            )
+            try:
+                pipe.close()
+            except Exception:  # the table still gets written
+                traceback.print_exc()
+            del pipe
+            save()
     if args.baseline and load_format == "auto":  # after the engine has released its memory
-        pixels = torch.cat([im.pixel_values for im in w1_req.images])
-        res["transformers_w1"] = transformers_w1(model, w1_req.token_ids, pixels)
-    print(json.dumps(res, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
-    if args.out:
-        lmdeploy = json.loads(Path(args.lmdeploy).read_text()) if args.lmdeploy else None
-        plot = None
-        if lmdeploy:
-            plot = f"benchmarks-{res['date']}.svg"
-            (Path(args.out).parent / plot).write_text(svg_plot(res, lmdeploy))
-        with open(args.out, "a") as f:
-            f.write("\n" + markdown(res, lmdeploy, plot))
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            log(f"GPU memory before the baseline: {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+
+        def baseline() -> dict:
+            if w1_req is None:
+                raise RuntimeError("no W1 request was prepared (the engine did not start)")
+            pixels = torch.cat([im.pixel_values for im in w1_req.images])
+            return transformers_w1(model, w1_req.token_ids, pixels)
+
+        stage(res, "transformers_w1", baseline, deadline, save)
+    save()
+    table = write_outputs(res, args)
+    print(table, flush=True)
+    failed = [k for k, v in res.items() if isinstance(v, dict) and "error" in v]
+    if failed:
+        log(f"failed: {', '.join(failed)}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import time
 import types
@@ -58,11 +59,15 @@ _bare_packages()
 
 from vlmdeploy.synthetic.eval import evaluate  # noqa: E402
 from vlmdeploy.synthetic.questions import (  # noqa: E402
+    FEWER_PROMPT,
     KINDS,
+    MORE_PROMPT,
     MULTI_IMAGE_PREFIX,
     Message,
+    Question,
     generate_questions,
     make_question,
+    questions_about,
 )
 from vlmdeploy.synthetic.reference import (  # noqa: E402
     ReferenceAnswerer,
@@ -225,7 +230,7 @@ def kind_of(index: int) -> str:
     return rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
 
 
-def prompt_form(index: int, kind: str, messages: list[Message], plain_share: float = 0.0
+def prompt_form(index: int | str, kind: str, messages: list[Message], plain_share: float = 0.0
                 ) -> list[Message]:
     """Question ``index`` in the prompt form it trains: mostly canonical, sometimes another form."""
     rng = random.Random(f"form/{TRAIN_SEED}/{index}")
@@ -262,9 +267,11 @@ def token_labels(scene: Scene) -> np.ndarray:
     Columns 0-2: shape, colour and slot class of the object under the token. Token (i, j) of a
     tile covers tile pixels [28i, 28i+28) x [28j, 28j+28) (pixel shuffle v2 order), so it takes
     the object map at that square's centre, tiled with the same grid and thumbnail as the pixels
-    (nearest-neighbour instead of bicubic). Columns 3-7: the whole scene, the (shape, colour) class
-    in each slot, on every token of a tile that shows the whole image (the single tile or the
-    thumbnail); -100 (ignored) on crop tiles, which show only part of it.
+    (nearest-neighbour instead of bicubic). The slot is only a target on whole-image tiles: a
+    crop does not show where it lies in the image (-100 on crop tiles). Columns 3-7: the whole
+    scene, the (shape, colour) class in each slot, on every token of a tile that shows the whole
+    image (the single tile or the thumbnail); -100 (ignored) on crop tiles, which show part of
+    it.
     """
     table = np.zeros((len(scene.objects) + 1, 3), dtype=np.int64)
     slots = np.zeros(len(SLOTS), dtype=np.int64)
@@ -285,19 +292,43 @@ def token_labels(scene: Scene) -> np.ndarray:
     else:
         whole[0] = slots
     local = table[np.concatenate(maps).reshape(-1, 256)]  # (T, 256, 3)
+    # A crop tile cannot tell where in the whole image it lies, so no slot target there.
+    if rows * cols > 1:
+        local[:rows * cols, :, 2] = -100
     scene_cols = np.broadcast_to(whole[:, None, :], (len(whole), 256, len(SLOTS)))
     return np.concatenate([local, scene_cols], axis=-1)  # (T, 256, 8)
 
 
+def sample_questions(index: int, per_scene: int) -> list[Question]:
+    """Training sample ``index``: question ``index`` of the stream and, with ``per_scene > 1``,
+    more questions about the same image(s), so one vision pass trains several answers. A
+    two-image question gets its mirror ("more" <-> "fewer"); a single-image one gets
+    ``per_scene - 1`` questions of random kinds about its scene."""
+    q = make_question(TRAIN_SEED, index, kind_of(index))
+    if per_scene <= 1:
+        return [q]
+    if q.kind == "multi_image":
+        text = q.messages[0]["content"][-1]["text"]
+        flipped = (text.replace(MORE_PROMPT, FEWER_PROMPT) if MORE_PROMPT in text
+                   else text.replace(FEWER_PROMPT, MORE_PROMPT))
+        parts = [*q.messages[0]["content"][:-1], {"type": "text", "text": flipped}]
+        answer = "Image-2" if q.answer == "Image-1" else "Image-1"
+        return [q, Question(q.kind, [{"role": "user", "content": parts}], answer, q.scenes)]
+    rng = random.Random(f"more/{TRAIN_SEED}/{index}")
+    return [q, *questions_about(rng, q.scenes[0], q.images[0], per_scene - 1)]
+
+
 class TrainSet(torch.utils.data.Dataset):
-    """Sample ``i``: token ids, loss labels (assistant tokens) and uint8 tiles of question ``i``."""
+    """Sample ``i``: the token ids and loss labels (assistant tokens) of each question of
+    ``sample_questions(i)``, and the uint8 tiles and dense targets of their shared image(s)."""
 
     def __init__(self, tokenizer: Any, length: int, offset: int = 0,
-                 plain_share: float = 0.0) -> None:
+                 plain_share: float = 0.0, per_scene: int = 1) -> None:
         self.tok = tokenizer
         self.length = length
         self.offset = offset  # a later training stage reads fresh questions
         self.plain_share = plain_share
+        self.per_scene = per_scene
         self.im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.assistant = tokenizer.encode("assistant\n", add_special_tokens=False)
@@ -305,18 +336,26 @@ class TrainSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         index += self.offset
-        kind = kind_of(index)
-        q = make_question(TRAIN_SEED, index, kind)
-        messages = prompt_form(index, kind, q.messages, self.plain_share)
-        messages.append({"role": "assistant", "content": q.answer})
-        text, images = render_prompt(self.tok, messages, MAX_DYNAMIC_PATCH,
-                                     add_generation_prompt=False)
-        ids = self.tok.encode(text, add_special_tokens=False)
+        questions = sample_questions(index, self.per_scene)
+        ids, labels, images = [], [], None
+        for j, q in enumerate(questions):
+            key = index if j == 0 else f"{index}/{j}"  # the first keeps its single-question form
+            messages = prompt_form(key, q.kind, q.messages, self.plain_share)
+            messages.append({"role": "assistant", "content": q.answer})
+            text, shown = render_prompt(self.tok, messages, MAX_DYNAMIC_PATCH,
+                                        add_generation_prompt=False)
+            if images is None:
+                images = shown
+            # Every question shows the same image objects in the same order: one set of tiles.
+            assert len(shown) == len(images) and all(a is b for a, b in zip(shown, images))
+            ids.append(self.tok.encode(text, add_special_tokens=False))
+            labels.append(self._labels(ids[-1]))
         pixels = np.concatenate([tile_array(im, max_num=MAX_DYNAMIC_PATCH) for im in images])
-        aux = np.concatenate([token_labels(scene) for scene in q.scenes])
-        return {"ids": torch.tensor(ids), "labels": torch.tensor(self._labels(ids)),
+        aux = np.concatenate([token_labels(scene) for scene in questions[0].scenes])
+        return {"ids": [torch.tensor(x) for x in ids],
+                "labels": [torch.tensor(x) for x in labels],
                 "pixels": torch.from_numpy(pixels),  # (T, 448, 448, 3) uint8
                 "aux": torch.from_numpy(aux)}  # (T, 256, 8)
 
@@ -338,15 +377,24 @@ class TrainSet(torch.utils.data.Dataset):
         return labels
 
 
-def collate(samples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(s["ids"]) for s in samples)
-    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(samples), length), dtype=torch.long)
-    for row, s in enumerate(samples):  # right padding
-        n = len(s["ids"])
-        ids[row, :n], labels[row, :n], mask[row, :n] = s["ids"], s["labels"], 1
-    return {"ids": ids, "labels": labels, "mask": mask,
+def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded sequences of all questions, the tiles of all samples, and ``tiles``: for each
+    sequence in order, the indices of its sample's tiles (image features are computed once per
+    tile and gathered for every sequence that shows them)."""
+    seqs = [pair for s in samples for pair in zip(s["ids"], s["labels"])]
+    length = max(len(i) for i, _ in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for row, (seq, target) in enumerate(seqs):
+        n = len(seq)
+        ids[row, :n], labels[row, :n], mask[row, :n] = seq, target, 1
+    tiles, start = [], 0
+    for s in samples:
+        n = len(s["pixels"])
+        tiles += [torch.arange(start, start + n)] * len(s["ids"])
+        start += n
+    return {"ids": ids, "labels": labels, "mask": mask, "tiles": torch.cat(tiles),
             "pixels": torch.cat([s["pixels"] for s in samples]),
             "aux": torch.cat([s["aux"] for s in samples])}
 
@@ -393,14 +441,27 @@ class AuxHeads(torch.nn.Module):
 
     def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.proj(feats).float().split(self.sizes, dim=-1)  # k x (T, 256, n_k)
-        losses = [F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[..., k].reshape(-1),
-                                  ignore_index=-100)
-                  for k, lg in enumerate(logits)]
-        local = sum(losses[:3]) / 3
-        if len(losses) == 3:
-            return local
-        # Every batch holds whole-image tiles, so the scene terms are never all-ignored (NaN).
-        return (local + sum(losses[3:]) / len(SLOTS)) / 2
+
+        def ce(k: int, target: torch.Tensor) -> torch.Tensor:
+            if not bool((target != -100).any()):
+                return logits[k].sum() * 0.0
+            return F.cross_entropy(logits[k].reshape(-1, self.sizes[k]), target.reshape(-1),
+                                   ignore_index=-100)
+
+        # Objects cover ~2% of the tokens: over all tokens the loss is low while the object
+        # tokens are barely learnt, so object vs background is one term and the shape, colour
+        # and slot of object tokens are terms of their own.
+        on_object = labels[..., 0] > 0
+        local = [ce(0, labels[..., 0])]
+        local += [ce(k, labels[..., k].masked_fill(~on_object, -100)) for k in range(3)]
+        self.object_accuracy = [
+            float((logits[k].argmax(-1) == labels[..., k])[on_object & (labels[..., k] >= 0)]
+                  .float().mean()) for k in range(3)]
+        local_loss = sum(local) / len(local)
+        if len(logits) == 3:
+            return local_loss
+        scene = [ce(k, labels[..., k]) for k in range(3, len(logits))]
+        return (local_loss + sum(scene) / len(scene)) / 2
 
 
 def image_features(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -415,15 +476,26 @@ def image_features(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor
 
 
 def loss_of(model: torch.nn.Module, heads: AuxHeads, batch: dict[str, torch.Tensor],
-            dtype: torch.dtype, aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer-token loss, dense image-token loss) of one batch."""
+            dtype: torch.dtype, aux_weight: float, chunks: int = 4
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer-token loss, dense image-token loss) of one batch.
+
+    Sequences are right-padded, so under the causal mask no real token sees padding and no mask
+    is needed (attention takes its fused causal path); they run in ``chunks`` groups of similar
+    length, so short ones are not padded to the longest of the batch."""
     feats = image_features(model, normalise(batch["pixels"], dtype))
     embeds = model.get_input_embeddings()(batch["ids"])  # (B, L, H)
     slots = (batch["ids"] == model.config.image_token_id).unsqueeze(-1)
-    embeds = embeds.masked_scatter(slots, feats.to(embeds.dtype))
-    logits = model(inputs_embeds=embeds, attention_mask=batch["mask"]).logits[:, :-1].float()
-    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                         batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    embeds = embeds.masked_scatter(slots, feats[batch["tiles"]].to(embeds.dtype))
+    lengths = batch["mask"].sum(1)
+    total = torch.zeros((), device=embeds.device)
+    for rows in torch.argsort(lengths).chunk(chunks):
+        n = int(lengths[rows].max())
+        logits = model(inputs_embeds=embeds[rows, :n]).logits[:, :-1].float()
+        total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                        batch["labels"][rows, 1:n].reshape(-1),
+                                        ignore_index=-100, reduction="sum")
+    lm = total / (batch["labels"][:, 1:] != -100).sum()
     aux = heads(feats, batch["aux"]) if aux_weight else torch.zeros((), device=lm.device)
     return lm, aux
 
@@ -433,7 +505,8 @@ def train(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any) -> d
     amp = device.type == "cuda"
     pixel_dtype = torch.bfloat16 if amp else torch.float32
     max_steps = args.steps or 10**6
-    data = TrainSet(tokenizer, max_steps * args.batch_size, args.data_offset, args.plain_share)
+    data = TrainSet(tokenizer, max_steps * args.batch_size, args.data_offset, args.plain_share,
+                    args.questions_per_scene)
     loader = torch.utils.data.DataLoader(
         data, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
         collate_fn=lambda s: collate(s, tokenizer.pad_token_id), pin_memory=amp,
@@ -468,6 +541,7 @@ def train(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any) -> d
         opt.step()
         if step % args.log_every == 0:
             entry = {"step": step, "loss": round(lm.item(), 4), "aux": round(aux.item(), 4),
+                     "object_acc": [round(a, 3) for a in getattr(heads, "object_accuracy", [])],
                      "s": round(time.time() - t0, 1)}
             log.append(entry)
             print(json.dumps(entry), flush=True)
@@ -475,10 +549,23 @@ def train(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any) -> d
 
 
 def load_original_weights(model: torch.nn.Module, model_dir: Path) -> None:
+    """Load a saved model into ``model``. A language model deeper than the saved one keeps the
+    saved layers and starts each extra layer as the identity (its output projections zeroed), so
+    growing the model keeps what it has learnt."""
     from safetensors.torch import load_file
 
     state = original_to_hf(load_file(str(model_dir / "model.safetensors")))
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()},
+                                                strict=False)
+    new_layer = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
+    if unexpected or any(not new_layer.match(k) for k in missing):
+        raise ValueError(f"{model_dir} does not fit: missing {missing}, unexpected {unexpected}")
+    layers = model.model.language_model.layers
+    for index in sorted({int(new_layer.match(k)[1]) for k in missing}):
+        with torch.no_grad():
+            layers[index].self_attn.o_proj.weight.zero_()
+            layers[index].mlp.down_proj.weight.zero_()
+        print(f"language-model layer {index} added as the identity", flush=True)
 
 
 def save_weights(model: torch.nn.Module, out: Path) -> None:
@@ -499,7 +586,11 @@ def main() -> None:
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds of training")
     p.add_argument("--calibrate", type=int, default=100)
     p.add_argument("--max-seconds", type=float, default=0.0, help="hard stop (0: none)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="samples (images) per step")
+    p.add_argument("--questions-per-scene", type=int, default=1,
+                   help="questions trained per sample image (one vision pass for all)")
+    p.add_argument("--text-layers", type=int, default=TEXT["num_hidden_layers"],
+                   help="language-model depth (extra layers over --init-from start as identity)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--workers", type=int, default=0)
@@ -520,6 +611,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    TEXT["num_hidden_layers"] = args.text_layers
     args.out.mkdir(parents=True, exist_ok=True)
     write_tokenizer(build_tokenizer(), args.out)
     tokenizer = AutoTokenizer.from_pretrained(str(args.out))

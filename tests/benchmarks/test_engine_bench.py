@@ -5,15 +5,51 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "engine.py"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks" / "engine.py"
 
 
-def test_engine_benchmark_smoke(tiny_ckpts, tmp_path):
+@pytest.fixture(scope="module")
+def bench():
     spec = importlib.util.spec_from_file_location("bench_engine", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_results(**extra) -> dict:
+    res = {
+        "date": "2026-11-28",
+        "device": "NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04; torch 2.11.0+cu130",
+        "model": "/tmp/ivl8b-hf",
+        "load_format": "auto",
+        "settings": {
+            "session_len": 8192,
+            "enable_prefix_caching": True,
+            "cache_max_entry_count": 0.8,
+            "n2": 256,
+            "n3": 256,
+        },
+        "init_s": 41.0,
+        "kv_tokens": 352_000,
+        "peak_gib": 66.5,
+        "peak_reserved_gib": 68.25,
+        "w1": {"ttft_ms": 25.0, "tpot_ms": 5.5, "output_tokens": 512},
+        "chat2": {"ttft1_ms": 200.0, "ttft2_ms": 40.0, "ratio": 0.2, "cached_tokens": 2688},
+        "w2": {"requests": 256, "requests_per_s": 11.5},
+        "w3": {"error": "RuntimeError: CUDA out of memory"},
+        "transformers_w1": {"ttft_ms": 150.0, "tpot_ms": 27.0},
+    }
+    res.update(extra)
+    return res
+
+
+def test_engine_benchmark_smoke(bench, tiny_ckpts, tmp_path):
     out, raw = tmp_path / "bench.md", tmp_path / "bench.json"
     lmdeploy = tmp_path / "results.json"  # the reference harness's result format
     lmdeploy.write_text(
@@ -31,7 +67,87 @@ def test_engine_benchmark_smoke(tiny_ckpts, tmp_path):
     assert res["w1"]["output_tokens"] == 512 and res["w1"]["tpot_ms"] > 0
     assert res["w2"]["requests"] == 2 and res["w3"]["output_tokens_per_s"] > 0
     assert res["transformers_w1"]["tpot_ms"] > 0
+    chat = res["chat2"]
+    assert chat["ttft1_ms"] > 0 and chat["ttft2_ms"] > 0 and chat["output_tokens"] == [64, 64]
+    assert chat["ratio"] == pytest.approx(chat["ttft2_ms"] / chat["ttft1_ms"])
+    # prefix caching is on by default: turn 2 reuses at least the full blocks of turn 1's prompt
+    assert res["settings"]["enable_prefix_caching"] is True
+    assert chat["cached_tokens"] >= chat["turn1_input_tokens"] // 64 * 64 > 0
+    assert chat["turn2_input_tokens"] > chat["turn1_input_tokens"]
     table = out.read_text()
     assert "| W1 TPOT ms |" in table and "| 6.70 |" in table and "| 9,300 |" in table
+    assert "| chat2 TTFT turn 2 / turn 1 |" in table and "LMDeploy (this call)" in table
     svg = next(tmp_path.glob("benchmarks-*.svg")).read_text()
     assert svg.startswith("<svg") and "W3 output tokens/s" in svg
+
+
+def test_prefix_caching_off_caches_nothing(bench, tiny_ckpts, tmp_path):
+    raw = tmp_path / "bench.json"
+    args = f"--model {tiny_ckpts['hf']} --workloads chat2 --no-prefix-caching --session-len 4096"
+    bench.main([*args.split(), "--json", str(raw)])
+    res = json.loads(raw.read_text())
+    assert res["settings"]["enable_prefix_caching"] is False
+    assert res["chat2"]["cached_tokens"] == 0 and "w1" not in res
+
+
+def test_markdown_quoted_lmdeploy_targets_and_errors(bench):
+    note = "quoted from the 2026-11-27 anchor run"
+    table = bench.markdown(fake_results(), bench.LMDEPLOY_QUOTED, note=note)
+    lines = table.splitlines()
+    head = next(line for line in lines if line.startswith("| metric |"))
+    assert "LMDeploy 0.18 (quoted, not this call)" in head and "| target | met |" in head
+    row = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
+    assert row["W1 TPOT ms"] == "| W1 TPOT ms | 5.50 | ≤ 5.6 | yes | 6.69 | 27.00 |"
+    assert row["W1 TTFT ms"] == "| W1 TTFT ms | 25.00 | ≤ 30 | yes | 112 | 150 |"
+    assert row["W2 requests/s"] == "| W2 requests/s | 11.50 | ≥ 11 | yes | 7.81 | – |"
+    assert row["W3 output tokens/s"] == "| W3 output tokens/s | error | ≥ 14,000 | – | 9,317 | – |"
+    assert row["chat2 TTFT turn 2 / turn 1"].startswith(
+        "| chat2 TTFT turn 2 / turn 1 | 0.20 | < 0.3 | yes"
+    )
+    assert row["chat2 turn-2 cached tokens"].startswith("| chat2 turn-2 cached tokens | 2,688 |")
+    assert row["KV cache tokens"] == "| KV cache tokens | 352,000 | ≥ 340,000 | yes | 347,648 | – |"
+    assert row["peak GPU memory reserved GiB"].startswith(
+        "| peak GPU memory reserved GiB | 68.25 |"
+    )
+    assert f"LMDeploy column: {note}" in table
+    assert "- w3: RuntimeError: CUDA out of memory" in table
+    assert "prefix caching on" in table and "KV cache 352,000 tokens" in table
+    assert "H100 80GB HBM3" in lines[0] and "2026-11-28" in lines[0]
+
+
+def test_markdown_target_missed_and_skipped(bench):
+    res = fake_results(w1={"ttft_ms": 45.0, "tpot_ms": 7.0}, chat2={"skipped": "time limit"})
+    table = bench.markdown(res)
+    assert "| W1 TPOT ms | 7.00 | ≤ 5.6 | no | – | 27.00 |" in table
+    assert "| chat2 TTFT turn 1 ms | skipped |" in table and "- chat2: time limit" in table
+    assert "| metric | vlmdeploy | target | met | LMDeploy | transformers |" in table
+
+
+def test_lmdeploy_harness_results(bench):
+    """The anchor harness's results.json: medians, engine_config blocks, torch peak in MiB."""
+    lm = {
+        "w1": {"ttft_ms": 113.0, "tpot_ms": 6.69, "ttft_ms_median_of_runs": 112.3},
+        "w2": {"req_per_s": 7.5},
+        "w3": {"output_tok_per_s": 9109.0},
+        "engine_config": {"num_gpu_blocks": 5432, "block_size": 64},
+        "torch_max_memory_allocated_mib": 66226.0,
+        "torch_max_memory_reserved_mib": 68248.0,
+    }
+    v = bench.lmdeploy_values(lm)
+    assert v["W1 TTFT ms"] == 112.3 and v["KV cache tokens"] == 347_648
+    assert v["peak GPU memory allocated GiB"] == pytest.approx(64.67, abs=0.01)
+    assert bench.lmdeploy_values(None)["W2 requests/s"] is None
+
+
+def test_render_saved_results(bench, tmp_path):
+    saved, out = tmp_path / "engine.json", tmp_path / "benchmarks.md"
+    saved.write_text(json.dumps(fake_results()))
+    bench.main(["--render", str(saved), "--out", str(out), "--lmdeploy-note", "quoted"])
+    table = out.read_text()
+    assert "LMDeploy 0.18 (quoted, not this call)" in table and "LMDeploy column: quoted" in table
+    assert "W2 requests/s" in next(tmp_path.glob("benchmarks-*.svg")).read_text()
+
+
+@pytest.mark.parametrize("script", ["device_run.sh", "s1_device.sh", "device_lib.sh"])
+def test_device_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], check=True)

@@ -7,6 +7,7 @@ against the generator's own scene objects.
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections import Counter
 
@@ -22,6 +23,7 @@ from vlmdeploy.synthetic.questions import (
     exact_match,
     generate_questions,
     make_question,
+    questions_about,
     to_openai_messages,
 )
 from vlmdeploy.vl.constants import IMAGE_TOKEN
@@ -101,36 +103,56 @@ def _text_parts(message) -> str:
 @pytest.mark.parametrize("seed", [5, 6])
 def test_answers_match_the_pixels(seed):
     for q in generate_questions(seed, 18):
-        scenes = [parse(im) for im in q.images]
-        if q.kind == "multi_image":
-            text = _text_parts(q.messages[0])
-            assert text.startswith(f"Image-1: {IMAGE_TOKEN}\nImage-2: {IMAGE_TOKEN}\n")
-            n1, n2 = len(scenes[0]), len(scenes[1])
-            assert n1 != n2
-            more = "more" in text
-            assert q.answer == ("Image-1" if (n1 > n2) == more else "Image-2")
-            continue
-        blobs = scenes[0]
-        assert 1 <= len(blobs) <= 4
-        user_turns = [m for m in q.messages if m["role"] == "user"]
-        if q.kind == "multi_turn":
-            first, follow = _text_parts(user_turns[0]), user_turns[1]["content"]
-            assert isinstance(follow, str) and IMAGE_TOKEN not in follow  # no image in turn 2
-            first_answer = q.messages[1]["content"]
-            expected = _expected_single(first, blobs)
-            if expected is None:
-                _check_description(first_answer, blobs)
-            else:
-                assert first_answer == expected
-            assert q.answer == _expected_single(follow, blobs)
-            continue
-        text = _text_parts(user_turns[0])
-        expected = _expected_single(text, blobs)
+        _check_against_pixels(q)
+
+
+def test_questions_about_one_scene_share_its_image_and_are_true():
+    rng = random.Random("about")
+    for index in range(6):
+        base = make_question(3, index, "describe")
+        image = base.images[0]
+        extra = questions_about(rng, base.scenes[0], image, 8)
+        assert len(extra) == 8 and {q.kind for q in extra} <= set(KINDS) - {"multi_image"}
+        for q in extra:
+            assert all(im is image for im in q.images)  # one encoded image serves all
+            _check_against_pixels(q)
+    kinds = Counter(q.kind for i in range(30)
+                    for q in questions_about(rng, make_question(4, i, "colour").scenes[0],
+                                             make_question(4, i, "colour").images[0], 4))
+    assert set(kinds) == set(KINDS) - {"multi_image"}
+
+
+def _check_against_pixels(q) -> None:
+    scenes = [parse(im) for im in q.images]
+    if q.kind == "multi_image":
+        text = _text_parts(q.messages[0])
+        assert text.startswith(f"Image-1: {IMAGE_TOKEN}\nImage-2: {IMAGE_TOKEN}\n")
+        n1, n2 = len(scenes[0]), len(scenes[1])
+        assert n1 != n2
+        more = "more" in text
+        assert q.answer == ("Image-1" if (n1 > n2) == more else "Image-2")
+        return
+    blobs = scenes[0]
+    assert 1 <= len(blobs) <= 4
+    user_turns = [m for m in q.messages if m["role"] == "user"]
+    if q.kind == "multi_turn":
+        first, follow = _text_parts(user_turns[0]), user_turns[1]["content"]
+        assert isinstance(follow, str) and IMAGE_TOKEN not in follow  # no image in turn 2
+        first_answer = q.messages[1]["content"]
+        expected = _expected_single(first, blobs)
         if expected is None:
-            assert q.kind == "describe"
-            _check_description(q.answer, blobs)
+            _check_description(first_answer, blobs)
         else:
-            assert q.answer == expected
+            assert first_answer == expected
+        assert q.answer == _expected_single(follow, blobs)
+        return
+    text = _text_parts(user_turns[0])
+    expected = _expected_single(text, blobs)
+    if expected is None:
+        assert q.kind == "describe"
+        _check_description(q.answer, blobs)
+    else:
+        assert q.answer == expected
 
 
 def test_single_image_questions_put_the_image_first():

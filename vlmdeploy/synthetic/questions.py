@@ -128,18 +128,21 @@ def _position_qa(scene: Scene, shape: str) -> tuple[str, str]:
     return POSITION_PROMPT.format(shape), scene.only(shape).slot
 
 
-def _single(kind: str, rng: random.Random) -> Question:
+def _ask(kind: str, rng: random.Random, scene: Scene, image: Image.Image,
+         shape: str | None = None) -> Question:
+    """A question of ``kind`` about ``scene`` (drawn as ``image``). ``colour``, ``position`` and
+    ``multi_turn`` need ``shape``: a shape that occurs in the scene exactly once."""
     if kind == "describe":
-        scene = sample_scene(rng)
         text, answer = rng.choice(DESCRIBE_PROMPTS), describe(scene)
     elif kind == "count":
-        scene = sample_scene(rng)
         text, answer = _count_qa(rng, scene)
+    elif kind == "colour":
+        text, answer = _colour_qa(rng, scene, shape)
+    elif kind == "position":
+        text, answer = _position_qa(scene, shape)
     else:
-        scene, shape = _scene_with_unique_shape(rng)
-        qa = _colour_qa(rng, scene, shape) if kind == "colour" else _position_qa(scene, shape)
-        text, answer = qa
-    return Question(kind, [_user([render(scene)], text)], answer, (scene,))
+        return _multi_turn(rng, scene, image, shape)
+    return Question(kind, [_user([image], text)], answer, (scene,))
 
 
 def _multi_image(rng: random.Random) -> Question:
@@ -152,8 +155,7 @@ def _multi_image(rng: random.Random) -> Question:
     return Question("multi_image", [_user([render(s) for s in scenes], text)], answer, scenes)
 
 
-def _multi_turn(rng: random.Random) -> Question:
-    scene, shape = _scene_with_unique_shape(rng)
+def _multi_turn(rng: random.Random, scene: Scene, image: Image.Image, shape: str) -> Question:
     if rng.random() < 0.5:
         first, first_answer = rng.choice(DESCRIBE_PROMPTS), describe(scene)
         # The description already names the colours, so only the position needs the image.
@@ -163,11 +165,27 @@ def _multi_turn(rng: random.Random) -> Question:
         use_colour = rng.random() < 0.5
         follow, answer = _colour_qa(rng, scene, shape) if use_colour else _position_qa(scene, shape)
     messages = [
-        _user([render(scene)], first),
+        _user([image], first),
         {"role": "assistant", "content": first_answer},
         {"role": "user", "content": follow},
     ]
     return Question("multi_turn", messages, answer, (scene,))
+
+
+NEEDS_UNIQUE_SHAPE = ("colour", "position", "multi_turn")
+
+
+def questions_about(rng: random.Random, scene: Scene, image: Image.Image, n: int) -> list[Question]:
+    """``n`` single-image questions (any kind but ``multi_image``) about one scene, all showing
+    the same ``image`` object: training reads several questions per encoded image."""
+    unique = [s for s in SHAPES if scene.count(s) == 1]
+    kinds = [k for k in KINDS if k != "multi_image" and (unique or k not in NEEDS_UNIQUE_SHAPE)]
+    out = []
+    for _ in range(n):
+        kind = rng.choice(kinds)
+        shape = rng.choice(unique) if kind in NEEDS_UNIQUE_SHAPE else None
+        out.append(_ask(kind, rng, scene, image, shape))
+    return out
 
 
 def make_question(seed: int, index: int, kind: str) -> Question:
@@ -175,11 +193,14 @@ def make_question(seed: int, index: int, kind: str) -> Question:
     rng = random.Random(f"shapes/{seed}/{index}/{kind}")
     if kind == "multi_image":
         return _multi_image(rng)
-    if kind == "multi_turn":
-        return _multi_turn(rng)
     if kind not in KINDS:
         raise ValueError(f"unknown question kind {kind!r}; known: {', '.join(KINDS)}")
-    return _single(kind, rng)
+    shape = None
+    if kind in NEEDS_UNIQUE_SHAPE:
+        scene, shape = _scene_with_unique_shape(rng)
+    else:
+        scene = sample_scene(rng)
+    return _ask(kind, rng, scene, render(scene), shape)
 
 
 def generate_questions(seed: int, n: int, kinds: tuple[str, ...] = KINDS) -> list[Question]:

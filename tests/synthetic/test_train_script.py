@@ -1,0 +1,66 @@
+"""The training script's batching: several questions per encoded image, the chunked unmasked loss
+and growing the language model. Run in a subprocess: the script registers bare ``vlmdeploy``
+packages so that training never imports the engine, which must not leak into this process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CHECK = textwrap.dedent('''
+    import copy, json, sys
+    from pathlib import Path
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, "tools")
+    import train_default_model as t
+    from transformers import AutoTokenizer
+
+    model_dir = Path("vlmdeploy/assets/internvl3_5-shapes-tiny")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    cfg = json.loads((model_dir / "config.json").read_text())
+    img = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    model = t.build_hf_model(cfg, img)
+    t.load_original_weights(model, model_dir)
+    model.eval()
+    data = t.TrainSet(tok, 10, per_scene=3)
+    samples = [data[i] for i in range(4)]
+    batch = t.collate(samples, tok.pad_token_id)
+    # every sequence of a sample shows that sample's tiles, 256 tokens each
+    assert len(batch["ids"]) == sum(len(s["ids"]) for s in samples) > len(samples)
+    per_seq = (batch["ids"] == img).sum(1)
+    row = 0
+    for s in samples:
+        for _ in s["ids"]:
+            assert int(per_seq[row]) == 256 * len(s["pixels"]), (row, int(per_seq[row]))
+            row += 1
+    heads = t.AuxHeads(cfg["llm_config"]["hidden_size"], True)
+    with torch.no_grad():
+        chunked, _ = t.loss_of(model, heads, batch, torch.float32, 0.0, chunks=3)
+        feats = t.image_features(model, t.normalise(batch["pixels"], torch.float32))
+        emb = model.get_input_embeddings()(batch["ids"])
+        emb = emb.masked_scatter((batch["ids"] == img).unsqueeze(-1), feats[batch["tiles"]])
+        logits = model(inputs_embeds=emb, attention_mask=batch["mask"]).logits[:, :-1]
+        masked = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                 batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+        deeper = copy.deepcopy(cfg)
+        deeper["llm_config"]["num_hidden_layers"] += 2
+        grown = t.build_hf_model(deeper, img)
+        t.load_original_weights(grown, model_dir)
+        grown.eval()
+        grown_loss, _ = t.loss_of(grown, heads, batch, torch.float32, 0.0)
+    print("LOSSES", float(chunked), float(masked), float(grown_loss))
+    assert abs(chunked - masked) < 1e-4 * max(1.0, float(masked))
+    assert abs(grown_loss - masked) < 1e-4 * max(1.0, float(masked))
+''')
+
+
+def test_training_batches_match_the_plain_padded_loss_and_growth_keeps_the_model():
+    proc = subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "LOSSES" in proc.stdout
