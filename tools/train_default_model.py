@@ -261,14 +261,15 @@ def _plain(message: Message) -> Message:
         for p in content]}
 
 
-def token_labels(scene: Scene) -> np.ndarray:
+def token_labels(scene: Scene, crop_slots: bool = False) -> np.ndarray:
     """Dense targets of each image token: (tiles, 256, 8) int64, 0 = background/empty.
 
     Columns 0-2: shape, colour and slot class of the object under the token. Token (i, j) of a
     tile covers tile pixels [28i, 28i+28) x [28j, 28j+28) (pixel shuffle v2 order), so it takes
     the object map at that square's centre, tiled with the same grid and thumbnail as the pixels
     (nearest-neighbour instead of bicubic). The slot is only a target on whole-image tiles: a
-    crop does not show where it lies in the image (-100 on crop tiles). Columns 3-7: the whole
+    crop does not show where it lies in the image (-100 on crop tiles, unless ``crop_slots``, the
+    targets the first stages trained on). Columns 3-7: the whole
     scene, the (shape, colour) class in each slot, on every token of a tile that shows the whole
     image (the single tile or the thumbnail); -100 (ignored) on crop tiles, which show part of
     it.
@@ -293,7 +294,7 @@ def token_labels(scene: Scene) -> np.ndarray:
         whole[0] = slots
     local = table[np.concatenate(maps).reshape(-1, 256)]  # (T, 256, 3)
     # A crop tile cannot tell where in the whole image it lies, so no slot target there.
-    if rows * cols > 1:
+    if rows * cols > 1 and not crop_slots:
         local[:rows * cols, :, 2] = -100
     scene_cols = np.broadcast_to(whole[:, None, :], (len(whole), 256, len(SLOTS)))
     return np.concatenate([local, scene_cols], axis=-1)  # (T, 256, 8)
@@ -323,12 +324,13 @@ class TrainSet(torch.utils.data.Dataset):
     ``sample_questions(i)``, and the uint8 tiles and dense targets of their shared image(s)."""
 
     def __init__(self, tokenizer: Any, length: int, offset: int = 0,
-                 plain_share: float = 0.0, per_scene: int = 1) -> None:
+                 plain_share: float = 0.0, per_scene: int = 1, all_tokens: bool = False) -> None:
         self.tok = tokenizer
         self.length = length
         self.offset = offset  # a later training stage reads fresh questions
         self.plain_share = plain_share
         self.per_scene = per_scene
+        self.all_tokens = all_tokens  # the first stages' dense targets (see --local-targets)
         self.im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.assistant = tokenizer.encode("assistant\n", add_special_tokens=False)
@@ -353,7 +355,8 @@ class TrainSet(torch.utils.data.Dataset):
             ids.append(self.tok.encode(text, add_special_tokens=False))
             labels.append(self._labels(ids[-1]))
         pixels = np.concatenate([tile_array(im, max_num=MAX_DYNAMIC_PATCH) for im in images])
-        aux = np.concatenate([token_labels(scene) for scene in questions[0].scenes])
+        aux = np.concatenate([token_labels(scene, self.all_tokens)
+                              for scene in questions[0].scenes])
         return {"ids": [torch.tensor(x) for x in ids],
                 "labels": [torch.tensor(x) for x in labels],
                 "pixels": torch.from_numpy(pixels),  # (T, 448, 448, 3) uint8
@@ -432,8 +435,9 @@ class AuxHeads(torch.nn.Module):
     summary on every token of the whole-image tile leaves the language model a lookup instead of
     counting and binding over hundreds of tokens. The heads are not part of the saved model."""
 
-    def __init__(self, hidden: int, scene: bool) -> None:
+    def __init__(self, hidden: int, scene: bool, all_tokens: bool = False) -> None:
         super().__init__()
+        self.all_tokens = all_tokens
         scene_classes = 1 + len(SHAPES) * len(COLOURS)
         self.sizes = (len(SHAPES) + 1, len(COLOURS) + 1, len(SLOTS) + 1,
                       *([scene_classes] * len(SLOTS) if scene else []))
@@ -452,8 +456,11 @@ class AuxHeads(torch.nn.Module):
         # tokens are barely learnt, so object vs background is one term and the shape, colour
         # and slot of object tokens are terms of their own.
         on_object = labels[..., 0] > 0
-        local = [ce(0, labels[..., 0])]
-        local += [ce(k, labels[..., k].masked_fill(~on_object, -100)) for k in range(3)]
+        if self.all_tokens:  # the first stages: each column over every token, background included
+            local = [ce(k, labels[..., k]) for k in range(3)]
+        else:
+            local = [ce(0, labels[..., 0])]
+            local += [ce(k, labels[..., k].masked_fill(~on_object, -100)) for k in range(3)]
         self.object_accuracy = [
             float((logits[k].argmax(-1) == labels[..., k])[on_object & (labels[..., k] >= 0)]
                   .float().mean()) for k in range(3)]
@@ -506,18 +513,23 @@ def train(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any) -> d
     pixel_dtype = torch.bfloat16 if amp else torch.float32
     max_steps = args.steps or 10**6
     data = TrainSet(tokenizer, max_steps * args.batch_size, args.data_offset, args.plain_share,
-                    args.questions_per_scene)
+                    args.questions_per_scene, args.local_targets == "all-tokens")
     loader = torch.utils.data.DataLoader(
         data, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
         collate_fn=lambda s: collate(s, tokenizer.pad_token_id), pin_memory=amp,
         persistent_workers=args.workers > 0, prefetch_factor=8 if args.workers else None)
-    heads = AuxHeads(model.config.text_config.hidden_size, args.aux == "scene").to(device)
+    all_tokens = args.local_targets == "all-tokens"
+    heads = AuxHeads(model.config.text_config.hidden_size, args.aux == "scene",
+                     all_tokens).to(device)
     aux_weight = 0.0 if args.aux == "none" else args.aux_weight
     opt = make_optimizer(torch.nn.ModuleList([model, heads]), args.lr)
     total, log, t0, t_cal = args.steps, [], time.time(), 0.0
     model.train()
     for step, batch in enumerate(loader):
         if total and step >= total:
+            break
+        if args.stop_after and step >= args.stop_after:  # replays a run the guard below cut
+            total = step
             break
         if args.max_seconds and time.time() - t0 > args.max_seconds:
             print(f"wall-clock guard: stopped at step {step} of {total}", flush=True)
@@ -586,6 +598,8 @@ def main() -> None:
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds of training")
     p.add_argument("--calibrate", type=int, default=100)
     p.add_argument("--max-seconds", type=float, default=0.0, help="hard stop (0: none)")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop after this many steps of the --steps schedule (0: none)")
     p.add_argument("--batch-size", type=int, default=32, help="samples (images) per step")
     p.add_argument("--questions-per-scene", type=int, default=1,
                    help="questions trained per sample image (one vision pass for all)")
@@ -599,6 +613,10 @@ def main() -> None:
     p.add_argument("--aux", choices=("none", "tokens", "scene"), default="scene",
                    help="dense image-token targets: none; the object under each token; that and "
                         "the whole scene on whole-image tiles")
+    p.add_argument("--local-targets", choices=("objects", "all-tokens"), default="objects",
+                   help="objects: object-vs-background on every token, shape/colour/slot on "
+                        "object tokens, slot only on whole-image tiles; all-tokens: each column "
+                        "on every token, slot on crops too (how stages 1-3 were trained)")
     p.add_argument("--aux-weight", type=float, default=1.0, help="dense image-token loss weight")
     p.add_argument("--init-from", type=Path, help="start from this saved model's weights")
     p.add_argument("--data-offset", type=int, default=0, help="index of the first question")
