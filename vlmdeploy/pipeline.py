@@ -20,6 +20,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from vlmdeploy.config import ModelConfig
-from vlmdeploy.engine.engine_loop import EngineLoop
+from vlmdeploy.engine.engine_loop import EngineLoop, Subscription
 from vlmdeploy.engine.llm_engine import LLMEngine, StepOutput
 from vlmdeploy.engine.sampling import SamplingParams
 from vlmdeploy.engine.sequence import ImageInput, Sequence
@@ -127,6 +128,9 @@ class Pipeline:
         self.session_len = self.engine.session_len
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
+        self._channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopChannel] = (
+            weakref.WeakKeyDictionary()
+        )
         # Image decoding and resizing release the GIL, so threads scale with the cores.
         workers = min(16, max(4, os.cpu_count() or 4))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlmdeploy-prep")
@@ -318,14 +322,8 @@ class Pipeline:
         self, req: PreparedRequest, session_id: int
     ) -> AsyncIterator[GenOut]:
         """Stream the deltas of a prepared request; leaving early (or being cancelled) aborts it."""
-        loop = asyncio.get_running_loop()
         q: asyncio.Queue[StepOutput] = asyncio.Queue()
-
-        def put(out: StepOutput) -> None:
-            if not loop.is_closed():  # the consumer's loop may be gone after an early exit
-                loop.call_soon_threadsafe(q.put_nowait, out)
-
-        self._submit(req, session_id, put)
+        self._submit(req, session_id, Subscription(self._async_channel(), q))
         proc = _OutputProcessor(self.tokenizer, req)
         try:
             while proc.finish_reason is None:
@@ -333,6 +331,16 @@ class Pipeline:
         finally:
             if not proc.engine_done:
                 self.loop.abort(session_id)
+
+    def _async_channel(self) -> _LoopChannel:
+        """The running event loop's channel: all its requests' outputs of a step arrive in one
+        callback on the loop."""
+        loop = asyncio.get_running_loop()
+        with self._ids_lock:
+            channel = self._channels.get(loop)
+            if channel is None:
+                channel = self._channels[loop] = _LoopChannel(loop)
+        return channel
 
     def abort(self, session_id: int) -> None:
         self.loop.abort(session_id)
@@ -365,7 +373,7 @@ class Pipeline:
         single, items = _as_batch(prompts)
         responses: list[Response | None] = [None] * len(items)
         bar = _progress(len(items)) if use_tqdm else None
-        for r in self.stream_infer(items, gen_config, do_preprocess=do_preprocess):
+        for r in self._stream(items, gen_config, do_preprocess, incremental=False):
             acc = responses[r.index]
             responses[r.index] = r if acc is None else _merge(acc, r)
             if bar is not None and r.finish_reason is not None:
@@ -385,6 +393,14 @@ class Pipeline:
         position) for all prompts concurrently, in the order outputs arrive."""
         _reject_kwargs(kwargs)
         _, items = _as_batch(prompts)
+        yield from self._stream(items, gen_config, do_preprocess, incremental=True)
+
+    def _stream(
+        self, items: list[Any], gen_config: Any, do_preprocess: bool, incremental: bool
+    ) -> Iterator[Response]:
+        """``stream_infer`` over a list of prompts. Without ``incremental``, text is decoded once
+        at the end of each request (unless stop words need it earlier): for callers that only
+        want the whole response."""
         gens = gen_config if isinstance(gen_config, list) else [gen_config] * len(items)
         if len(gens) != len(items):
             raise ValueError("gen_config list must have one entry per prompt")
@@ -398,6 +414,7 @@ class Pipeline:
         for i, fut in enumerate(futures):
             fut.add_done_callback(lambda f, i=i: q.put(("ready", i, f)))
         procs: dict[int, tuple[int, _OutputProcessor]] = {}
+        channel = _QueueChannel(q)  # one hand-over per engine step for all these prompts
         waiting = len(items)
         try:
             while waiting or any(p.finish_reason is None for _, p in procs.values()):
@@ -406,14 +423,15 @@ class Pipeline:
                     req = value.result()  # bad input raises here; the finally clause cleans up
                     waiting -= 1
                     sid = self.new_session_id()
-                    procs[sid] = (key, _OutputProcessor(self.tokenizer, req))
-                    self._submit(req, sid, lambda o, sid=sid: q.put(("out", sid, o)))
+                    procs[sid] = (key, _OutputProcessor(self.tokenizer, req, incremental))
+                    self._submit(req, sid, Subscription(channel, sid))
                     continue
-                i, proc = procs[key]
-                if proc.finish_reason is None:
-                    yield _response(proc.process(value), i)
-                    if proc.finish_reason is not None and not proc.engine_done:
-                        self.loop.abort(key)  # stopped by a stop word: free the engine's blocks
+                for sid, out in value:
+                    i, proc = procs[sid]
+                    if proc.finish_reason is None:
+                        yield _response(proc.process(out), i)
+                        if proc.finish_reason is not None and not proc.engine_done:
+                            self.loop.abort(sid)  # stopped by a stop word: free its blocks
         finally:
             for fut in futures:
                 fut.cancel()
@@ -479,12 +497,14 @@ class _OutputProcessor:
     """Per-request engine outputs → text deltas: detokenizes, applies stop words, drops stop
     tokens."""
 
-    def __init__(self, tokenizer: Tokenizer, req: PreparedRequest):
+    def __init__(self, tokenizer: Tokenizer, req: PreparedRequest, incremental: bool = True):
         self.req = req
         self.detok = IncrementalDetokenizer(tokenizer, req.gen_config.skip_special_tokens)
         self.stops = StopMatcher(
             req.gen_config.stop_words or [], include=req.gen_config.include_stop_str_in_output
         )
+        # Stop words are matched on text as it grows, so they need the incremental decode.
+        self.incremental = incremental or bool(req.gen_config.stop_words)
         self.finish_reason: str | None = None
         self.engine_done = False  # the engine has released the request
         self.generated = self.cached = 0
@@ -497,7 +517,10 @@ class _OutputProcessor:
         )
         if out.token_id is not None and not is_stop_token:
             ids, lps = [out.token_id], ([out.logprobs] if out.logprobs is not None else None)
-            text = self.detok.add(out.token_id)
+            if self.incremental:
+                text = self.detok.add(out.token_id)
+            else:
+                self.detok.append(out.token_id)  # decoded once, by flush() at the end
         if out.finish_reason:
             text += self.detok.flush()
         text, hit = self.stops.feed(text)
@@ -511,6 +534,34 @@ class _OutputProcessor:
         return GenOut(
             text, ids, lps, reason, self.req.input_token_len, self.generated, self.cached, out.error
         )
+
+
+class _QueueChannel:
+    """Outputs of many requests into one thread-safe queue, as one item per engine step."""
+
+    def __init__(self, q: queue.SimpleQueue):
+        self.q = q
+
+    def send(self, items: list[tuple[Any, StepOutput]]) -> None:
+        self.q.put(("outs", None, items))
+
+
+class _LoopChannel:
+    """Outputs of an event loop's requests, handed to the loop once per engine step; each key is
+    the request's ``asyncio.Queue``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = weakref.ref(loop)  # weak: the pipeline's loop-keyed cache must not keep it
+
+    def send(self, items: list[tuple[Any, StepOutput]]) -> None:
+        loop = self.loop()
+        if loop is not None and not loop.is_closed():  # the consumer's loop may be gone
+            loop.call_soon_threadsafe(_dispatch, items)
+
+
+def _dispatch(items: list[tuple[asyncio.Queue, StepOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
 
 
 def _image_inputs(
@@ -575,10 +626,14 @@ def _response(d: GenOut, index: int) -> Response:
 
 
 def _merge(acc: Response, r: Response) -> Response:
+    """Fold a delta into the accumulated response (``acc`` owns its lists: the first delta's
+    lists are fresh per output, so extending them in place is safe)."""
     acc.text += r.text
-    acc.token_ids = acc.token_ids + r.token_ids
+    acc.token_ids.extend(r.token_ids)
     if r.logprobs is not None:
-        acc.logprobs = (acc.logprobs or []) + r.logprobs
+        if acc.logprobs is None:
+            acc.logprobs = []
+        acc.logprobs.extend(r.logprobs)
     acc.generate_token_len, acc.finish_reason = r.generate_token_len, r.finish_reason
     acc.cached_tokens = r.cached_tokens
     acc.error_message = r.error_message

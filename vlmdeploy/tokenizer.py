@@ -93,6 +93,10 @@ class IncrementalDetokenizer:
         self.text += delta
         return delta
 
+    def append(self, token_id: int) -> None:
+        """Take a token without decoding now: ``flush()`` at the end decodes everything once."""
+        self.ids.append(token_id)
+
     def flush(self) -> str:
         """Whatever is still held back (e.g. a trailing incomplete character) at the end of
         generation."""

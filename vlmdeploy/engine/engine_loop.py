@@ -3,7 +3,10 @@
 Front ends talk to it with three thread-safe calls — :meth:`EngineLoop.add`,
 :meth:`EngineLoop.abort` and :meth:`EngineLoop.close` — and receive :class:`StepOutput` objects
 through the per-request callback given to ``add`` (called on the engine thread: callbacks must only
-hand the output over, e.g. to a queue). Every accepted request gets exactly one final output: its
+hand the output over, e.g. to a queue). A :class:`Subscription` callback instead tags the output
+with its key and sends it through a :class:`Channel` shared by many requests; a step's outputs for
+one channel go over in one ``send``, so a consumer of hundreds of streams wakes once per step, not
+once per token. Every accepted request gets exactly one final output: its
 finish, an ``error`` if a step raises (the engine is then broken and later calls fail fast), or an
 ``abort`` when the loop is closed — requests still queued in the inbox included.
 """
@@ -14,13 +17,33 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from vlmdeploy.engine.llm_engine import LLMEngine, StepOutput
 from vlmdeploy.engine.sequence import Sequence
 from vlmdeploy.errors import EngineDeadError
 
 logger = logging.getLogger("vlmdeploy")
-Callback = Callable[[StepOutput], None]
+
+
+class Channel(Protocol):
+    def send(self, items: list[tuple[Any, StepOutput]]) -> None:
+        """Hand ``(key, output)`` pairs over to the consumer (called on the engine thread)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Subscription:
+    """A request's outputs, tagged with ``key``, go to ``channel``: batched per step."""
+
+    channel: Channel
+    key: Any
+
+    def __call__(self, out: StepOutput) -> None:
+        self.channel.send([(self.key, out)])
+
+
+Callback = Callable[[StepOutput], None] | Subscription
 
 
 class EngineLoop:
@@ -113,9 +136,27 @@ class EngineLoop:
                 self.error = exc
                 self._shut("error", "the engine failed")
                 return
-            for out in outputs:
-                self._deliver(out)
+            self._deliver_step(outputs)
         self._shut("abort", "the pipeline was closed")
+
+    def _deliver_step(self, outputs: list[StepOutput]) -> None:
+        batches: dict[int, tuple[Channel, list[tuple[Any, StepOutput]]]] = {}
+        for out in outputs:
+            if out.finish_reason:
+                callback = self._callbacks.pop(out.seq_id, None)
+            else:
+                callback = self._callbacks.get(out.seq_id)
+            if isinstance(callback, Subscription):
+                batches.setdefault(id(callback.channel), (callback.channel, []))[1].append(
+                    (callback.key, out)
+                )
+            elif callback is not None:
+                _call(callback, out)
+        for channel, items in batches.values():
+            try:
+                channel.send(items)
+            except Exception:  # a consumer that went away must not take the engine down
+                logger.exception("output channel of %d requests failed", len(items))
 
     def _shut(self, reason: str, message: str) -> None:
         """Stop taking work and give every request — running or still queued — a final output."""
