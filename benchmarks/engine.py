@@ -673,7 +673,7 @@ def main(argv: list[str] | None = None) -> None:
         def baseline() -> dict:
             if w1_req is None:
                 raise RuntimeError("no W1 request was prepared (the engine did not start)")
-            pixels = torch.cat([im.pixel_values for im in w1_req.images])
+            pixels = torch.cat([im.pixels() for im in w1_req.images])
             return transformers_w1(model, w1_req.token_ids, pixels)
 
         stage(res, "transformers_w1", baseline, deadline, save)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
@@ -158,7 +159,7 @@ class Pipeline:
         per_tile = self.model_cfg.tokens_per_tile
         ids = tokenize_with_images(
             text,
-            [len(t) * per_tile for t, _ in tiles],
+            [t.num_tiles * per_tile for t in tiles],
             self.tokenizer.encode,
             self.tokenizer.image_ids,
         )
@@ -201,7 +202,7 @@ class Pipeline:
 
     def _tile_all(
         self, refs: list, policy: MediaPolicy | None, cancel: threading.Event | None = None
-    ) -> list[tuple[torch.Tensor, str]]:
+    ) -> list[_Tiled]:
         """Load every image, check that their tokens fit ``session_len`` (known from the sizes
         alone), and only then tile them: a request that cannot fit never allocates its tiles.
         All of a request's images share one deadline of ``REQUEST_MEDIA_BUDGET`` × the policy's
@@ -253,18 +254,20 @@ class Pipeline:
         )
         return image, params
 
-    def _tile(self, image: Any, params: tuple) -> tuple[torch.Tensor, str]:
-        """Tiles (n, 3, 448, 448) of one image and its content hash (pixels, size, tiling)."""
-        tiles = tile_pixel_values(
-            image,
-            max_num=params[0],
-            min_num=params[1],
-            image_size=params[2],
-            use_thumbnail=params[3],
-        )
+    def _tile(self, image: Any, params: tuple) -> _Tiled:
+        """One image's tiles (n, 3, 448, 448) and content hash (pixels, size, tiling). When the
+        engine already holds the image's embedding (a follow-up turn, a repeated image), tiling
+        is deferred: the engine makes the tiles only if that entry is gone when it needs them."""
         key = hashlib.blake2b(image.tobytes(), digest_size=16)
         key.update(repr((image.mode, image.size, params)).encode())
-        return tiles, key.hexdigest()
+        digest = key.hexdigest()
+        kwargs = dict(max_num=params[0], min_num=params[1], image_size=params[2],
+                      use_thumbnail=params[3])
+        n = num_tiles(image.width, image.height, **kwargs)
+        vision = self.engine.vision  # None once the pipeline is closed
+        if vision is not None and digest in vision.cache:
+            return _Tiled(None, n, digest, functools.partial(tile_pixel_values, image, **kwargs))
+        return _Tiled(tile_pixel_values(image, **kwargs), n, digest, None)
 
     def reconfigure(self, req: PreparedRequest, gen_config: GenerationConfig) -> PreparedRequest:
         """The same prepared prompt and images under another generation config (no re-fetch)."""
@@ -564,14 +567,24 @@ def _dispatch(items: list[tuple[asyncio.Queue, StepOutput]]) -> None:
         q.put_nowait(out)
 
 
-def _image_inputs(
-    ids: list[int], tiles: list[tuple[torch.Tensor, str]], per_tile: int, ctx_id: int
-) -> list[ImageInput]:
+@dataclass
+class _Tiled:
+    """A prepared image: its tiles (None when deferred, see ``Pipeline._tile``), their number,
+    its content hash and, when deferred, how to make the tiles."""
+
+    pixel_values: torch.Tensor | None
+    num_tiles: int
+    content_hash: str
+    tile: Any
+
+
+def _image_inputs(ids: list[int], tiles: list[_Tiled], per_tile: int, ctx_id: int
+                  ) -> list[ImageInput]:
     images, pos = [], 0
-    for t, key in tiles:
+    for t in tiles:
         pos = ids.index(ctx_id, pos)
-        n = len(t) * per_tile
-        images.append(ImageInput(pixel_values=t, offset=pos, num_tokens=n, content_hash=key))
+        n = t.num_tiles * per_tile
+        images.append(ImageInput(t.pixel_values, pos, n, t.content_hash, t.tile))
         pos += n
     return images
 

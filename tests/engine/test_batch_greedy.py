@@ -48,7 +48,7 @@ def batch_prompts(images):
 def greedy_reference(model, req) -> list[int]:
     extra = {}
     if req.images:
-        extra["pixel_values"] = torch.cat([im.pixel_values for im in req.images])
+        extra["pixel_values"] = torch.cat([im.pixels() for im in req.images])
     ids = torch.tensor([req.token_ids])
     out = model.generate(
         input_ids=ids,

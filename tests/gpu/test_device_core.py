@@ -76,7 +76,7 @@ def test_1b_bf16_greedy_matches_transformers():
             ids = torch.tensor([req.token_ids], device="cuda")
             extra = {}
             if req.images:
-                extra["pixel_values"] = torch.cat([im.pixel_values for im in req.images]).cuda()
+                extra["pixel_values"] = torch.cat([im.pixels() for im in req.images]).cuda()
             out = ref.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),

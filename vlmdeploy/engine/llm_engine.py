@@ -271,7 +271,10 @@ class LLMEngine:
         per_tile = self.model_cfg.tokens_per_tile
         offsets = [im.offset for im in seq.images]
         if offsets != sorted(offsets) or any(
-            len(im.pixel_values) * per_tile != im.num_tokens or not im.content_hash
+            im.num_tokens % per_tile
+            or (im.pixel_values is None and im.tile is None)
+            or (im.pixel_values is not None and len(im.pixel_values) * per_tile != im.num_tokens)
+            or not im.content_hash
             for im in seq.images
         ):
             return "the request's images are inconsistent with its tokens"

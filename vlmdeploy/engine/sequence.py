@@ -4,6 +4,7 @@ has got."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,12 +21,22 @@ class Status(enum.Enum):
 @dataclass
 class ImageInput:
     """One image of a prompt: its preprocessed tiles and where its context tokens start in the
-    prompt."""
+    prompt. An image whose embedding was already cached when the request was prepared carries no
+    tiles, only ``tile`` to make them should the cache have dropped it by the time it is needed."""
 
-    pixel_values: torch.Tensor  # (tiles, 3, 448, 448) float32
+    pixel_values: torch.Tensor | None  # (tiles, 3, 448, 448) float32, or None until ``tile``
     offset: int  # index of the first <IMG_CONTEXT> token of this image in the prompt
     num_tokens: int  # 256 * tiles
     content_hash: str = ""
+    tile: Callable[[], torch.Tensor] | None = None
+
+    def pixels(self) -> torch.Tensor:
+        """The tiles, made now if they were deferred."""
+        if self.pixel_values is None:
+            if self.tile is None:
+                raise ValueError("an image has neither tiles nor a way to make them")
+            self.pixel_values, self.tile = self.tile(), None
+        return self.pixel_values
 
 
 @dataclass

@@ -26,6 +26,11 @@ class EmbeddingCache:
         self.hits = 0
         self.misses = 0
 
+    def __contains__(self, key: str) -> bool:
+        """A hint for other threads (no LRU update, no hit counted): the entry may be gone by the
+        time the engine looks it up, so whoever skips work on it must be able to redo it."""
+        return bool(key) and key in self.entries
+
     def get(self, key: str) -> torch.Tensor | None:
         value = self.entries.get(key) if key else None
         if value is None:
@@ -67,7 +72,7 @@ class VisionStage:
             elif all(im is not m for m in misses):
                 misses.append(im)
         if misses:
-            tiles = torch.cat([im.pixel_values for im in misses])
+            tiles = torch.cat([im.pixels() for im in misses])  # deferred tiles are made here
             out = torch.cat(
                 [
                     self.encode(tiles[i : i + self.max_tiles])
@@ -76,7 +81,7 @@ class VisionStage:
             )
             start = 0
             for im in misses:
-                n = len(im.pixel_values)
+                n = len(im.pixels())
                 found[id(im)] = out[start : start + n].clone()  # a view would pin all of `out`
                 self.cache.put(im.content_hash, found[id(im)])
                 start += n
