@@ -50,11 +50,18 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        for seq in [s for s in self.running if s.num_uncomputed == 1]:
+        decoding, prefilling = [], []
+        for s in self.running:
+            left = len(s.token_ids) - s.num_computed
+            if left == 1:
+                decoding.append(s)
+            elif left > 1:
+                prefilling.append(s)
+        for seq in decoding:
             if seq.status == Status.RUNNING and self._reserve(seq, 1, batch):
                 batch.add(seq, 1)
         budget = self.max_prefill_tokens
-        for seq in [s for s in self.running if s.num_uncomputed > 1]:
+        for seq in prefilling:
             if budget <= 0 or seq.status != Status.RUNNING:
                 break
             n = min(seq.num_uncomputed, budget)
@@ -82,6 +89,8 @@ class Scheduler:
         """Give ``seq`` blocks for ``n`` more tokens, preempting the newest sequence not yet in this
         step's batch if needed. A decoding sequence with nobody left to preempt is preempted itself;
         a prefilling one keeps what it has and waits a step."""
+        if self.blocks.blocks_needed(seq, n) == 0:  # most decode steps: the last block has room
+            return True
         while not self.blocks.can_allocate(seq, n):
             victim = next(
                 (s for s in reversed(self.running) if s is not seq and s not in batch.seqs), None
