@@ -261,6 +261,15 @@ def _plain(message: Message) -> Message:
         for p in content]}
 
 
+def scene_slots(scene: Scene) -> np.ndarray:
+    """The (shape, colour) class in each slot: 0 empty, else 1 + shape * 4 + colour. (5,)"""
+    slots = np.zeros(len(SLOTS), dtype=np.int64)
+    for o in scene.objects:
+        shape, colour = SHAPES.index(o.shape), COLOURS.index(o.colour)
+        slots[SLOTS.index(o.slot)] = 1 + shape * len(COLOURS) + colour
+    return slots
+
+
 def token_labels(scene: Scene, crop_slots: bool = False) -> np.ndarray:
     """Dense targets of each image token: (tiles, 256, 8) int64, 0 = background/empty.
 
@@ -275,11 +284,10 @@ def token_labels(scene: Scene, crop_slots: bool = False) -> np.ndarray:
     it.
     """
     table = np.zeros((len(scene.objects) + 1, 3), dtype=np.int64)
-    slots = np.zeros(len(SLOTS), dtype=np.int64)
+    slots = scene_slots(scene)
     for i, o in enumerate(scene.objects):
         shape, colour, slot = SHAPES.index(o.shape), COLOURS.index(o.colour), SLOTS.index(o.slot)
         table[i + 1] = (shape + 1, colour + 1, slot + 1)
-        slots[slot] = 1 + shape * len(COLOURS) + colour
     objects = render_labels(scene)
     cols, rows = target_grid(scene.width, scene.height, 1, MAX_DYNAMIC_PATCH)
     grid = np.asarray(objects.resize((448 * cols, 448 * rows), Image.Resampling.NEAREST))
@@ -357,10 +365,13 @@ class TrainSet(torch.utils.data.Dataset):
         pixels = np.concatenate([tile_array(im, max_num=MAX_DYNAMIC_PATCH) for im in images])
         aux = np.concatenate([token_labels(scene, self.all_tokens)
                               for scene in questions[0].scenes])
+        scene_of = {id(im): sc for im, sc in zip(questions[0].images, questions[0].scenes)}
+        slots = np.stack([scene_slots(scene_of[id(im)]) for im in images])  # (images, 5)
         return {"ids": [torch.tensor(x) for x in ids],
                 "labels": [torch.tensor(x) for x in labels],
                 "pixels": torch.from_numpy(pixels),  # (T, 448, 448, 3) uint8
-                "aux": torch.from_numpy(aux)}  # (T, 256, 8)
+                "aux": torch.from_numpy(aux),  # (T, 256, 8)
+                "slots": torch.from_numpy(slots)}  # (images, 5), in the order the prompt shows them
 
     def _labels(self, ids: list[int]) -> list[int]:
         """Targets: each assistant turn's content and its closing ``<|im_end|>``; -100 elsewhere."""
@@ -380,10 +391,12 @@ class TrainSet(torch.utils.data.Dataset):
         return labels
 
 
-def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(samples: list[dict[str, Any]], pad_id: int, img_end_id: int = -1
+            ) -> dict[str, torch.Tensor]:
     """Right-padded sequences of all questions, the tiles of all samples, and ``tiles``: for each
     sequence in order, the indices of its sample's tiles (image features are computed once per
-    tile and gathered for every sequence that shows them)."""
+    tile and gathered for every sequence that shows them). ``ends`` (B, L, 5) holds, at each
+    image's closing ``</img>`` token, the content of that image's five slots (-100 elsewhere)."""
     seqs = [pair for s in samples for pair in zip(s["ids"], s["labels"])]
     length = max(len(i) for i, _ in seqs)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
@@ -397,7 +410,14 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tenso
         n = len(s["pixels"])
         tiles += [torch.arange(start, start + n)] * len(s["ids"])
         start += n
-    return {"ids": ids, "labels": labels, "mask": mask, "tiles": torch.cat(tiles),
+    ends = torch.full((*ids.shape, len(SLOTS)), -100, dtype=torch.long)
+    rows = [s["slots"] for s in samples for _ in s["ids"]]
+    for row, slots in enumerate(rows):
+        at = (ids[row] == img_end_id).nonzero().flatten()
+        if img_end_id >= 0:
+            assert len(at) == len(slots), (len(at), len(slots))
+            ends[row, at] = slots
+    return {"ids": ids, "labels": labels, "mask": mask, "tiles": torch.cat(tiles), "ends": ends,
             "pixels": torch.cat([s["pixels"] for s in samples]),
             "aux": torch.cat([s["aux"] for s in samples])}
 
@@ -482,10 +502,34 @@ def image_features(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor
     return inner.multi_modal_projector(vis.reshape(t, -1, vis.shape[-1]))  # (T, 256, H)
 
 
+class SummaryHead(torch.nn.Module):
+    """Training-only: from the language model's hidden state at each image's closing ``</img>``
+    token after ``layer`` layers, the content of the image's five slots. It teaches the language
+    model to gather the whole-image tile (the 256 tokens just before ``</img>``) into one place
+    that answers can read, instead of mixing in crop tiles, which cannot tell where they lie."""
+
+    def __init__(self, hidden: int, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.classes = 1 + len(SHAPES) * len(COLOURS)
+        self.norm = torch.nn.LayerNorm(hidden)  # the residual stream's scale varies by layer
+        self.proj = torch.nn.Linear(hidden, len(SLOTS) * self.classes)
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(summed loss, number of targets) over the positions where ``targets`` is set."""
+        at = targets[..., 0] != -100
+        if not bool(at.any()):
+            return hidden.sum() * 0.0, 0
+        logits = self.proj(self.norm(hidden[at])).float().view(-1, self.classes)
+        target = targets[at].reshape(-1)
+        return F.cross_entropy(logits, target, reduction="sum"), len(target)
+
+
 def loss_of(model: torch.nn.Module, heads: AuxHeads, batch: dict[str, torch.Tensor],
-            dtype: torch.dtype, aux_weight: float, chunks: int = 4
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer-token loss, dense image-token loss) of one batch.
+            dtype: torch.dtype, aux_weight: float, chunks: int = 4,
+            summary: SummaryHead | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(answer-token loss, dense image-token loss, ``</img>`` summary loss) of one batch.
 
     Sequences are right-padded, so under the causal mask no real token sees padding and no mask
     is needed (attention takes its fused causal path); they run in ``chunks`` groups of similar
@@ -496,15 +540,20 @@ def loss_of(model: torch.nn.Module, heads: AuxHeads, batch: dict[str, torch.Tens
     embeds = embeds.masked_scatter(slots, feats[batch["tiles"]].to(embeds.dtype))
     lengths = batch["mask"].sum(1)
     total = torch.zeros((), device=embeds.device)
+    summed, counted = torch.zeros((), device=embeds.device), 0
     for rows in torch.argsort(lengths).chunk(chunks):
         n = int(lengths[rows].max())
-        logits = model(inputs_embeds=embeds[rows, :n]).logits[:, :-1].float()
+        out = model(inputs_embeds=embeds[rows, :n], output_hidden_states=summary is not None)
+        logits = out.logits[:, :-1].float()
         total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                         batch["labels"][rows, 1:n].reshape(-1),
                                         ignore_index=-100, reduction="sum")
+        if summary is not None:
+            part, count = summary(out.hidden_states[summary.layer], batch["ends"][rows, :n])
+            summed, counted = summed + part, counted + count
     lm = total / (batch["labels"][:, 1:] != -100).sum()
     aux = heads(feats, batch["aux"]) if aux_weight else torch.zeros((), device=lm.device)
-    return lm, aux
+    return lm, aux, summed / max(1, counted)
 
 
 def train(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
@@ -514,15 +563,19 @@ def train(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any) -> d
     max_steps = args.steps or 10**6
     data = TrainSet(tokenizer, max_steps * args.batch_size, args.data_offset, args.plain_share,
                     args.questions_per_scene, args.local_targets == "all-tokens")
+    img_end = tokenizer.convert_tokens_to_ids("</img>")
     loader = torch.utils.data.DataLoader(
         data, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-        collate_fn=lambda s: collate(s, tokenizer.pad_token_id), pin_memory=amp,
+        collate_fn=lambda s: collate(s, tokenizer.pad_token_id, img_end), pin_memory=amp,
         persistent_workers=args.workers > 0, prefetch_factor=8 if args.workers else None)
     all_tokens = args.local_targets == "all-tokens"
     heads = AuxHeads(model.config.text_config.hidden_size, args.aux == "scene",
                      all_tokens).to(device)
     aux_weight = 0.0 if args.aux == "none" else args.aux_weight
-    opt = make_optimizer(torch.nn.ModuleList([model, heads]), args.lr)
+    hidden = model.config.text_config.hidden_size
+    summary = SummaryHead(hidden, args.summary_layer).to(device) if args.summary_layer else None
+    opt = make_optimizer(torch.nn.ModuleList([model, heads, summary or torch.nn.Module()]),
+                         args.lr)
     total, log, t0, t_cal = args.steps, [], time.time(), 0.0
     model.train()
     for step, batch in enumerate(loader):
@@ -545,14 +598,16 @@ def train(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any) -> d
             group["lr"] = lr_at(step, total or args.warmup * 10, args.lr, args.warmup)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            lm, aux = loss_of(model, heads, batch, pixel_dtype, aux_weight)
-        loss = lm + aux_weight * aux
+            lm, aux, scene = loss_of(model, heads, batch, pixel_dtype, aux_weight,
+                                     summary=summary)
+        loss = lm + aux_weight * aux + args.summary_weight * scene
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % args.log_every == 0:
             entry = {"step": step, "loss": round(lm.item(), 4), "aux": round(aux.item(), 4),
+                     "summary": round(scene.item(), 4),
                      "object_acc": [round(a, 3) for a in getattr(heads, "object_accuracy", [])],
                      "s": round(time.time() - t0, 1)}
             log.append(entry)
@@ -617,6 +672,10 @@ def main() -> None:
                    help="objects: object-vs-background on every token, shape/colour/slot on "
                         "object tokens, slot only on whole-image tiles; all-tokens: each column "
                         "on every token, slot on crops too (how stages 1-3 were trained)")
+    p.add_argument("--summary-layer", type=int, default=0,
+                   help="train the language model's state at each </img> after this many layers "
+                        "to hold the image's slot contents (0: off)")
+    p.add_argument("--summary-weight", type=float, default=1.0)
     p.add_argument("--aux-weight", type=float, default=1.0, help="dense image-token loss weight")
     p.add_argument("--init-from", type=Path, help="start from this saved model's weights")
     p.add_argument("--data-offset", type=int, default=0, help="index of the first question")

@@ -40,7 +40,7 @@ CHECK = textwrap.dedent('''
             row += 1
     heads = t.AuxHeads(cfg["llm_config"]["hidden_size"], True)
     with torch.no_grad():
-        chunked, _ = t.loss_of(model, heads, batch, torch.float32, 0.0, chunks=3)
+        chunked, *_ = t.loss_of(model, heads, batch, torch.float32, 0.0, chunks=3)
         feats = t.image_features(model, t.normalise(batch["pixels"], torch.float32))
         emb = model.get_input_embeddings()(batch["ids"])
         emb = emb.masked_scatter((batch["ids"] == img).unsqueeze(-1), feats[batch["tiles"]])
@@ -52,7 +52,19 @@ CHECK = textwrap.dedent('''
         grown = t.build_hf_model(deeper, img)
         t.load_original_weights(grown, model_dir)
         grown.eval()
-        grown_loss, _ = t.loss_of(grown, heads, batch, torch.float32, 0.0)
+        grown_loss, *_ = t.loss_of(grown, heads, batch, torch.float32, 0.0)
+    end = tok.convert_tokens_to_ids("</img>")
+    with_ends = t.collate(samples, tok.pad_token_id, end)
+    marked = with_ends["ends"][..., 0] != -100
+    assert torch.equal(marked, with_ends["ids"] == end)  # every </img>, and nothing else
+    first = int((with_ends["ids"][0] == end).nonzero()[0, 0])
+    scene = t.sample_questions(0, 3)[0].scenes[0]
+    assert with_ends["ends"][0, first].tolist() == t.scene_slots(scene).tolist()
+    summary = t.SummaryHead(cfg["llm_config"]["hidden_size"], 2)
+    with torch.no_grad():
+        _, _, summary_loss = t.loss_of(model, heads, with_ends, torch.float32, 0.0,
+                                       summary=summary)
+    assert 0 < float(summary_loss) < 10
     print("LOSSES", float(chunked), float(masked), float(grown_loss))
     assert abs(chunked - masked) < 1e-4 * max(1.0, float(masked))
     assert abs(grown_loss - masked) < 1e-4 * max(1.0, float(masked))
