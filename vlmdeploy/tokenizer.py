@@ -11,6 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers < 0.21
+    DecodeStream = None
+
 from transformers import AutoTokenizer
 
 IMAGE_SPECIAL_TOKENS = {"img_start": "<img>", "img_end": "</img>", "img_context": "<IMG_CONTEXT>"}
@@ -70,8 +75,11 @@ def _generation_eos(model_path: Path) -> set[int]:
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without re-decoding everything each step.
 
-    Text is released only once it no longer ends in an incomplete UTF-8 sequence (decoded as
-    U+FFFD), so a multi-byte character split across tokens is emitted whole.
+    Text is released only once it no longer ends in an incomplete UTF-8 sequence, so a multi-byte
+    character split across tokens is emitted whole. With a fast tokenizer this is the tokenizers
+    library's ``DecodeStream`` (one native call per token); otherwise two windowed decodes per
+    token. ``flush()`` at the end makes the total text equal to decoding all ids at once. A request
+    uses either ``add`` (streaming) or ``append`` (decode once at the end), not both.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -81,9 +89,16 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = 0
         self.text = ""
+        self._backend = getattr(tokenizer.hf, "backend_tokenizer", None)
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens) if (
+            self._backend is not None and DecodeStream is not None) else None
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
+        if self._stream is not None:
+            delta = self._stream.step(self._backend, token_id) or ""
+            self.text += delta
+            return delta
         prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
         full = self.tok.decode(self.ids[self.prefix_offset :], self.skip)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):

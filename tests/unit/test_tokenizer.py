@@ -106,8 +106,18 @@ def test_real_ids_of_the_tiny_checkpoint(tiny_ckpts):
 # ---- incremental detokenization
 
 
-def stream(tok: Tokenizer, ids: list[int], skip: bool) -> tuple[list[str], str]:
+@pytest.fixture(params=["native", "windowed"])
+def path(request) -> str:
+    """Both detokenizer paths: the tokenizers library's DecodeStream and windowed decodes."""
+    return request.param
+
+
+def stream(tok: Tokenizer, ids: list[int], skip: bool, path: str = "native"
+           ) -> tuple[list[str], str]:
     detok = IncrementalDetokenizer(tok, skip)
+    assert detok._stream is not None  # the fast tokenizer has a native stream
+    if path == "windowed":
+        detok._stream = None
     deltas = [detok.add(i) for i in ids]
     deltas.append(detok.flush())
     return deltas, detok.text
@@ -132,45 +142,45 @@ def random_ids(rng: random.Random, pool: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("skip", [True, False])
-def test_deltas_add_up_to_the_full_decode(tiny_ckpts, skip: bool):
+def test_deltas_add_up_to_the_full_decode(tiny_ckpts, path, skip: bool):
     tok = Tokenizer(tiny_ckpts["hf"])
     pool = tok.encode(MULTIBYTE)
     rng = random.Random(1234 + skip)
     for _ in range(150):
         ids = random_ids(rng, pool, rng.randint(1, 40))
-        deltas, text = stream(tok, ids, skip)
+        deltas, text = stream(tok, ids, skip, path)
         assert "".join(deltas) == text == tok.decode(ids, skip), ids
 
 
-def test_split_characters_are_emitted_whole(tiny_ckpts):
+def test_split_characters_are_emitted_whole(tiny_ckpts, path):
     tok = Tokenizer(tiny_ckpts["hf"])
     ids = tok.encode("中🤖")
     assert len(ids) > 2  # the synthetic BPE knows no CJK or emoji: they arrive byte by byte
-    deltas, text = stream(tok, ids, True)
+    deltas, text = stream(tok, ids, True, path)
     assert text == "中🤖"
     assert all("\ufffd" not in d for d in deltas)
     assert [d for d in deltas if d] == ["中", "🤖"]
 
 
-def test_plain_text_streams_token_by_token(tiny_ckpts):
+def test_plain_text_streams_token_by_token(tiny_ckpts, path):
     tok = Tokenizer(tiny_ckpts["hf"])
     ids = tok.encode("the cat sat on the mat")
-    deltas, _ = stream(tok, ids, True)
+    deltas, _ = stream(tok, ids, True, path)
     assert deltas[:-1] == [tok.decode([i]) for i in ids]  # nothing held back for ASCII
 
 
-def test_skip_special_tokens(tiny_ckpts):
+def test_skip_special_tokens(tiny_ckpts, path):
     tok = Tokenizer(tiny_ckpts["hf"])
     ids = [*tok.encode("Answer"), 151645, 151667, *tok.encode(" done"), 151643]
-    skipped = "".join(stream(tok, ids, True)[0])
-    kept = "".join(stream(tok, ids, False)[0])
+    skipped = "".join(stream(tok, ids, True, path)[0])
+    kept = "".join(stream(tok, ids, False, path)[0])
     assert skipped == "Answer<think> done"  # <think> is not a special token in Qwen3
     assert kept == "Answer<|im_end|><think> done<|endoftext|>"
 
 
-def test_flush_releases_a_trailing_incomplete_character(tiny_ckpts):
+def test_flush_releases_a_trailing_incomplete_character(tiny_ckpts, path):
     tok = Tokenizer(tiny_ckpts["hf"])
     ids = tok.encode("ok 中")[:-1]  # drop the last byte of 中
-    deltas, text = stream(tok, ids, True)
+    deltas, text = stream(tok, ids, True, path)
     assert "".join(deltas[:-1]) == "ok "  # held back while incomplete
     assert text == tok.decode(ids) and text.endswith("\ufffd")
