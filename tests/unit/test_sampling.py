@@ -219,3 +219,16 @@ def test_sample_does_not_modify_the_callers_logits():
 def test_half_precision_logits_are_accepted():
     logits = LOGITS[None].to(torch.bfloat16)
     assert sample(logits, [SamplingParams(greedy=True, logprobs=1)], [[]], [0])[0] == [0]
+
+
+def test_all_greedy_batch_in_bf16_picks_what_fp32_picks():
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(6, 300, generator=gen) * 3).to(torch.bfloat16)
+    logits[2, 7] = logits[2, 11] = logits[2].max() + 1  # an exact tie: the first index wins
+    greedy = [SamplingParams(greedy=True) for _ in range(6)]
+    fast, _ = sample(logits, greedy, [[]] * 6, [0] * 6)
+    assert fast == logits.float().argmax(-1).tolist() and fast[2] == 7
+    # one row asking for logprobs takes the general path: the same tokens
+    mixed = greedy[:5] + [SamplingParams(greedy=True, logprobs=2)]
+    general, logprobs = sample(logits, mixed, [[]] * 6, [0] * 6)
+    assert general == fast and logprobs[5] is not None and logprobs[0] is None

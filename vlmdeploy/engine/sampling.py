@@ -95,20 +95,26 @@ def sample(
 ) -> tuple[list[int], list[dict[int, float] | None]]:
     """logits: (B, V) → one token per row (and its top-logprobs when asked). ``logits`` is not
     modified."""
-    raw = logits.float()  # (B, V); may alias the caller's tensor, so it is only read
     masked = [
         i
         for i, p in enumerate(params)
         if p.bad_token_ids or (num_outputs[i] < p.min_new_tokens and p.stop_token_ids)
     ]
+    if not masked and all(p.greedy and p.logprobs is None for p in params):
+        # The common batch: argmax in the logits' own dtype (widening is exact, so the same
+        # token), no (B x V) float copy, no gather.
+        return logits.argmax(-1).tolist(), [None] * len(params)
+    raw = logits.float()  # (B, V); may alias the caller's tensor, so it is only read
     logits = raw.clone() if masked else raw  # copy (B x V) only when a row must be masked
     for i in masked:
         _mask_tokens(logits[i], params[i], num_outputs[i])
     tokens = [0] * len(params)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:  # one argmax and one host transfer for all greedy rows
-        rows = torch.tensor(greedy, device=logits.device)
-        for i, t in zip(greedy, logits[rows].argmax(-1).tolist()):
+        picked = logits
+        if len(greedy) < len(params):
+            picked = logits[torch.tensor(greedy, device=logits.device)]
+        for i, t in zip(greedy, picked.argmax(-1).tolist()):
             tokens[i] = t
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:  # all sampled rows together: one sort, one race, one host transfer
