@@ -111,6 +111,8 @@ class DecodeGraphs:
 
     def _reset_padding(self, n: int, bs: int) -> None:
         # Rows n..bs were used by earlier, larger batches: point them back at the scratch block.
+        if n == bs:  # no padding rows (batch 1, and every batch that fills its bucket)
+            return
         self.input_ids[n:bs] = 0
         self.positions[n:bs] = 0
         self.slot_mapping[n:bs] = self.scratch_block * self.block_size

@@ -95,9 +95,10 @@ class ModelRunner:
             )
         if not sample_rows:
             return None
-        rows = torch.tensor(
-            [cu[i + 1] - 1 for i in sample_rows], dtype=torch.long, device=self.device
-        )
+        last = [cu[i + 1] - 1 for i in sample_rows]
+        if last == list(range(len(hidden))):  # a pure decode step: every row, in order
+            return self.model.compute_logits(hidden)
+        rows = torch.tensor(last, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden[rows])
 
     def _forward(
