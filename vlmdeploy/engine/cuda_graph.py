@@ -69,7 +69,8 @@ class DecodeGraphs:
         )
         with attention_context(meta):
             x = self.model.embed(self.input_ids[:bs], None, None)
-            return self.model(x, self.positions[:bs])
+            # The lm_head runs inside the graph too: one launch per decode step for everything.
+            return self.model.compute_logits(self.model(x, self.positions[:bs]))
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -92,7 +93,8 @@ class DecodeGraphs:
         kv_lens: list[int],
         block_tables: list[list[int]],
     ) -> torch.Tensor:
-        """Hidden states (n, H) of one decode step for n sequences."""
+        """Logits (n, V) of one decode step for n sequences (a view of the graph's output buffer,
+        valid until the next replay)."""
         n = len(input_ids)
         bs = next(b for b in self.buckets if b >= n)
         dev = self.input_ids.device

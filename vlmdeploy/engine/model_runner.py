@@ -88,11 +88,13 @@ class ModelRunner:
             and len(ids) == len(batch.seqs)
             and self.graphs.can_run(len(ids), max(map(len, tables)))
         ):
-            hidden = self.graphs.run(ids, positions, slots, kv_lens, tables)
-        else:
-            hidden = self._forward(
-                ids, positions, slots, cu, kv_lens, tables, embeds, masks, max(batch.num_tokens)
-            )
+            logits = self.graphs.run(ids, positions, slots, kv_lens, tables)  # (n, V)
+            if not sample_rows:
+                return None
+            return logits if len(sample_rows) == len(ids) else logits[sample_rows]
+        hidden = self._forward(
+            ids, positions, slots, cu, kv_lens, tables, embeds, masks, max(batch.num_tokens)
+        )
         if not sample_rows:
             return None
         last = [cu[i + 1] - 1 for i in sample_rows]
