@@ -22,6 +22,13 @@ def bench():
     return module
 
 
+@pytest.fixture(scope="module")
+def report(bench):  # loading engine.py put benchmarks/ on the path for its report module
+    import engine_report
+
+    return engine_report
+
+
 def fake_results(**extra) -> dict:
     res = {
         "date": "2026-11-28",
@@ -90,9 +97,9 @@ def test_prefix_caching_off_caches_nothing(bench, tiny_ckpts, tmp_path):
     assert res["chat2"]["cached_tokens"] == 0 and "w1" not in res
 
 
-def test_markdown_quoted_lmdeploy_targets_and_errors(bench):
+def test_markdown_quoted_lmdeploy_targets_and_errors(report, bench):
     note = "quoted from the 2026-11-27 anchor run"
-    table = bench.markdown(fake_results(), bench.LMDEPLOY_QUOTED, note=note)
+    table = report.markdown(fake_results(), report.LMDEPLOY_QUOTED, note=note)
     lines = table.splitlines()
     head = next(line for line in lines if line.startswith("| metric |"))
     assert "LMDeploy 0.18 (quoted, not this call)" in head and "| target | met |" in head
@@ -115,15 +122,15 @@ def test_markdown_quoted_lmdeploy_targets_and_errors(bench):
     assert "H100 80GB HBM3" in lines[0] and "2026-11-28" in lines[0]
 
 
-def test_markdown_target_missed_and_skipped(bench):
+def test_markdown_target_missed_and_skipped(report, bench):
     res = fake_results(w1={"ttft_ms": 45.0, "tpot_ms": 7.0}, chat2={"skipped": "time limit"})
-    table = bench.markdown(res)
+    table = report.markdown(res)
     assert "| W1 TPOT ms | 7.00 | ≤ 5.6 | no | – | 27.00 |" in table
     assert "| chat2 TTFT turn 1 ms | skipped |" in table and "- chat2: time limit" in table
     assert "| metric | vlmdeploy | target | met | LMDeploy | transformers |" in table
 
 
-def test_lmdeploy_harness_results(bench):
+def test_lmdeploy_harness_results(report, bench):
     """The anchor harness's results.json: medians, engine_config blocks, torch peak in MiB."""
     lm = {
         "w1": {"ttft_ms": 113.0, "tpot_ms": 6.69, "ttft_ms_median_of_runs": 112.3},
@@ -133,10 +140,10 @@ def test_lmdeploy_harness_results(bench):
         "torch_max_memory_allocated_mib": 66226.0,
         "torch_max_memory_reserved_mib": 68248.0,
     }
-    v = bench.lmdeploy_values(lm)
+    v = report.lmdeploy_values(lm)
     assert v["W1 TTFT ms"] == 112.3 and v["KV cache tokens"] == 347_648
     assert v["peak GPU memory allocated GiB"] == pytest.approx(64.67, abs=0.01)
-    assert bench.lmdeploy_values(None)["W2 requests/s"] is None
+    assert report.lmdeploy_values(None)["W2 requests/s"] is None
 
 
 def test_render_saved_results(bench, tmp_path):
