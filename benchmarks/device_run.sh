@@ -11,7 +11,9 @@
 # device.txt. Every stage runs under `timeout`; a failed stage is reported and the next one runs.
 # Env (defaults in brackets): PRESET [8b], CKPT [/tmp/ivl$PRESET-hf], DTYPE [bfloat16], DEVICE
 # [cuda if there is a GPU, else cpu], N2/N3 [256], S1_ARGS (extra serving.py flags), SKIP_S1=1,
-# ENGINE_ARGS (extra engine.py flags), BUDGET [540 s for the whole script], LMDEPLOY_NOTE.
+# ENGINE_ARGS (extra engine.py flags), BUDGET [540 s for the whole script], LMDEPLOY_NOTE,
+# PROFILE [1: benchmarks/step_profile.py last, into step_profile.md, when 120 s are left],
+# PROFILE_BATCH [1,256], PROFILE_PREFILL [1:448,8:1024].
 # WITH_LMDEPLOY=1 first runs `bash anchors/lmdeploy/run_device.sh 8b` (carry ["anchors", ".whl"];
 # anchors/ is prepared separately, see docs/benchmarks.md), serves and benchmarks ITS checkpoint
 # /tmp/ivl35-8b (same architecture, -HF format) and puts its results.json in the LMDeploy column;
@@ -124,6 +126,18 @@ if [ -f "$OUT/engine.json" ] && ! grep -q '| W1 TTFT ms |' "$OUT/benchmarks.md" 
   say "engine.py ended early; the table from what it saved:"
   python3 benchmarks/engine.py --render "$OUT/engine.json" --out "$OUT/benchmarks.md" "${LM_ARGS[@]}" \
     > /dev/null 2>> "$OUT/engine.log"
+fi
+
+# 5. where the time goes: decode steps and image prefills, engine only (skipped when short of time)
+if [ "${PROFILE:-1}" = 1 ] && [ "$(remaining)" -ge 120 ]; then
+  t=$(date +%s)
+  timeout -k 10 $(( $(remaining) - 15 )) python3 benchmarks/step_profile.py --model "$CKPT" \
+    --batch "${PROFILE_BATCH:-1,256}" --prefill "${PROFILE_PREFILL:-1:448,8:1024}" --steps 20 \
+    --out "$OUT/step_profile.md" > "$OUT/step_profile.log" 2>&1
+  rc=$?; stage_end profile "$t" $rc
+  grep -E '^### ' "$OUT/step_profile.log"
+else
+  say "profile skipped (PROFILE=${PROFILE:-1}, $(remaining)s left)"
 fi
 
 echo
