@@ -5,8 +5,9 @@ their tiles concatenated and run through the encoder in chunks of at most ``max_
 256, H) rows are split back per image. Each sequence then gets one (num image tokens, H) tensor in
 prompt order, which it keeps until every image token has KV: a sequence preempted before that
 does not re-encode; one preempted later gets its embeddings back from the cache, or re-encodes its
-tiles (made then, if they were deferred). The cache is keyed by the image's content hash (decoded pixels, size and tiling parameters) and bounded
-in bytes, least recently used first out; a repeated image skips the encoder entirely.
+tiles (made then, if they were deferred). The cache is keyed by the image's content hash (decoded
+pixels, size and tiling parameters) and bounded in bytes, least recently used first out; a repeated
+image skips the encoder entirely.
 """
 
 from __future__ import annotations
