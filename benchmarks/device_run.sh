@@ -13,7 +13,8 @@
 # [cuda if there is a GPU, else cpu], N2/N3 [256], S1_ARGS (extra serving.py flags), SKIP_S1=1,
 # ENGINE_ARGS (extra engine.py flags), BUDGET [540 s for the whole script], LMDEPLOY_NOTE,
 # PROFILE [1: benchmarks/step_profile.py last, into step_profile.md, when 120 s are left],
-# PROFILE_BATCH [1,256], PROFILE_PREFILL [1:448,8:1024].
+# PROFILE_BATCH [1,256], PROFILE_PREFILL [1:448,8:1024], KERNEL_TESTS [1: the GPU kernel tests
+# first, into kernel_tests.log].
 # WITH_LMDEPLOY=1 first runs `bash anchors/lmdeploy/run_device.sh 8b` (carry ["anchors", ".whl"];
 # anchors/ is prepared separately, see docs/benchmarks.md), serves and benchmarks ITS checkpoint
 # /tmp/ivl35-8b (same architecture, -HF format) and puts its results.json in the LMDeploy column;
@@ -65,6 +66,14 @@ python3 -c 'import torch, triton, transformers; print("torch", torch.__version__
 
 # 0. the web stack for S1 (not fatal: only S1 needs it)
 t=$(date +%s); install_wheels; WHEELS_RC=$?; stage_end wheels "$t" $WHEELS_RC
+
+# 0b. the Triton kernels against their PyTorch references on this GPU (KERNEL_TESTS=0 skips)
+if [ "${KERNEL_TESTS:-1}" = 1 ] && has_gpu; then
+  t=$(date +%s)
+  timeout -k 10 "${KERNEL_TESTS_TIMEOUT:-180}" python3 -m pytest -m gpu tests/kernels -q -x \
+    -p no:cacheprovider > "$OUT/kernel_tests.log" 2>&1
+  rc=$?; stage_end kernel-tests "$t" $rc; tail -2 "$OUT/kernel_tests.log"
+fi
 
 # 1. optional: LMDeploy on its own checkpoint, in this call
 LM_ARGS=(--lmdeploy-note "$LMDEPLOY_NOTE")

@@ -29,7 +29,9 @@ _MIN_SPLIT_TOKENS = 128  # shorter chunks cost more in partial writes and mergin
 _MAX_SPLITS = 64
 
 
-@triton.jit
+# Integer arguments that change from batch to batch are not specialised on (Triton would otherwise
+# compile another variant when one turns 1 or a multiple of 16, in the middle of serving).
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr, out_ptr,
                    part_o_ptr, part_lse_ptr, qk_scale, n_q_heads, num_splits,
                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
@@ -80,7 +82,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_pt
                  o.to(out_ptr.dtype.element_ty), mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(part_o_ptr, part_lse_ptr, cu_q_ptr, out_ptr, n_q_heads, num_splits,
                          stride_ot, stride_oh, BLOCK_S: tl.constexpr,
                          HEAD_DIM: tl.constexpr):

@@ -19,7 +19,7 @@ import triton.language as tl
 from .attention_tile import LOG2E, attend_tile, dot_precision, load_kv_tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes with the batch
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr, out_ptr,
                     qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                     stride_vb, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
