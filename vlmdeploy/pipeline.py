@@ -236,8 +236,8 @@ class Pipeline:
                     f"the images alone need {n_tokens} tokens or more, which does not fit "
                     f"session_len={self.session_len}"
                 )
-            loaded.append((image, params))
-        return [self._tile(image, params) for image, params in loaded]
+            loaded.append((image, params, n))
+        return [self._tile(image, params, n) for image, params, n in loaded]
 
     def _load(self, ref, policy: MediaPolicy | None) -> tuple[Any, tuple]:
         try:
@@ -254,16 +254,15 @@ class Pipeline:
         )
         return image, params
 
-    def _tile(self, image: Any, params: tuple) -> _Tiled:
-        """One image's tiles (n, 3, 448, 448) and content hash (pixels, size, tiling). When the
-        engine already holds the image's embedding (a follow-up turn, a repeated image), tiling
-        is deferred: the engine makes the tiles only if that entry is gone when it needs them."""
+    def _tile(self, image: Any, params: tuple, n: int) -> _Tiled:
+        """One image's ``n`` tiles (n, 3, 448, 448) and content hash (pixels, size, tiling).
+        When the engine already holds the image's embedding (a follow-up turn, a repeated image),
+        tiling is deferred: the engine makes the tiles only if that entry is gone when needed."""
         key = hashlib.blake2b(image.tobytes(), digest_size=16)
         key.update(repr((image.mode, image.size, params)).encode())
         digest = key.hexdigest()
         kwargs = dict(max_num=params[0], min_num=params[1], image_size=params[2],
                       use_thumbnail=params[3])
-        n = num_tiles(image.width, image.height, **kwargs)
         vision = self.engine.vision  # None once the pipeline is closed
         if vision is not None and digest in vision.cache:
             return _Tiled(None, n, digest, functools.partial(tile_pixel_values, image, **kwargs))

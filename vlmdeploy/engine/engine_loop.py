@@ -115,12 +115,7 @@ class EngineLoop:
             self._deliver(_final(seq.seq_id, "error", str(exc)))
 
     def _deliver(self, out: StepOutput) -> None:
-        if out.finish_reason:
-            callback = self._callbacks.pop(out.seq_id, None)
-        else:
-            callback = self._callbacks.get(out.seq_id)
-        if callback is not None:
-            _call(callback, out)
+        self._deliver_step([out])
 
     def _run(self) -> None:
         while self._closed is None:
@@ -169,8 +164,7 @@ class EngineLoop:
                 break
             if kind == "add":
                 _call(callback, _final(item.seq_id, reason, message))
-        for seq_id in list(self._callbacks):
-            self._deliver(_final(seq_id, reason, message))
+        self._deliver_step([_final(seq_id, reason, message) for seq_id in list(self._callbacks)])
 
 
 def _final(seq_id: int, reason: str, message: str | None = None) -> StepOutput:
