@@ -7,7 +7,7 @@
 #   CPU dry run:  OUT=/tmp/dry PRESET=tiny N2=4 N3=4 S1_ARGS="--num-requests 8 --concurrency 4" \
 #                 bash benchmarks/device_run.sh
 #
-# Results in $OUT: benchmarks.md (the S1 row, then the engine table), engine.json, s1.json, the logs,
+# Results in $OUT: benchmarks.md (the S1 row, then the engine table), engine.json, s1.json, step_profile.md, logs.tgz (every log),
 # device.txt. Every stage runs under `timeout`; a failed stage is reported and the next one runs.
 # Env (defaults in brackets): PRESET [8b], CKPT [/tmp/ivl$PRESET-hf], DTYPE [bfloat16], DEVICE
 # [cuda if there is a GPU, else cpu], N2/N3 [256], S1_ARGS (extra serving.py flags), SKIP_S1=1,
@@ -154,3 +154,5 @@ say "stages:"
 printf '  %s\n' "${STAGES[@]}"
 echo
 cat "$OUT/benchmarks.md" 2>/dev/null || say "no benchmarks.md"
+# At most 8 files come back from a device call: the logs travel as one archive.
+(cd "$OUT" && tar czf logs.tgz --remove-files ./*.log ./*.txt model_config.json 2>/dev/null)

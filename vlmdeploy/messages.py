@@ -172,6 +172,9 @@ class PytorchEngineConfig:
     prefix_cache_decode_state_interval: int = 0
     device_type: str = "cuda"
     eager_mode: bool = False
+    # vlmdeploy: launch each step before reading the previous step's tokens (the GPU never waits
+    # for the host); False reads every step's tokens before the next is scheduled.
+    async_scheduling: bool = True
     custom_module_map: dict[str, str] | None = None
     download_dir: str | None = None
     revision: str | None = None

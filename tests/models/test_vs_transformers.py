@@ -40,8 +40,8 @@ def run_ours(pipe, prompt, steps: int):
     seen: list[torch.Tensor] = []
     run = pipe.engine.runner.run
 
-    def spy(batch, rows):
-        logits = run(batch, rows)
+    def spy(batch, rows, *args):
+        logits = run(batch, rows, *args)
         seen.append(logits[0].clone())
         return logits
 

@@ -105,12 +105,14 @@ class BlockManager:
         """Register the blocks of ``seq`` that became full with computed KV in the last step."""
         if not self.prefix_caching:
             return
-        for i in range(seq.num_committed, seq.num_computed // self.block_size):
+        # A block ending in a token still on its way from the device waits for a later step.
+        full = min(seq.num_computed, seq.num_known) // self.block_size
+        for i in range(seq.num_committed, full):
             block, h = seq.block_table[i], self.hash_of(seq, i)
             if h not in self.cached and self.block_hash[block] is None:
                 self.cached[h] = block
                 self.block_hash[block] = h
-        seq.num_committed = seq.num_computed // self.block_size
+        seq.num_committed = max(seq.num_committed, full)
 
     def hash_of(self, seq: Sequence, i: int) -> bytes:
         """Hash of full block ``i`` of ``seq``, chained over the blocks before it (memoised)."""

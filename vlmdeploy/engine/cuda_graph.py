@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from vlmdeploy.engine.transfer import h2d_into, substitute
 from vlmdeploy.layers.attention import AttentionMetadata, attention_context
 
 
@@ -92,19 +93,21 @@ class DecodeGraphs:
         slots: list[int],
         kv_lens: list[int],
         block_tables: list[list[int]],
+        subst=None,
     ) -> torch.Tensor:
         """Logits (n, V) of one decode step for n sequences (a view of the graph's output buffer,
-        valid until the next replay)."""
+        valid until the next replay). ``subst`` fills pending input tokens on the device (see
+        :func:`vlmdeploy.engine.transfer.substitute`). Nothing here waits for the GPU."""
         n = len(input_ids)
         bs = next(b for b in self.buckets if b >= n)
-        dev = self.input_ids.device
-        self.input_ids[:n] = torch.tensor(input_ids, device=dev)
-        self.positions[:n] = torch.tensor(positions, device=dev)
-        self.slot_mapping[:n] = torch.tensor(slots, device=dev)
-        self.kv_lens[:n] = torch.tensor(kv_lens, device=dev)
+        h2d_into(self.input_ids[:n], input_ids)
+        substitute(self.input_ids, subst)
+        h2d_into(self.positions[:n], positions)
+        h2d_into(self.slot_mapping[:n], slots)
+        h2d_into(self.kv_lens[:n], kv_lens)
         width = max(len(t) for t in block_tables)
         rows = [t + [self.scratch_block] * (width - len(t)) for t in block_tables]
-        self.block_tables[:n, :width] = torch.tensor(rows, dtype=torch.int32, device=dev)
+        h2d_into(self.block_tables[:n, :width], rows)
         self._reset_padding(n, bs)
         if bs in self.graphs:
             self.graphs[bs].replay()

@@ -21,9 +21,9 @@ from vlmdeploy.config import ModelConfig
 from vlmdeploy.engine.block_manager import BlockManager
 from vlmdeploy.engine.cuda_graph import DecodeGraphs
 from vlmdeploy.engine.model_runner import ModelRunner
-from vlmdeploy.engine.sampling import sample
-from vlmdeploy.engine.scheduler import Scheduler
-from vlmdeploy.engine.sequence import Sequence, Status
+from vlmdeploy.engine.sampling import SampleResult, sample_async
+from vlmdeploy.engine.scheduler import ScheduledBatch, Scheduler
+from vlmdeploy.engine.sequence import PENDING, Sequence, Status
 from vlmdeploy.engine.vision import VisionStage
 from vlmdeploy.layers.attention import AttentionMetadata, PagedAttention, attention_context
 from vlmdeploy.messages import PytorchEngineConfig
@@ -48,6 +48,16 @@ class StepOutput:
     num_output_tokens: int
     num_cached_tokens: int
     error: str | None = None  # why the request ended with finish_reason "error"
+
+
+@dataclass
+class _InFlight:
+    """A launched step: its sampled tokens (on the device) and, per sampled row, the sequence, the
+    index of its ``PENDING`` token and whether that token ends it on length."""
+
+    result: SampleResult
+    rows: list[tuple[Sequence, int, bool]]
+    wait_for_it: bool  # the next step needs these tokens on the host (penalised sampling)
 
 
 def resolve_device(cfg: PytorchEngineConfig) -> torch.device:
@@ -141,6 +151,7 @@ class LLMEngine:
         )
         self.seqs: dict[int, Sequence] = {}
         self._arrivals = 0
+        self._inflight: _InFlight | None = None  # the launched step whose tokens are not read yet
 
     # ---- capacity --------------------------------------------------------------------------------
     def _kv_bytes_per_block(self) -> int:
@@ -294,7 +305,7 @@ class LLMEngine:
         return self._output(seq, None, None)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     def stats(self) -> dict[str, float | int]:
         return {
@@ -307,40 +318,100 @@ class LLMEngine:
     # ---- the loop --------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """Run one step and return the outputs that became known.
+
+        With ``async_scheduling`` (the default) the host does not wait for a step's tokens before
+        launching the next one: each sampled token is appended as ``PENDING``, the next step reads
+        it on the device, and the step returns the tokens of the step before, read once the new
+        one is queued. The GPU then never idles while the host schedules, builds inputs or hands
+        outputs over. Stops that depend on a token's value are found one step late: that step's
+        extra token for the request is computed and dropped. Penalised sampling reads the token
+        history, so a step with such a request is resolved before the next one is launched."""
+        outputs: list[StepOutput] = []
+        prev, self._inflight = self._inflight, None
+        if prev is not None and prev.wait_for_it:
+            outputs += self._resolve(prev)
+            prev = None
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
+        if batch:
+            self._inflight = self._launch(batch, prev)
+        if prev is not None:
+            outputs += self._resolve(prev)
+        if self._inflight is not None and not self.cfg.async_scheduling:
+            outputs += self._resolve(self._inflight)
+            self._inflight = None
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch, prev: _InFlight | None) -> _InFlight | None:
+        """Queue the forward and sampling of ``batch`` on the device; decide the stops that do not
+        depend on the tokens' values (length) now."""
         self.vision.run(batch.seqs)
         done = [s.num_computed + n == len(s) for s, n in zip(batch.seqs, batch.num_tokens)]
         rows = [i for i, d in enumerate(done) if d]
-        logits = self.runner.run(batch, rows)  # always runs: mid-prefill chunks must still write KV
+        # Always runs: mid-prefill chunks must still write KV.
+        logits = self.runner.run(batch, rows, None if prev is None else prev.result.tokens)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
             self.blocks.commit(seq)
             seq.release_image_embeds()
         if not rows:
-            return []
+            return None
         sampled = [batch.seqs[i] for i in rows]
-        tokens, logprobs = sample(
+        result = sample_async(
             logits,
             [s.sampling for s in sampled],
             [s.output_ids for s in sampled],
             [s.num_output for s in sampled],
         )
-        return [self._append(s, t, lp) for s, t, lp in zip(sampled, tokens, logprobs)]
+        flight = _InFlight(result, [], any(s.sampling.penalised for s in sampled))
+        for row, seq in enumerate(sampled):
+            seq.token_ids.append(PENDING)
+            seq.num_pending += 1
+            seq.pending_row = row
+            p = seq.sampling
+            final = seq.num_output >= p.max_new_tokens or len(seq) >= self.session_len
+            if final:  # out of the schedule now; blocks and output go when the token is read
+                self.seqs.pop(seq.seq_id, None)
+                self.scheduler.finish(seq, "length", free=False)
+            flight.rows.append((seq, len(seq) - 1, final))
+        return flight
 
-    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> StepOutput:
-        seq.token_ids.append(token)
-        p = seq.sampling
-        reason = None
-        if token in p.stop_token_ids:  # the sampler masks them until min_new_tokens is reached
-            reason = "stop"
-        elif seq.num_output >= p.max_new_tokens or len(seq) >= self.session_len:
-            reason = "length"
-        if reason:
-            self.seqs.pop(seq.seq_id, None)
-            self.scheduler.finish(seq, reason)
-        return self._output(seq, token, logprobs)
+    def _resolve(self, flight: _InFlight) -> list[StepOutput]:
+        """Read a launched step's tokens and turn them into outputs (eos and stop ids end a
+        request here; a later step's pending token of that request is dropped)."""
+        tokens, logprobs = flight.result.resolve()
+        outputs = []
+        for (seq, index, final), token, lp in zip(flight.rows, tokens, logprobs):
+            seq.num_pending -= 1
+            if index >= len(seq.token_ids) or seq.finish_reason == "abort":
+                continue  # stopped at an earlier token, or aborted
+            seq.token_ids[index] = token
+            self.blocks.commit(seq)  # a block that ended in this token can be registered now
+            reason = "length" if final else None
+            if token in seq.sampling.stop_token_ids:  # masked until min_new_tokens is reached
+                reason = "stop"
+                del seq.token_ids[index + 1 :]
+                seq.num_pending = 0
+                if seq.status == Status.FINISHED:  # a later step had already ended it on length
+                    seq.finish_reason = reason
+                    self.blocks.free_seq(seq)
+                else:
+                    self.seqs.pop(seq.seq_id, None)
+                    self.scheduler.finish(seq, reason)
+            elif final:
+                self.blocks.free_seq(seq)
+            outputs.append(
+                StepOutput(
+                    seq.seq_id,
+                    token,
+                    lp,
+                    reason,
+                    seq.num_prompt_tokens,
+                    index + 1 - seq.num_prompt_tokens,
+                    seq.num_cached,
+                )
+            )
+        return outputs
 
     def _output(self, seq: Sequence, token: int | None, logprobs) -> StepOutput:
         return StepOutput(
@@ -349,6 +420,6 @@ class LLMEngine:
             logprobs,
             seq.finish_reason if seq.status == Status.FINISHED else None,
             seq.num_prompt_tokens,
-            seq.num_output,
+            seq.num_output - seq.num_pending,
             seq.num_cached,
         )

@@ -16,6 +16,7 @@ from vlmdeploy.config import ModelConfig
 from vlmdeploy.engine.cuda_graph import DecodeGraphs
 from vlmdeploy.engine.scheduler import ScheduledBatch
 from vlmdeploy.engine.sequence import Sequence
+from vlmdeploy.engine.transfer import h2d, substitute
 from vlmdeploy.layers.attention import AttentionMetadata, PagedAttention, attention_context
 from vlmdeploy.models.internvl import InternVLForCausalLM
 
@@ -64,14 +65,26 @@ class ModelRunner:
         return self.model.encode_images(pixel_values.to(self.device, dtype))
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, sample_rows: list[int]) -> torch.Tensor | None:
+    def run(
+        self,
+        batch: ScheduledBatch,
+        sample_rows: list[int],
+        prev_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
         """One forward over the batch; returns logits (len(sample_rows), V) for the last new token
-        of the sequences at ``sample_rows``."""
+        of the sequences at ``sample_rows``. A sequence whose last token is still pending takes it
+        from row ``seq.pending_row`` of ``prev_tokens``, the previous step's sampled tokens, on the
+        device: the host never waits for them."""
         ids, positions, slots, embeds, masks = [], [], [], [], []
-        cu, kv_lens = [0], []
+        cu, kv_lens, subst_dst, subst_src = [0], [], [], []
         for seq, n in zip(batch.seqs, batch.num_tokens):
             start, end = seq.num_computed, seq.num_computed + n
             chunk = seq.token_ids[start:end]
+            if seq.num_pending and end == len(seq):
+                if seq.num_pending > 1 or prev_tokens is None:
+                    raise RuntimeError("a step needs a token that is not on the device")
+                subst_dst.append(len(ids) + n - 1)
+                subst_src.append(seq.pending_row)
             ids.extend(chunk)
             positions.extend(range(start, end))
             slots.extend(_slots(seq, start, end, self.block_size))
@@ -80,6 +93,7 @@ class ModelRunner:
             masks.append(mask)
             cu.append(cu[-1] + n)
             kv_lens.append(end)
+        subst = (subst_dst, subst_src, prev_tokens) if subst_dst else None
         has_images = any(e is not None for e in embeds)
         tables = [s.block_table for s in batch.seqs]
         if (
@@ -88,23 +102,24 @@ class ModelRunner:
             and len(ids) == len(batch.seqs)
             and self.graphs.can_run(len(ids), max(map(len, tables)))
         ):
-            logits = self.graphs.run(ids, positions, slots, kv_lens, tables)  # (n, V)
+            logits = self.graphs.run(ids, positions, slots, kv_lens, tables, subst)  # (n, V)
             if not sample_rows:
                 return None
-            return logits if len(sample_rows) == len(ids) else logits[sample_rows]
+            if len(sample_rows) == len(ids):
+                return logits
+            return logits[h2d(sample_rows, torch.long, self.device)]
         hidden = self._forward(
-            ids, positions, slots, cu, kv_lens, tables, embeds, masks, max(batch.num_tokens)
+            ids, positions, slots, cu, kv_lens, tables, embeds, masks, max(batch.num_tokens), subst
         )
         if not sample_rows:
             return None
         last = [cu[i + 1] - 1 for i in sample_rows]
         if last == list(range(len(hidden))):  # a pure decode step: every row, in order
             return self.model.compute_logits(hidden)
-        rows = torch.tensor(last, dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden[rows])
+        return self.model.compute_logits(hidden[h2d(last, torch.long, self.device)])
 
     def _forward(
-        self, ids, positions, slots, cu, kv_lens, tables, embeds, masks, max_q_len: int
+        self, ids, positions, slots, cu, kv_lens, tables, embeds, masks, max_q_len: int, subst
     ) -> torch.Tensor:
         """Eager forward of a packed batch → hidden states (T, H)."""
         dev = self.device
@@ -116,22 +131,23 @@ class ModelRunner:
                     m if m is not None else torch.zeros(len(c), dtype=torch.bool)
                     for m, c in zip(masks, _spans(cu))
                 ]
-            ).to(dev)
+            )
+            mask = h2d(mask, torch.bool, dev)
             image = torch.cat(image_embeds).to(dev)
-        x = self.model.embed(torch.tensor(ids, dtype=torch.long, device=dev), image, mask)
+        input_ids = h2d(ids, torch.long, dev)
+        substitute(input_ids, subst)
+        x = self.model.embed(input_ids, image, mask)
         width = max(map(len, tables))
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(
-                [t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev
-            ),
+            slot_mapping=h2d(slots, torch.long, dev),
+            cu_seqlens_q=h2d(cu, torch.int32, dev),
+            kv_lens=h2d(kv_lens, torch.int32, dev),
+            block_tables=h2d([t + [-1] * (width - len(t)) for t in tables], torch.int32, dev),
             max_q_len=max_q_len,
             max_kv_len=max(kv_lens),
         )
         with attention_context(meta):
-            return self.model(x, torch.tensor(positions, dtype=torch.long, device=dev))
+            return self.model(x, h2d(positions, torch.long, dev))
 
     def _image_rows(self, seq: Sequence, start: int, chunk: list[int]):
         """Image embeddings for the image tokens inside ``chunk`` and the chunk's image-token

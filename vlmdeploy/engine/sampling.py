@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlmdeploy.engine.transfer import HostCopy, h2d
+
 
 @dataclass
 class SamplingParams:
@@ -61,12 +63,12 @@ def _filter_sorted(
     """Temperature, top-k, top-p and min-p for a batch of rows at once: logits (k, V) →
     (unnormalised probabilities in descending order (k, V), their token ids (k, V))."""
     dev, vocab = logits.device, logits.shape[-1]
-    temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=dev)[:, None]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)[
-        :, None
-    ]
-    top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
-    min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+    f32 = torch.float32
+    temps = h2d([max(p.temperature, 1e-5) for p in params], f32, dev)[:, None]
+    top_k = h2d([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.long, dev)
+    top_k = top_k[:, None]
+    top_p = h2d([p.top_p for p in params], f32, dev)[:, None]
+    min_p = h2d([p.min_p for p in params], f32, dev)[:, None]
     sorted_logits, order = (logits / temps).sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=dev)[None, :]
     probs = torch.softmax(sorted_logits.masked_fill(rank >= top_k, float("-inf")), dim=-1)
@@ -81,10 +83,28 @@ def _mask_tokens(logits: torch.Tensor, p: SamplingParams, num_output: int) -> No
     vocab = logits.shape[-1]
     # An id outside the vocabulary can never be sampled anyway; indexing with it would raise
     # inside the engine step and take every other request down with it.
-    if p.bad_token_ids:
-        logits[[t for t in p.bad_token_ids if 0 <= t < vocab]] = float("-inf")
-    if num_output < p.min_new_tokens and p.stop_token_ids:
-        logits[[t for t in p.stop_token_ids if 0 <= t < vocab]] = float("-inf")
+    banned = [t for t in p.bad_token_ids if 0 <= t < vocab]
+    if num_output < p.min_new_tokens:
+        banned += [t for t in p.stop_token_ids if 0 <= t < vocab]
+    if banned:
+        logits[h2d(banned, torch.long, logits.device)] = float("-inf")
+
+
+class SampleResult:
+    """The tokens of one sampling call, computed on the device; :meth:`resolve` brings them (and
+    the asked-for logprobs) to the host, waiting only for this step's own kernels."""
+
+    def __init__(self, tokens: torch.Tensor, logprobs: _LogprobRows | None = None):
+        self.tokens = tokens  # (B,) int64 on the logits' device: the next step reads it there
+        self._tokens = HostCopy(tokens)
+        self._logprobs = logprobs
+        self._parts = None if logprobs is None else [HostCopy(t) for t in logprobs.tensors()]
+
+    def resolve(self) -> tuple[list[int], list[dict[int, float] | None]]:
+        tokens = self._tokens.get().tolist()
+        if self._logprobs is None:
+            return tokens, [None] * len(tokens)
+        return tokens, self._logprobs.to_dicts([c.get() for c in self._parts], tokens)
 
 
 def sample(
@@ -95,6 +115,18 @@ def sample(
 ) -> tuple[list[int], list[dict[int, float] | None]]:
     """logits: (B, V) → one token per row (and its top-logprobs when asked). ``logits`` is not
     modified."""
+    return sample_async(logits, params, histories, num_outputs).resolve()
+
+
+def sample_async(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    histories: list[list[int]],
+    num_outputs: list[int],
+) -> SampleResult:
+    """:func:`sample` with every kernel queued and nothing waited for: the host learns the tokens
+    at :meth:`SampleResult.resolve`. Penalised rows read ``histories``, so those must be known."""
+    dev = logits.device
     masked = [
         i
         for i, p in enumerate(params)
@@ -103,22 +135,16 @@ def sample(
     if not masked and all(p.greedy and p.logprobs is None for p in params):
         # The common batch: argmax in the logits' own dtype (widening is exact, so the same
         # token), no (B x V) float copy, no gather.
-        return logits.argmax(-1).tolist(), [None] * len(params)
+        return SampleResult(logits.argmax(-1))
     raw = logits.float()  # (B, V); may alias the caller's tensor, so it is only read
     logits = raw.clone() if masked else raw  # copy (B x V) only when a row must be masked
     for i in masked:
         _mask_tokens(logits[i], params[i], num_outputs[i])
-    tokens = [0] * len(params)
-    greedy = [i for i, p in enumerate(params) if p.greedy]
-    if greedy:  # one argmax and one host transfer for all greedy rows
-        picked = logits
-        if len(greedy) < len(params):
-            picked = logits[torch.tensor(greedy, device=logits.device)]
-        for i, t in zip(greedy, picked.argmax(-1).tolist()):
-            tokens[i] = t
+    tokens = logits.argmax(-1)  # right for the greedy rows; sampled rows are overwritten below
     sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if sampled:  # all sampled rows together: one sort, one race, one host transfer
-        rows = logits[torch.tensor(sampled, device=logits.device)]  # (k, V), a copy
+    if sampled:  # all sampled rows together: one sort, one race
+        index = h2d(sampled, torch.long, dev)
+        rows = logits[index]  # (k, V), a copy
         for r, i in enumerate(sampled):
             if params[i].penalised:
                 _apply_penalties(rows[r], params[i], histories[i])
@@ -129,26 +155,42 @@ def sample(
         # Noise is drawn in vocabulary order and read through the sort: a token's draw must not
         # depend on its rank, which tiny numeric differences between batches can reorder.
         choice = (probs / noise.gather(1, order)).argmax(-1, keepdim=True)
-        for i, t in zip(sampled, order.gather(1, choice)[:, 0].tolist()):
-            tokens[i] = t
-    return tokens, _logprobs(raw, params, tokens)
+        tokens[index] = order.gather(1, choice)[:, 0]
+    return SampleResult(tokens, _LogprobRows.compute(raw, params, tokens))
 
 
-def _logprobs(
-    raw: torch.Tensor, params: list[SamplingParams], tokens: list[int]
-) -> list[dict[int, float] | None]:
-    """Log-softmax of the raw logits (before penalties, masks and temperature): the top
-    ``logprobs`` entries plus the sampled token."""
-    if all(p.logprobs is None for p in params):
-        return [None] * len(params)
-    logp = torch.log_softmax(raw, dim=-1)
-    out: list[dict[int, float] | None] = []
-    for i, p in enumerate(params):
-        if p.logprobs is None:
-            out.append(None)
-            continue
-        top = torch.topk(logp[i], min(p.logprobs, logp.shape[-1])) if p.logprobs > 0 else None
-        entry = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist()))
-        entry[tokens[i]] = float(logp[i, tokens[i]])
-        out.append(entry)
-    return out
+class _LogprobRows:
+    """Log-softmax of the raw logits (before penalties, masks and temperature) for the rows that
+    asked: the top ``logprobs`` entries plus the sampled token, on the device until resolved."""
+
+    def __init__(self, rows: list[int], ks: list[int], top_values, top_ids, chosen):
+        self.rows, self.ks = rows, ks
+        self.top_values, self.top_ids, self.chosen = top_values, top_ids, chosen
+
+    @classmethod
+    def compute(
+        cls, raw: torch.Tensor, params: list[SamplingParams], tokens: torch.Tensor
+    ) -> _LogprobRows | None:
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not rows:
+            return None
+        ks = [min(params[i].logprobs, raw.shape[-1]) for i in rows]
+        index = h2d(rows, torch.long, raw.device)
+        logp = torch.log_softmax(raw[index], dim=-1)  # (k, V)
+        top = torch.topk(logp, max(ks), dim=-1)
+        chosen = logp.gather(1, tokens[index][:, None])[:, 0]
+        return cls(rows, ks, top.values, top.indices, chosen)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.top_values, self.top_ids, self.chosen]
+
+    def to_dicts(
+        self, parts: list[torch.Tensor], tokens: list[int]
+    ) -> list[dict[int, float] | None]:
+        values, ids, chosen = (t.tolist() for t in parts)
+        out: list[dict[int, float] | None] = [None] * len(tokens)
+        for r, (i, k) in enumerate(zip(self.rows, self.ks)):
+            entry = dict(zip(ids[r][:k], values[r][:k]))
+            entry[tokens[i]] = chosen[r]
+            out[i] = entry
+        return out

@@ -70,6 +70,8 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted with its last token unread: admitted once it is known
+                break
             cached = self.blocks.match_prefix(seq)
             if self.blocks.blocks_needed(seq, seq.num_uncomputed) > self.blocks.num_free:
                 self.blocks.free_seq(seq)  # the whole prompt must fit; hand cached blocks back
@@ -110,12 +112,14 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """Remove ``seq`` from the engine (finished or aborted) and free its blocks."""
+    def finish(self, seq: Sequence, reason: str, free: bool = True) -> None:
+        """Remove ``seq`` from the engine (finished or aborted) and free its blocks (unless
+        ``free`` is False: the caller frees them once the step writing their last KV is read)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free_seq(seq)
+        if free:
+            self.blocks.free_seq(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason

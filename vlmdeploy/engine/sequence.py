@@ -11,6 +11,8 @@ import torch
 
 from vlmdeploy.engine.sampling import SamplingParams
 
+PENDING = -1  # a sampled token still on its way from the device (see LLMEngine.step)
+
 
 class Status(enum.Enum):
     WAITING = enum.auto()
@@ -59,6 +61,10 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of full blocks
     num_committed: int = 0  # full blocks already registered in the prefix cache
     arrival: int = 0
+    # Sampled tokens whose values the host has not read yet (``PENDING`` at the end of
+    # ``token_ids``); the newest is row ``pending_row`` of the step in flight's token tensor.
+    num_pending: int = 0
+    pending_row: int = -1
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -73,6 +79,11 @@ class Sequence:
     @property
     def num_output(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_known(self) -> int:
+        """Tokens whose values the host knows."""
+        return len(self.token_ids) - self.num_pending
 
     @property
     def num_uncomputed(self) -> int:

@@ -1,0 +1,153 @@
+"""Asynchronous scheduling: each step is launched before the previous step's tokens are read, and
+the next step takes them on the device. Whatever the requests do (greedy, seeded sampling,
+penalties, logprobs, stop ids found a step late, length stops, aborts, preemption, prefix caching),
+the outputs must equal those of the synchronous engine, and no KV block may leak."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from vlmdeploy import PytorchEngineConfig
+from vlmdeploy.engine.llm_engine import LLMEngine
+from vlmdeploy.engine.sampling import SamplingParams
+from vlmdeploy.engine.sequence import PENDING, Sequence
+
+IMAGE_TOKEN = 7  # text-only prompts here; any id the prompts do not use
+
+
+def make_engine(ckpt: str, async_scheduling: bool, **kw) -> LLMEngine:
+    cfg = PytorchEngineConfig(
+        session_len=256,
+        block_size=16,
+        num_gpu_blocks=kw.pop("num_gpu_blocks", 64),
+        device_type="cpu",
+        async_scheduling=async_scheduling,
+        **kw,
+    )
+    return LLMEngine(ckpt, cfg, IMAGE_TOKEN)
+
+
+def prompt(i: int, n: int = 20) -> list[int]:
+    return [(37 * i + 11 * j) % 900 + 20 for j in range(n)]
+
+
+def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], abort_at=None):
+    """Step until idle; per request: [(token, finish_reason, num_output, logprobs)], the number of
+    steps, and the largest number of pending tokens seen on one sequence."""
+    outs: dict[int, list] = {i: [] for i in range(len(requests))}
+    for i, (ids, p) in enumerate(requests):
+        engine.add(Sequence(i, list(ids), dataclasses.replace(p)))
+    steps = most_pending = 0
+    while engine.has_work():
+        for o in engine.step():
+            outs[o.seq_id].append((o.token_id, o.finish_reason, o.num_output_tokens, o.logprobs))
+        steps += 1
+        seqs = list(engine.seqs.values())
+        most_pending = max([most_pending] + [s.num_pending for s in seqs])
+        if abort_at and steps == abort_at[0]:
+            out = engine.abort(abort_at[1])
+            if out is not None:
+                outs[out.seq_id].append((None, out.finish_reason, out.num_output_tokens, None))
+    assert engine.blocks.num_free == engine.num_blocks, "a KV block leaked"
+    return outs, steps, most_pending
+
+
+def tokens_of(outs) -> list[int]:
+    return [t for t, *_ in outs if t is not None]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_ckpts):
+    ckpt = tiny_ckpts["original"]
+    return make_engine(ckpt, False), make_engine(ckpt, True)
+
+
+def mixed_requests(stop_id: int) -> list[tuple[list[int], SamplingParams]]:
+    return [
+        (prompt(0), SamplingParams(max_new_tokens=12)),
+        (prompt(0), SamplingParams(max_new_tokens=12, stop_token_ids=frozenset({stop_id}))),
+        (prompt(1), SamplingParams(greedy=False, temperature=0.8, top_p=0.9, seed=5,
+                                   max_new_tokens=10)),
+        (prompt(2), SamplingParams(greedy=False, temperature=1.0, repetition_penalty=1.3,
+                                   frequency_penalty=0.2, seed=7, max_new_tokens=9)),
+        (prompt(3), SamplingParams(logprobs=3, max_new_tokens=6)),
+        (prompt(0), SamplingParams(max_new_tokens=12, min_new_tokens=6,
+                                   stop_token_ids=frozenset({stop_id}))),
+        (prompt(4, 70), SamplingParams(max_new_tokens=1)),  # several prefill chunks, one token
+    ]
+
+
+def test_async_outputs_equal_sync_outputs(engines):
+    sync, asyn = engines
+    first = tokens_of(run(sync, [(prompt(0), SamplingParams(max_new_tokens=12))])[0][0])
+    stop_id = first[3]  # request 1 stops on its 4th token; request 5 may not stop before its 7th
+    requests = mixed_requests(stop_id)
+    want, sync_steps, _ = run(sync, requests)
+    got, async_steps, most_pending = run(asyn, requests)
+    assert most_pending == 1, "the async engine never had a token in flight"
+    for i in want:
+        assert [o[:3] for o in got[i]] == [o[:3] for o in want[i]], f"request {i}"
+        for (*_, lp_got), (*_, lp_want) in zip(got[i], want[i]):
+            assert (lp_got is None) == (lp_want is None)
+            if lp_want is not None:
+                assert lp_got.keys() == lp_want.keys()
+                assert list(lp_got.values()) == pytest.approx(list(lp_want.values()), abs=1e-4)
+    assert tokens_of(want[1])[-1] == stop_id and want[1][-1][1] == "stop"
+    assert len(tokens_of(want[1])) == 4
+    assert want[0][-1][1] == "length" and len(tokens_of(want[0])) == 12
+    assert async_steps <= sync_steps + 1  # the last step's tokens are read one step later
+
+
+def test_a_request_aborted_with_a_token_in_flight_ends_once(engines):
+    _, asyn = engines
+    requests = [(prompt(i), SamplingParams(max_new_tokens=30)) for i in range(3)]
+    outs, _, _ = run(asyn, requests, abort_at=(5, 1))
+    finals = [o for o in outs[1] if o[1] is not None]
+    assert finals == [outs[1][-1]] and finals[0][1] == "abort"
+    assert finals[0][2] == len(tokens_of(outs[1]))  # the dropped in-flight token is not counted
+    assert len(tokens_of(outs[0])) == len(tokens_of(outs[2])) == 30
+
+
+def test_preemption_with_tokens_in_flight_gives_the_same_outputs(tiny_ckpts):
+    ckpt = tiny_ckpts["original"]
+    requests = [(prompt(i, 30), SamplingParams(max_new_tokens=40)) for i in range(6)]
+    results = []
+    for async_scheduling in (False, True):
+        engine = make_engine(ckpt, async_scheduling, num_gpu_blocks=12)
+        outs, _, _ = run(engine, requests)
+        assert engine.scheduler.num_preemptions > 0
+        results.append(outs)
+    assert results[0] == results[1]
+
+
+def test_prefix_cache_registers_blocks_with_the_sampled_tokens(tiny_ckpts):
+    """Blocks that end in a token still in flight are registered once it is read, under the real
+    token: a follow-up prompt holding the whole first answer finds every full block."""
+    engine = make_engine(tiny_ckpts["original"], True, enable_prefix_caching=True)
+    first = prompt(5, 16)
+    outs, _, _ = run(engine, [(first, SamplingParams(max_new_tokens=32))])
+    answer = tokens_of(outs[0])
+    follow = first + answer + [3, 4, 5]  # 51 tokens: blocks 0-2 hold prompt + answer
+    seq = Sequence(9, follow, SamplingParams(max_new_tokens=1))
+    engine.add(seq)
+    engine.step()
+    assert seq.num_cached == 32  # the last answer token never had KV: blocks 0 and 1 are reused
+    while engine.has_work():
+        engine.step()
+    assert PENDING not in follow
+
+
+def test_pending_token_is_not_read_on_the_host(tiny_ckpts):
+    """After a launch the new token is a placeholder on the host; the next step fills it."""
+    engine = make_engine(tiny_ckpts["original"], True)
+    engine.add(Sequence(1, prompt(6), SamplingParams(max_new_tokens=5)))
+    assert engine.step() == []  # the prefill is launched; its token is not read yet
+    seq = engine.seqs[1]
+    assert seq.token_ids[-1] == PENDING and seq.num_pending == 1
+    outs = engine.step()  # launches the first decode, then reads the prefill's token
+    assert [o.num_output_tokens for o in outs] == [1]
+    assert seq.token_ids[-2] == outs[0].token_id and seq.token_ids[-1] == PENDING
+    while engine.has_work():
+        engine.step()
