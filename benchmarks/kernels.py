@@ -378,6 +378,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/kernels.md")
     parser.add_argument("--quick", action="store_true", help="fewer cases (a smoke run)")
+    parser.add_argument("--only", default="", help="only cases whose bench_* name has this")
     args = parser.parse_args()
     torch.manual_seed(0)
     bw, rate = measure_ceilings()
@@ -388,23 +389,21 @@ def main() -> None:
         if args.quick
         else [(B, ctx) for B in (1, 64, 256) for ctx in (512, 2048, 8192)]
     )
-    cases: list[Callable[[], Row]] = []
+    cases: list[tuple[str, Callable[[], Row]]] = []
     for fn in (bench_rms_norm, bench_silu_and_mul, bench_qk_norm_rope, bench_store_kv):
-        cases += [lambda fn=fn, T=T: fn(T) for T in tokens]
-    cases += [lambda B=B, ctx=ctx: bench_decode(B, ctx) for B, ctx in decode]
-    cases += [
-        lambda: bench_prefill("1 prompt × 2,676", [2676], [2676], sdpa=True),
-        lambda: bench_prefill("4 prompts × 2,676", [2676] * 4, [2676] * 4, sdpa=True),
-        lambda: bench_prefill("chunk 512 after 2,164 cached", [512], [2676], sdpa=False),
-        lambda: bench_prefill(
-            "mixed: 64 decodes @ 2,048 + chunk 512",
-            [1] * 64 + [512],
-            [2048] * 64 + [2676],
-            sdpa=False,
-        ),
+        cases += [(fn.__name__, lambda fn=fn, T=T: fn(T)) for T in tokens]
+    cases += [("bench_decode", lambda B=B, ctx=ctx: bench_decode(B, ctx)) for B, ctx in decode]
+    prefills = [
+        ("1 prompt × 2,676", [2676], [2676], True),
+        ("4 prompts × 2,676", [2676] * 4, [2676] * 4, True),
+        ("chunk 512 after 2,164 cached", [512], [2676], False),
+        ("mixed: 64 decodes @ 2,048 + chunk 512", [1] * 64 + [512], [2048] * 64 + [2676], False),
     ]
+    cases += [("bench_prefill", lambda p=p: bench_prefill(*p)) for p in prefills]
     rows = []
-    for case in cases:
+    for family, case in cases:
+        if args.only not in family:
+            continue
         try:
             row = case()
         except Exception:  # report the rest even if one case breaks

@@ -134,3 +134,4 @@ def test_image_embeddings_are_released_after_prefill(pipe, images):
     for entry in pipe.engine.vision.cache.entries.values():  # cache entries own their memory
         assert entry.untyped_storage().nbytes() == entry.numel() * entry.element_size()
     assert req.images
+
