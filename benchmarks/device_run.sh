@@ -125,7 +125,7 @@ if [ "$ENGINE_LIMIT" -lt 60 ]; then ENGINE_LIMIT=60; fi
 t=$(date +%s)
 # shellcheck disable=SC2086
 timeout -k 10 "$ENGINE_LIMIT" python3 benchmarks/engine.py --model "$CKPT" --baseline \
-  --n2 "$N2" --n3 "$N3" --time-limit $(( ENGINE_LIMIT > 150 ? ENGINE_LIMIT - 75 : ENGINE_LIMIT / 2 )) \
+  --n2 "$N2" --n3 "$N3" --repeats "${REPEATS:-3}" --time-limit $(( ENGINE_LIMIT > 150 ? ENGINE_LIMIT - 75 : ENGINE_LIMIT / 2 )) \
   --json "$OUT/engine.json" --out "$OUT/benchmarks.md" "${LM_ARGS[@]}" ${ENGINE_ARGS:-} \
   > "$OUT/engine.log" 2>&1
 rc=$?; stage_end engine "$t" $rc

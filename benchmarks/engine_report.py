@@ -188,6 +188,20 @@ def markdown(
     for m, a, b, c, _ in comparison(res, lmdeploy):
         t, ok = target_cell(m, a)
         lines.append(f"| {m} | {cell(a)} | {t} | {ok} | {cell(b)} | {cell(c)} |")
+    runs = [
+        f"{name.upper()} runs in a row: {', '.join(f'{x:,}' for x in res[name]['runs'])} "
+        f"({'requests/s' if name == 'w2' else 'output tokens/s'}; the median is in the table)"
+        for name in ("w2", "w3")
+        if isinstance(res.get(name), dict) and len(res[name].get("runs", [])) > 1
+    ]
+    w1 = res.get("w1") if isinstance(res.get("w1"), dict) else {}
+    if "ttft_runs" in w1:
+        runs.append(
+            f"W1 TTFT: median of {w1['ttft_runs']} requests, each with its own image "
+            f"({w1['ttft_min_ms']:.1f}–{w1['ttft_max_ms']:.1f} ms)"
+        )
+    if runs:
+        lines += [""] + [f"- {r}" for r in runs]
     if note:
         lines += ["", f"LMDeploy column: {note}"]
     errors = [
