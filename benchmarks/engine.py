@@ -197,9 +197,11 @@ def run_batch(pipe, tok, n: int, side: int, n_text: int, n_out: int, seed: int) 
     prompts = workload(tok, n, side, n_text, seed)
     pipe(workload(tok, 1, side, n_text, seed + 1000), gen_config=gen(n_out))  # warm-up
     sync()
+    pipe.engine.trace = []  # the engine thread appends one record per step
     t0 = time.perf_counter()
     out = pipe(prompts, gen_config=gen(n_out))
     wall = time.perf_counter() - t0
+    trace, pipe.engine.trace = pipe.engine.trace, None
     n_in, n_gen = sum(r.input_token_len for r in out), sum(r.generate_token_len for r in out)
     return {
         "requests": n,
@@ -208,6 +210,32 @@ def run_batch(pipe, tok, n: int, side: int, n_text: int, n_out: int, seed: int) 
         "input_tokens_per_s": n_in / wall,
         "output_tokens_per_s": n_gen / wall,
         "short_outputs": sum(r.generate_token_len != n_out for r in out),
+        "timeline": timeline(trace, t0, t0 + wall),
+    }
+
+
+def timeline(trace: list, t0: float, t1: float) -> dict:
+    """Where a batch run's wall time went, from the engine's step records: time inside steps
+    (prefill-bearing or decode-only), time the engine thread spent outside them (waiting for
+    prepared requests, or handing outputs over), and when the last prefill ran."""
+    if not trace:
+        return {}
+    prefill = [r for r in trace if r.num_prefill_tokens]
+    decode = [r for r in trace if not r.num_prefill_tokens]
+    gaps = [b.start - a.end for a, b in zip(trace, trace[1:])]
+    return {
+        "steps": len(trace),
+        "prefill_steps": len(prefill),
+        "prefill_steps_s": round(sum(r.end - r.start for r in prefill), 3),
+        "decode_steps": len(decode),
+        "decode_steps_s": round(sum(r.end - r.start for r in decode), 3),
+        "outside_steps_s": round((t1 - t0) - sum(r.end - r.start for r in trace), 3),
+        "longest_gap_ms": round(max(gaps, default=0.0) * 1e3, 2),
+        "first_step_after_s": round(trace[0].start - t0, 3),
+        "last_prefill_at_s": round(prefill[-1].end - t0, 3) if prefill else None,
+        "mean_decode_rows": round(sum(r.num_decode for r in trace) / len(trace), 1),
+        "prefill_tokens": sum(r.num_prefill_tokens for r in trace),
+        "tiles": sum(r.num_tiles for r in trace),
     }
 
 
@@ -220,6 +248,7 @@ def repeated(fn: Callable[[int], dict], times: int, key: str) -> dict:
     order = sorted(range(times), key=lambda i: results[i][key])
     out = dict(results[order[(times - 1) // 2]])
     out["runs"] = [round(r[key], 2) for r in results]
+    out["run_timelines"] = [r.get("timeline") for r in results]
     return out
 
 
@@ -293,6 +322,7 @@ def summary_line(name: str, r: dict) -> str:
             f"{r['requests']} requests in {r['wall_s']:.1f} s: {r['requests_per_s']:.2f} req/s, "
             f"in {r['input_tokens_per_s']:,.0f} tok/s, out {r['output_tokens_per_s']:,.0f} tok/s"
             + (f" (median run; all runs {r['runs']})" if len(r.get("runs", [])) > 1 else "")
+            + (f"; timeline {json.dumps(r['timeline'])}" if r.get("timeline") else "")
         )
     if name == "transformers_w1":
         return f"TTFT {r['ttft_ms']:.1f} ms, TPOT {r['tpot_ms']:.2f} ms"

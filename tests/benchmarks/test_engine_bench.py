@@ -68,12 +68,18 @@ def test_engine_benchmark_smoke(bench, tiny_ckpts, tmp_path):
             }
         )
     )
-    args = f"--model {tiny_ckpts['hf']} --n2 2 --n3 2 --session-len 4096 --baseline"
+    args = f"--model {tiny_ckpts['hf']} --n2 2 --n3 2 --session-len 4096 --baseline --repeats 2"
     bench.main([*args.split(), "--out", str(out), "--json", str(raw), "--lmdeploy", str(lmdeploy)])
     res = json.loads(raw.read_text())
     assert res["w1"]["output_tokens"] == 512 and res["w1"]["tpot_ms"] > 0
     assert res["w2"]["requests"] == 2 and res["w3"]["output_tokens_per_s"] > 0
     assert res["transformers_w1"]["tpot_ms"] > 0
+    # repeated runs each bring their own images: every run encodes all of its tiles (no cache hit)
+    for name in ("w2", "w3"):
+        runs = res[name]["run_timelines"]
+        assert len(res[name]["runs"]) == len(runs) == 2
+        assert runs[0]["tiles"] == runs[1]["tiles"] > 0 and runs[0]["steps"] > 0
+        assert runs[0]["prefill_steps"] >= 1 and runs[0]["decode_steps"] >= 1
     chat = res["chat2"]
     assert chat["ttft1_ms"] > 0 and chat["ttft2_ms"] > 0 and chat["output_tokens"] == [64, 64]
     assert chat["ratio"] == pytest.approx(chat["ttft2_ms"] / chat["ttft1_ms"])

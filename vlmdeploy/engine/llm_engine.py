@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,18 @@ class StepOutput:
     num_output_tokens: int
     num_cached_tokens: int
     error: str | None = None  # why the request ended with finish_reason "error"
+
+
+@dataclass
+class StepRecord:
+    """One engine step, as :attr:`LLMEngine.trace` records it (host clock, seconds)."""
+
+    start: float
+    end: float
+    num_decode: int  # sequences computing one token
+    num_prefill_tokens: int  # tokens of the sequences computing more than one
+    num_tiles: int  # tiles through the vision encoder
+    num_waiting: int  # sequences left waiting after the schedule
 
 
 @dataclass
@@ -152,6 +165,7 @@ class LLMEngine:
         self.seqs: dict[int, Sequence] = {}
         self._arrivals = 0
         self._inflight: _InFlight | None = None  # the launched step whose tokens are not read yet
+        self.trace: list[StepRecord] | None = None  # a list here makes every step append a record
 
     # ---- capacity --------------------------------------------------------------------------------
     def _kv_bytes_per_block(self) -> int:
@@ -332,6 +346,7 @@ class LLMEngine:
         if prev is not None and prev.wait_for_it:
             outputs += self._resolve(prev)
             prev = None
+        start, tiles = time.perf_counter(), self.vision.tiles_encoded
         batch = self.scheduler.schedule()
         if batch:
             self._inflight = self._launch(batch, prev)
@@ -340,6 +355,18 @@ class LLMEngine:
         if self._inflight is not None and not self.cfg.async_scheduling:
             outputs += self._resolve(self._inflight)
             self._inflight = None
+        if self.trace is not None:
+            decode = sum(1 for n in batch.num_tokens if n == 1)
+            self.trace.append(
+                StepRecord(
+                    start,
+                    time.perf_counter(),
+                    decode,
+                    sum(batch.num_tokens) - decode,
+                    self.vision.tiles_encoded - tiles,
+                    len(self.scheduler.waiting),
+                )
+            )
         return outputs
 
     def _launch(self, batch: ScheduledBatch, prev: _InFlight | None) -> _InFlight | None:

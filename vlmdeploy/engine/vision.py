@@ -60,6 +60,7 @@ class VisionStage:
         self.encode = encode  # (tiles, 3, 448, 448) → (tiles, 256, H)
         self.max_tiles = max_tiles
         self.cache = EmbeddingCache(cache_bytes)
+        self.tiles_encoded = 0  # every tile that went through the encoder
 
     def run(self, seqs: list[Sequence]) -> None:
         pending = [s for s in seqs if s.needs_vision]
@@ -75,6 +76,7 @@ class VisionStage:
                 misses.append(im)
         if misses:
             tiles = torch.cat([im.pixels() for im in misses])  # deferred tiles are made here
+            self.tiles_encoded += len(tiles)
             out = torch.cat(
                 [
                     self.encode(tiles[i : i + self.max_tiles])
