@@ -42,8 +42,7 @@ from vlmdeploy.stop_words import StopMatcher
 from vlmdeploy.tokenizer import IncrementalDetokenizer, Tokenizer
 from vlmdeploy.vl.constants import IMAGE_TOKEN
 from vlmdeploy.vl.media import MediaPolicy, load_image
-from vlmdeploy.vl.tiling import num_tiles
-from vlmdeploy.vl.tiling import pixel_values as tile_pixel_values
+from vlmdeploy.vl.tiling import num_tiles, raw_tiles
 
 logger = logging.getLogger("vlmdeploy")
 
@@ -255,7 +254,8 @@ class Pipeline:
         return image, params
 
     def _tile(self, image: Any, params: tuple, n: int) -> _Tiled:
-        """One image's ``n`` tiles (n, 3, 448, 448) and content hash (pixels, size, tiling).
+        """One image's ``n`` tiles (uint8 (n, 448, 448, 3): they are normalised on the device) and
+        content hash (pixels, size, tiling).
         When the engine already holds the image's embedding (a follow-up turn, a repeated image),
         tiling is deferred: the engine makes the tiles only if that entry is gone when needed."""
         key = hashlib.blake2b(image.tobytes(), digest_size=16)
@@ -265,8 +265,8 @@ class Pipeline:
                       use_thumbnail=params[3])
         vision = self.engine.vision  # None once the pipeline is closed
         if vision is not None and digest in vision.cache:
-            return _Tiled(None, n, digest, functools.partial(tile_pixel_values, image, **kwargs))
-        return _Tiled(tile_pixel_values(image, **kwargs), n, digest, None)
+            return _Tiled(None, n, digest, functools.partial(raw_tiles, image, **kwargs))
+        return _Tiled(raw_tiles(image, **kwargs), n, digest, None)
 
     def reconfigure(self, req: PreparedRequest, gen_config: GenerationConfig) -> PreparedRequest:
         """The same prepared prompt and images under another generation config (no re-fetch)."""

@@ -12,6 +12,7 @@ from transformers import InternVLForConditionalGeneration
 
 from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
 from vlmdeploy.vl.constants import IMAGE_TOKEN
+from vlmdeploy.vl.tiling import as_pixel_values
 
 NEW = 24
 
@@ -48,7 +49,7 @@ def batch_prompts(images):
 def greedy_reference(model, req) -> list[int]:
     extra = {}
     if req.images:
-        extra["pixel_values"] = torch.cat([im.pixels() for im in req.images])
+        extra["pixel_values"] = torch.cat([as_pixel_values(im.pixels()) for im in req.images])
     ids = torch.tensor([req.token_ids])
     out = model.generate(
         input_ids=ids,

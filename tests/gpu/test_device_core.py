@@ -17,6 +17,7 @@ import torch
 
 from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
 from vlmdeploy.testing.checkpoint import make_checkpoint
+from vlmdeploy.vl.tiling import as_pixel_values
 
 pytestmark = pytest.mark.gpu
 ROOT = os.environ.get("VLMDEPLOY_GPU_TMP", "/tmp/vlmdeploy-gpu")
@@ -76,7 +77,8 @@ def test_1b_bf16_greedy_matches_transformers():
             ids = torch.tensor([req.token_ids], device="cuda")
             extra = {}
             if req.images:
-                extra["pixel_values"] = torch.cat([im.pixels() for im in req.images]).cuda()
+                tiles = [as_pixel_values(im.pixels()) for im in req.images]
+                extra["pixel_values"] = torch.cat(tiles).cuda()
             out = ref.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),

@@ -14,6 +14,7 @@ from transformers import InternVLForConditionalGeneration
 
 from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
 from vlmdeploy.vl.constants import IMAGE_TOKEN
+from vlmdeploy.vl.tiling import as_pixel_values
 
 STEPS = 32
 
@@ -88,7 +89,8 @@ def test_logits_and_tokens_match_transformers(tiny_ckpts, hf_models, images, our
     try:
         for kind, prompt in prompts(images).items():
             req, tokens, logits = run_ours(pipe, prompt, STEPS)
-            pixels = torch.cat([im.pixel_values for im in req.images]) if req.images else None
+            tiles = [as_pixel_values(im.pixel_values) for im in req.images]
+            pixels = torch.cat(tiles) if tiles else None
             ref_tokens, ref_logits = reference_greedy(hf_models[ref], req.token_ids, pixels, STEPS)
             assert tokens == ref_tokens, f"{ours}/{kind}: greedy tokens differ"
             assert len(logits) == STEPS

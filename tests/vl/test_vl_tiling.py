@@ -208,6 +208,28 @@ def test_pixel_exact_options(max_num, thumb):
         assert torch.equal(pv, naive_pixel_values(img, 1, max_num, thumb))
 
 
+@pytest.mark.parametrize("max_num,thumb", [(12, True), (6, False)])
+def test_raw_tiles_normalised_later_are_bitwise_the_pixel_values(max_num, thumb):
+    """The engine keeps uint8 tiles and normalises them when it encodes (on the GPU there): the
+    result must be exactly the reference's float tiles, every uint8 value included."""
+    for k, (w, h) in enumerate([(1024, 1024), (1280, 720), (300, 1000), (448, 448)]):
+        img = noise_image(w, h, seed=200 + k)
+        raw = tiling.raw_tiles(img, max_num=max_num, use_thumbnail=thumb)
+        assert raw.dtype == torch.uint8 and raw.is_contiguous()
+        assert raw.shape == (num_tiles(w, h, max_num=max_num, use_thumbnail=thumb), S, S, 3)
+        assert torch.equal(tiling.normalize_raw(raw), naive_pixel_values(img, 1, max_num, thumb))
+    every = torch.arange(256, dtype=torch.uint8).repeat(3).view(1, 16, 16, 3)
+    assert torch.equal(tiling.normalize_raw(every), tiling.normalize_tiles(every.numpy()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_raw_tiles_normalised_on_the_gpu_are_bitwise_the_cpu_ones():
+    every = torch.arange(256, dtype=torch.uint8).repeat(3 * 448 * 448 // 256).view(3, 448, 448, 1)
+    tiles = every.expand(3, 448, 448, 3).contiguous()
+    assert torch.equal(tiling.normalize_raw(tiles.cuda()).cpu(), tiling.normalize_raw(tiles))
+
+
 def test_non_rgb_input_is_converted():
     rgba = noise_image(500, 300, seed=1).convert("RGBA")
     assert torch.equal(pixel_values(rgba), naive_pixel_values(rgba.convert("RGB")))

@@ -30,6 +30,7 @@ from vlmdeploy.layers.attention import AttentionMetadata, PagedAttention, attent
 from vlmdeploy.messages import PytorchEngineConfig
 from vlmdeploy.models.internvl import InternVLForCausalLM
 from vlmdeploy.models.loader import load_weights
+from vlmdeploy.vl.tiling import normalize_raw
 
 logger = logging.getLogger("vlmdeploy")
 
@@ -204,8 +205,8 @@ class LLMEngine:
         cache; returns that cache's size (it is not an activation)."""
         dev, t, bs = self.device, self.model_cfg.text, self.cfg.block_size
         size = self.model_cfg.vision.image_size
-        tiles = torch.zeros(MAX_VISION_TILES, 3, size, size, device=dev, dtype=self.dtype)
-        model.encode_images(tiles)
+        tiles = torch.zeros(MAX_VISION_TILES, size, size, 3, device=dev, dtype=torch.uint8)
+        model.encode_images(normalize_raw(tiles).to(self.dtype))  # as ModelRunner.encode_images
         n = self.cfg.max_prefill_token_num + self.max_batch_size
         blocks = math.ceil(n / bs)
         kv = torch.zeros(

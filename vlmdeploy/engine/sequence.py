@@ -26,7 +26,9 @@ class ImageInput:
     prompt. An image whose embedding was already cached when the request was prepared carries no
     tiles, only ``tile`` to make them should the cache have dropped it by the time it is needed."""
 
-    pixel_values: torch.Tensor | None  # (tiles, 3, 448, 448) float32, or None until ``tile``
+    # uint8 (tiles, 448, 448, 3) as tiled, normalised when encoded; or float32 (tiles, 3, 448, 448)
+    # already normalised; or None until ``tile`` makes them
+    pixel_values: torch.Tensor | None
     offset: int  # index of the first <IMG_CONTEXT> token of this image in the prompt
     num_tokens: int  # 256 * tiles
     content_hash: str = ""

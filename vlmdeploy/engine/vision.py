@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from vlmdeploy.engine.sequence import ImageInput, Sequence
+from vlmdeploy.vl.tiling import as_pixel_values
 
 
 class EmbeddingCache:
@@ -75,7 +76,7 @@ class VisionStage:
             elif all(im is not m for m in misses):
                 misses.append(im)
         if misses:
-            tiles = torch.cat([im.pixels() for im in misses])  # deferred tiles are made here
+            tiles = _one_batch([im.pixels() for im in misses])  # deferred tiles are made here
             self.tiles_encoded += len(tiles)
             out = torch.cat(
                 [
@@ -91,3 +92,11 @@ class VisionStage:
                 start += n
         for seq in pending:
             seq.image_embeds = torch.cat([found[id(im)] for im in seq.images]).flatten(0, 1)
+
+
+def _one_batch(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate images' tiles: raw uint8 ones as they are, unless some image came already
+    normalised (float32), in which case the raw ones are normalised here too."""
+    if any(p.dtype != torch.uint8 for p in parts):
+        parts = [as_pixel_values(p) for p in parts]
+    return torch.cat(parts)

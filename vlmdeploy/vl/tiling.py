@@ -187,6 +187,41 @@ def normalize_tiles(tiles: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def raw_tiles(
+    image: Image.Image,
+    max_num: int = 12,
+    min_num: int = 1,
+    image_size: int = IMAGE_SIZE,
+    use_thumbnail: bool = True,
+) -> torch.Tensor:
+    """The tiles before normalisation: uint8 (tiles, image_size, image_size, 3). A quarter of the
+    float32 tiles' memory; :func:`normalize_raw` finishes them wherever they are (the GPU)."""
+    tiles = tile_array(image, max_num, min_num, image_size, use_thumbnail)
+    return torch.from_numpy(np.require(tiles, requirements=["C", "W"]))  # copies a read-only view
+
+
+def normalize_raw(tiles: torch.Tensor) -> torch.Tensor:
+    """uint8 (T, H, W, 3) on any device -> float32 (T, 3, H, W) holding ``(x / 255 - mean) / std``,
+    computed in float32 with the reference's operations in its order: bitwise what
+    :func:`normalize_tiles` gives (IEEE division and subtraction round the same everywhere)."""
+    mean, std = _mean_std(str(tiles.device))
+    return tiles.permute(0, 3, 1, 2).float().div(255).sub(mean).div(std).contiguous()
+
+
+def as_pixel_values(tiles: torch.Tensor) -> torch.Tensor:
+    """Normalised float32 (T, 3, H, W) tiles from raw uint8 ones (or as they are, if already)."""
+    return normalize_raw(tiles) if tiles.dtype == torch.uint8 else tiles
+
+
+@lru_cache(maxsize=8)
+def _mean_std(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as float32 (1, 3, 1, 1) on ``device``, made once per device (a copy
+    to the GPU at every call would wait for the GPU)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return mean.to(device), std.to(device)
+
+
 def pixel_values(
     image: Image.Image,
     max_num: int = 12,
