@@ -47,6 +47,7 @@ from PIL import Image
 
 from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
 from vlmdeploy.vl.constants import IMAGE_TOKEN
+from vlmdeploy.vl.tiling import as_pixel_values
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # engine_report.py, beside this script
 from engine_report import write_outputs  # noqa: E402
@@ -505,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
         def baseline() -> dict:
             if w1_req is None:
                 raise RuntimeError("no W1 request was prepared (the engine did not start)")
-            pixels = torch.cat([im.pixels() for im in w1_req.images])
+            pixels = torch.cat([as_pixel_values(im.pixels()) for im in w1_req.images])
             return transformers_w1(model, w1_req.token_ids, pixels)
 
         stage(res, "transformers_w1", baseline, deadline, save)

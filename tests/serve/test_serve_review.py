@@ -30,8 +30,8 @@ def test_images_that_cannot_fit_are_refused_before_tiling(real_pipe, monkeypatch
 
     pipeline_module = sys.modules["vlmdeploy.pipeline"]  # the package attribute is the function
     tiled = []
-    real_tile = pipeline_module.tile_pixel_values
-    monkeypatch.setattr(pipeline_module, "tile_pixel_values",
+    real_tile = pipeline_module.raw_tiles
+    monkeypatch.setattr(pipeline_module, "raw_tiles",
                         lambda *a, **k: tiled.append(1) or real_tile(*a, **k))
     client = TestClient(create_app(real_pipe, ServerConfig()))
     big = png_url(3584, 3584)
