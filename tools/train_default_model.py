@@ -59,6 +59,7 @@ _bare_packages()
 
 from vlmdeploy.synthetic.eval import evaluate  # noqa: E402
 from vlmdeploy.synthetic.questions import (  # noqa: E402
+    COUNT_PROMPTS,
     FEWER_PROMPT,
     KINDS,
     MORE_PROMPT,
@@ -225,6 +226,19 @@ def original_config(vocab_size: int, eos_id: int, pad_id: int) -> dict[str, Any]
 # --- data ----------------------------------------------------------------------------------------
 
 
+def parse_kind_weights(text: str) -> dict[str, float]:
+    """``'multi_turn=0.3,count=0.2'`` -> weights for those kinds (relative, like KIND_WEIGHTS)."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, _, value = item.partition("=")
+        if kind not in KIND_WEIGHTS:
+            raise ValueError(f"--kind-weights: unknown kind {kind!r}")
+        out[kind] = float(value)
+        if out[kind] < 0:
+            raise ValueError(f"--kind-weights: {kind} must be >= 0")
+    return out
+
+
 def kind_of(index: int) -> str:
     rng = random.Random(f"kind/{TRAIN_SEED}/{index}")
     return rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
@@ -308,11 +322,33 @@ def token_labels(scene: Scene, crop_slots: bool = False) -> np.ndarray:
     return np.concatenate([local, scene_cols], axis=-1)  # (T, 256, 8)
 
 
-def sample_questions(index: int, per_scene: int) -> list[Question]:
+def sample_questions(index: int, per_scene: int, absent_share: float = 0.0) -> list[Question]:
     """Training sample ``index``: question ``index`` of the stream and, with ``per_scene > 1``,
     more questions about the same image(s), so one vision pass trains several answers. A
     two-image question gets its mirror ("more" <-> "fewer"); a single-image one gets
-    ``per_scene - 1`` questions of random kinds about its scene."""
+    ``per_scene - 1`` questions of random kinds about its scene. With ``absent_share``, that share
+    of the single-image count questions asks about a shape the scene lacks (answer ``0``)."""
+    questions = _sample_questions(index, per_scene)
+    if absent_share > 0:
+        rng = random.Random(f"absent/{TRAIN_SEED}/{index}")
+        questions = [ask_absent(q, rng) if q.kind == "count" and rng.random() < absent_share
+                     else q for q in questions]
+    return questions
+
+
+def ask_absent(q: Question, rng: random.Random) -> Question:
+    """The count question ``q`` asked instead about a shape its scene does not hold (``q`` itself
+    when the scene holds every shape)."""
+    absent = [s for s in SHAPES if q.scenes[0].count(s) == 0]
+    if not absent:
+        return q
+    content = q.messages[0]["content"]
+    text = rng.choice(COUNT_PROMPTS).format(rng.choice(absent))
+    messages = [{"role": "user", "content": [*content[:-1], {"type": "text", "text": text}]}]
+    return Question(q.kind, messages, "0", q.scenes)
+
+
+def _sample_questions(index: int, per_scene: int) -> list[Question]:
     q = make_question(TRAIN_SEED, index, kind_of(index))
     if per_scene <= 1:
         return [q]
@@ -332,13 +368,15 @@ class TrainSet(torch.utils.data.Dataset):
     ``sample_questions(i)``, and the uint8 tiles and dense targets of their shared image(s)."""
 
     def __init__(self, tokenizer: Any, length: int, offset: int = 0,
-                 plain_share: float = 0.0, per_scene: int = 1, all_tokens: bool = False) -> None:
+                 plain_share: float = 0.0, per_scene: int = 1, all_tokens: bool = False,
+                 absent_share: float = 0.0) -> None:
         self.tok = tokenizer
         self.length = length
         self.offset = offset  # a later training stage reads fresh questions
         self.plain_share = plain_share
         self.per_scene = per_scene
         self.all_tokens = all_tokens  # the first stages' dense targets (see --local-targets)
+        self.absent_share = absent_share
         self.im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.assistant = tokenizer.encode("assistant\n", add_special_tokens=False)
@@ -348,7 +386,7 @@ class TrainSet(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index += self.offset
-        questions = sample_questions(index, self.per_scene)
+        questions = sample_questions(index, self.per_scene, self.absent_share)
         ids, labels, images = [], [], None
         for j, q in enumerate(questions):
             key = index if j == 0 else f"{index}/{j}"  # the first keeps its single-question form
@@ -562,7 +600,8 @@ def train(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any) -> d
     pixel_dtype = torch.bfloat16 if amp else torch.float32
     max_steps = args.steps or 10**6
     data = TrainSet(tokenizer, max_steps * args.batch_size, args.data_offset, args.plain_share,
-                    args.questions_per_scene, args.local_targets == "all-tokens")
+                    args.questions_per_scene, args.local_targets == "all-tokens",
+                    args.absent_share)
     img_end = tokenizer.convert_tokens_to_ids("</img>")
     loader = torch.utils.data.DataLoader(
         data, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
@@ -681,10 +720,18 @@ def main() -> None:
     p.add_argument("--data-offset", type=int, default=0, help="index of the first question")
     p.add_argument("--plain-share", type=float, default=0.0,
                    help="share of prompts lower-cased without final period")
+    p.add_argument("--absent-share", type=float, default=0.0,
+                   help="share of single-image count questions turned to an absent shape ('0')")
+    p.add_argument("--kind-weights", default="",
+                   help="training mix, e.g. 'multi_turn=0.3,count=0.2' (others keep theirs)")
     p.add_argument("--log-every", type=int, default=50)
     args = p.parse_args()
     if args.steps == 0 and args.warmup < 10 + args.calibrate:
         p.error("--warmup must cover the calibration steps")
+    try:
+        KIND_WEIGHTS.update(parse_kind_weights(args.kind_weights))  # before the workers fork
+    except ValueError as exc:
+        p.error(str(exc))
 
     from transformers import AutoTokenizer
 

@@ -76,3 +76,44 @@ def test_training_batches_match_the_plain_padded_loss_and_growth_keeps_the_model
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "LOSSES" in proc.stdout
+
+
+MIX = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, "tools")
+    import train_default_model as t
+    from vlmdeploy.synthetic.questions import TOTAL_PROMPT
+
+    assert t.parse_kind_weights("multi_turn=0.3, count=0.2") == {"multi_turn": 0.3, "count": 0.2}
+    for bad in ("spelling=0.1", "count=-1"):
+        try:
+            t.parse_kind_weights(bad)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(bad)
+    counts = zeros = 0
+    for i in range(300):
+        plain = t.sample_questions(i, 3)
+        assert [(q.kind, q.answer) for q in t.sample_questions(i, 3, 0.0)] == [
+            (q.kind, q.answer) for q in plain]  # off by default: the stream is unchanged
+        for before, q in zip(plain, t.sample_questions(i, 3, 1.0)):
+            if q.kind != "count" or q.messages[0]["content"][-1]["text"] == TOTAL_PROMPT:
+                continue
+            counts += 1
+            shape = q.messages[0]["content"][-1]["text"].split()[2][:-1]  # "How many stars ..."
+            scene = q.scenes[0]
+            assert q.messages[0]["content"][:-1] == before.messages[0]["content"][:-1]  # same image
+            if any(scene.count(s) == 0 for s in t.SHAPES):
+                assert q.answer == "0" and scene.count(shape) == 0, (i, q.messages, q.answer)
+                zeros += 1
+    assert counts > 20 and zeros > counts // 2
+    print("MIX", counts, zeros)
+''')
+
+
+def test_training_mix_flags_weight_kinds_and_ask_about_absent_shapes():
+    proc = subprocess.run([sys.executable, "-c", MIX], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "MIX" in proc.stdout
