@@ -70,12 +70,12 @@ def mixed_requests(stop_id: int) -> list[tuple[list[int], SamplingParams]]:
         (prompt(0), SamplingParams(max_new_tokens=12, stop_token_ids=frozenset({stop_id}))),
         (prompt(1), SamplingParams(greedy=False, temperature=0.8, top_p=0.9, seed=5,
                                    max_new_tokens=10)),
-        (prompt(2), SamplingParams(greedy=False, temperature=1.0, repetition_penalty=1.3,
-                                   frequency_penalty=0.2, seed=7, max_new_tokens=9)),
         (prompt(3), SamplingParams(logprobs=3, max_new_tokens=6)),
         (prompt(0), SamplingParams(max_new_tokens=12, min_new_tokens=6,
                                    stop_token_ids=frozenset({stop_id}))),
         (prompt(4, 70), SamplingParams(max_new_tokens=1)),  # several prefill chunks, one token
+        # the stop id is read while the next step, the request's last by length, is in flight
+        (prompt(0), SamplingParams(max_new_tokens=5, stop_token_ids=frozenset({stop_id}))),
     ]
 
 
@@ -97,7 +97,23 @@ def test_async_outputs_equal_sync_outputs(engines):
     assert tokens_of(want[1])[-1] == stop_id and want[1][-1][1] == "stop"
     assert len(tokens_of(want[1])) == 4
     assert want[0][-1][1] == "length" and len(tokens_of(want[0])) == 12
+    assert want[6][-1][1] == "stop" and len(tokens_of(want[6])) == 4
     assert async_steps <= sync_steps + 1  # the last step's tokens are read one step later
+
+
+def test_penalised_sampling_reads_its_tokens_before_the_next_launch(engines):
+    """Penalties read the token history, so a step holding such a request is read before the next
+    launch (a PENDING id in a history would make the penalty's bincount fail); the other requests
+    in those steps still give the synchronous outputs."""
+    sync, asyn = engines
+    requests = [
+        (prompt(2), SamplingParams(greedy=False, temperature=1.0, repetition_penalty=1.3,
+                                   frequency_penalty=0.2, seed=7, max_new_tokens=9)),
+        (prompt(5), SamplingParams(max_new_tokens=14)),
+    ]
+    want, _, _ = run(sync, requests)
+    got, _, _ = run(asyn, requests)
+    assert got == want
 
 
 def test_a_request_aborted_with_a_token_in_flight_ends_once(engines):

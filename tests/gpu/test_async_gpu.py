@@ -2,7 +2,9 @@
 non-blocking copies, events) the engine that launches each step before reading the last one gives
 exactly the outputs of the synchronous engine. The engines are driven by hand with every request
 added before the first step, so both see the same batches: greedy, logprobs, seeded sampling,
-penalties, an image, and (alone, since it changes one batch) a stop id found a step late."""
+an image, and (alone, since it changes one batch) a stop id found a step late. (Penalised
+sampling is left out: it reads each step's tokens before the next launch, which would make most
+steps synchronous; the CPU tests cover it.)"""
 
 from __future__ import annotations
 
@@ -65,8 +67,8 @@ def prepared(path: str, device: str):
             (("describe this image", _image(800, 500, 3)), GenerationConfig(max_new_tokens=20)),
             ("Hi", GenerationConfig(max_new_tokens=20, do_sample=True, temperature=0.8,
                                     random_seed=3)),
-            ("Count to ten.", GenerationConfig(max_new_tokens=20, do_sample=True,
-                                               repetition_penalty=1.2, random_seed=4)),
+            ("Count to ten.", GenerationConfig(max_new_tokens=20, do_sample=True, top_k=40,
+                                               random_seed=4)),
             (("what is here?", _image(448, 448, 4)), GenerationConfig(max_new_tokens=1)),
         ]
         reqs = [pipe.prepare_sync(p, g) for p, g in prompts]

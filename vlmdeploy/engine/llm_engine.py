@@ -410,9 +410,9 @@ class LLMEngine:
         tokens, logprobs = flight.result.resolve()
         outputs = []
         for (seq, index, final), token, lp in zip(flight.rows, tokens, logprobs):
-            seq.num_pending -= 1
             if index >= len(seq.token_ids) or seq.finish_reason == "abort":
                 continue  # stopped at an earlier token, or aborted
+            seq.num_pending -= 1
             seq.token_ids[index] = token
             self.blocks.commit(seq)  # a block that ended in this token can be registered now
             reason = "length" if final else None
