@@ -201,11 +201,14 @@ def raw_tiles(
 
 
 def normalize_raw(tiles: torch.Tensor) -> torch.Tensor:
-    """uint8 (T, H, W, 3) on any device -> float32 (T, 3, H, W) holding ``(x / 255 - mean) / std``,
-    computed in float32 with the reference's operations in its order: bitwise what
-    :func:`normalize_tiles` gives (IEEE division and subtraction round the same everywhere)."""
-    mean, std = _mean_std(str(tiles.device))
-    return tiles.permute(0, 3, 1, 2).float().div(255).sub(mean).div(std).contiguous()
+    """uint8 (T, H, W, 3) on any device -> float32 (T, 3, H, W) holding ``(x / 255 - mean) / std``.
+
+    A lookup in :func:`_normalize_table` (made once on the CPU, copied once per device), so the
+    values are bitwise the reference's on every device: the GPU's division of the same float32
+    operands does not always round as the CPU's vectorised one does."""
+    flat, base = _table_on(str(tiles.device))
+    index = tiles.permute(0, 3, 1, 2).to(torch.int32, memory_format=torch.contiguous_format)
+    return flat[index + base]  # index: (T, 3, H, W) into the (3 * 256,) table
 
 
 def as_pixel_values(tiles: torch.Tensor) -> torch.Tensor:
@@ -214,12 +217,13 @@ def as_pixel_values(tiles: torch.Tensor) -> torch.Tensor:
 
 
 @lru_cache(maxsize=8)
-def _mean_std(device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std as float32 (1, 3, 1, 1) on ``device``, made once per device (a copy
-    to the GPU at every call would wait for the GPU)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return mean.to(device), std.to(device)
+def _table_on(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The table flattened to (3 * 256,) float32 and each channel's offset in it, (1, 3, 1, 1)
+    int32, on ``device``: made once per device (a copy to the GPU at every call would wait for the
+    GPU)."""
+    flat = torch.from_numpy(_normalize_table().copy()).view(-1)
+    base = torch.tensor([0, 256, 512], dtype=torch.int32).view(1, 3, 1, 1)
+    return flat.to(device), base.to(device)
 
 
 def pixel_values(
