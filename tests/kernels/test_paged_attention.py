@@ -17,14 +17,40 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2
        torch.float16: dict(atol=5e-3, rtol=5e-3)}
 
 
+def leading_ones(q_lens: list[int]) -> int:
+    n = 0
+    while n < len(q_lens) and q_lens[n] == 1:
+        n += 1
+    return n
+
+
 @pytest.mark.parametrize("q_lens,kv_lens", [([1, 1, 1], [5, 80, 33]),  # decode
-                                            ([1, 12, 1], [40, 30, 7])])  # mixed
+                                            ([1, 12, 1], [40, 30, 7]),  # mixed
+                                            ([1, 1, 1, 12, 5, 1], [90, 9, 47, 30, 7, 3]),
+                                            ([0, 1, 9], [4, 33, 20])])  # a row with no token
 @pytest.mark.parametrize("hints", [False, True])
 def test_dispatch_interpreter(q_lens, kv_lens, hints, device, paged_batch):
+    """With hints, the leading one-token rows of a mixed batch go to the decode kernel (split-K
+    forced on by the interpreter's few multiprocessors) and the rest to the prefill kernel."""
     batch = paged_batch(q_lens, kv_lens, 4, 2, 16, 16, torch.float32, device, seed=len(q_lens))
-    kw = dict(max_q_len=max(q_lens), max_kv_len=max(kv_lens)) if hints else {}
+    kw = dict(max_q_len=max(q_lens), max_kv_len=max(kv_lens),
+              num_decode=leading_ones(q_lens)) if hints else {}
     out = paged_attention_triton(**batch, **kw)
     torch.testing.assert_close(out, reference.paged_attention(**batch), **TOL[torch.float32])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_decode", [1, 120])
+def test_mixed_batch_split_gpu(n_decode, paged_batch):
+    """A W2-like mixed step at the 8B attention shape: decode rows over long contexts first, then
+    prefill chunks, one of them continuing a cached prefix."""
+    gen = torch.Generator().manual_seed(n_decode)
+    q_lens = [1] * n_decode + [1500, 700, 2]
+    kv_lens = torch.randint(100, 3000, (n_decode,), generator=gen).tolist() + [1500, 2700, 40]
+    batch = paged_batch(q_lens, kv_lens, 32, 8, 128, 64, torch.bfloat16, torch.device("cuda"))
+    out = paged_attention_triton(**batch, max_q_len=1500, max_kv_len=max(kv_lens),
+                                 num_decode=n_decode)
+    torch.testing.assert_close(out, reference.paged_attention(**batch), **TOL[torch.bfloat16])
 
 
 @pytest.mark.gpu

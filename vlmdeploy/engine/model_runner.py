@@ -151,6 +151,7 @@ class ModelRunner:
             block_tables=h2d([t + [-1] * (width - len(t)) for t in tables], torch.int32, dev),
             max_q_len=max_q_len,
             max_kv_len=max(kv_lens),
+            num_decode=_leading_ones(cu),
         )
         with attention_context(meta):
             return self.model(x, h2d(positions, torch.long, dev))
@@ -170,6 +171,14 @@ class ModelRunner:
             return None, None
         before = sum(1 for t in seq.token_ids[: min(start, limit)] if t == self.image_token_id)
         return seq.image_embeds[before : before + int(mask.sum())], mask
+
+
+def _leading_ones(cu: list[int]) -> int:
+    """How many sequences at the head of the batch have exactly one new token."""
+    n = 0
+    while n + 1 < len(cu) and cu[n + 1] - cu[n] == 1:
+        n += 1
+    return n
 
 
 def _spans(cu: list[int]) -> list[range]:

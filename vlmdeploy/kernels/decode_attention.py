@@ -133,16 +133,18 @@ def _tile_config(q: torch.Tensor) -> dict:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, block_tables: torch.Tensor,
                      scale: float, max_kv_len: int | None = None,
-                     num_splits: int | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention for batches with q_len <= 1 per sequence; q (T, Hq, D) -> (T, Hq, D).
 
     ``num_splits`` overrides the split-K heuristic (tests); without it and without ``max_kv_len``
-    the longest context is read from the device once.
+    the longest context is read from the device once. ``out`` (T, Hq, D), if given, is written
+    (it may be a view of a larger output).
     """
     T, n_q, D = q.shape
     n_kv, page = k_cache.shape[2], k_cache.shape[1]
     B = kv_lens.shape[0]
-    out = torch.empty(T, n_q, D, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(T, n_q, D, dtype=q.dtype, device=q.device)
     if T == 0 or B == 0:
         return out
     if q.stride(-1) != 1:

@@ -91,15 +91,19 @@ def _tile_config(q: torch.Tensor) -> dict:
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, block_tables: torch.Tensor,
-                      scale: float, max_q_len: int | None = None) -> torch.Tensor:
+                      scale: float, max_q_len: int | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of packed queries q (T, Hq, D) over their paged contexts -> (T, Hq, D).
 
-    Without ``max_q_len`` the longest new-token run is read from the device once.
+    Without ``max_q_len`` the longest new-token run is read from the device once. With ``out``
+    (T, Hq, D) only the rows of the sequences in ``cu_seqlens_q`` are written, so the queries of
+    other sequences (a mixed batch's decode rows) can be handled by another kernel.
     """
     T, n_q, D = q.shape
     n_kv, page = k_cache.shape[2], k_cache.shape[1]
     B = kv_lens.shape[0]
-    out = torch.empty(T, n_q, D, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(T, n_q, D, dtype=q.dtype, device=q.device)
     if T == 0 or B == 0:
         return out
     if q.stride(-1) != 1:

@@ -103,11 +103,14 @@ def paged_attention(
     scale: float,
     max_q_len: int | None = None,
     max_kv_len: int | None = None,
+    num_decode: int = 0,
 ) -> torch.Tensor:
     """Causal attention of packed queries q (T, Hq, D) over each sequence's paged context.
 
     ``max_q_len``/``max_kv_len`` are host-side hints (known to the scheduler) that let a kernel pick
-    its launch grid without reading device tensors; ``max_q_len == 1`` means a pure decode batch.
+    its launch grid without reading device tensors; ``max_q_len == 1`` means a pure decode batch,
+    and ``num_decode`` says that the first that many sequences have one new token each (a mixed
+    batch's decode rows). The hints do not change the result.
 
     Query i of a sequence with q_len new tokens and kv_len context sits at position kv_len - q_len +
     i and sees keys 0..that position. GQA: query head h reads kv head h // (Hq // Hkv).

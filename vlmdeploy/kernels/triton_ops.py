@@ -21,20 +21,32 @@ from .store_kv_kernel import store_kv_triton
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor,
                            block_tables: torch.Tensor, scale: float, max_q_len: int | None = None,
-                           max_kv_len: int | None = None) -> torch.Tensor:
+                           max_kv_len: int | None = None, num_decode: int = 0) -> torch.Tensor:
     """Triton twin of :func:`vlmdeploy.kernels.reference.paged_attention`.
 
-    A pure decode batch (``max_q_len == 1``) takes the split-K decode kernel; anything else
-    (prefill, chunked prefill, mixed prefill + decode) the varlen prefill kernel. Without hints, one
-    device read decides.
+    A pure decode batch (``max_q_len == 1``) takes the split-K decode kernel; prefill and chunked
+    prefill the varlen prefill kernel. In a mixed batch the first ``num_decode`` sequences (one new
+    token each, the scheduler puts them first) take the decode kernel and the rest the prefill
+    kernel, both writing into one output: the prefill kernel's grid is sized by the longest chunk,
+    so one-token rows in it would be mostly empty programs. Without hints, one device read decides.
     """
     if max_q_len is None and q.shape[0] > 0:
         max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
     if max_q_len == 1:
         return decode_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
                                 max_kv_len=max_kv_len)
-    return prefill_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
-                             max_q_len=max_q_len)
+    nd = num_decode
+    if nd <= 0:
+        return prefill_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
+                                 max_q_len=max_q_len)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # the decode rows are tokens 0..nd-1; the prefill kernel reads absolute token offsets from
+    # cu_seqlens_q, so its slice needs no rebasing
+    decode_attention(q[:nd], k_cache, v_cache, cu_seqlens_q[: nd + 1], kv_lens[:nd],
+                     block_tables[:nd], scale, max_kv_len=max_kv_len, out=out[:nd])
+    prefill_attention(q, k_cache, v_cache, cu_seqlens_q[nd:], kv_lens[nd:], block_tables[nd:],
+                      scale, max_q_len=max_q_len, out=out)
+    return out
 
 
 _TRITON.update(

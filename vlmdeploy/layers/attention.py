@@ -30,6 +30,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # (B, max_blocks) int32, padded with -1
     max_q_len: int
     max_kv_len: int
+    num_decode: int = 0  # leading sequences with one new token each (decode rows of a mixed batch)
 
 
 _CONTEXT: contextvars.ContextVar[AttentionMetadata | None] = contextvars.ContextVar(
@@ -77,4 +78,5 @@ class PagedAttention(nn.Module):
             self.scale,
             max_q_len=meta.max_q_len,
             max_kv_len=meta.max_kv_len,
+            num_decode=meta.num_decode,
         )
