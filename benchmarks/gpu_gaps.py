@@ -37,7 +37,10 @@ def device_events(trace_path: Path) -> list[tuple[float, float, str]]:
     return sorted(out)
 
 
-def gaps_of(events: list[tuple[float, float, str]]) -> tuple[float, list[tuple[float, str, str, float]]]:
+Gap = tuple[float, str, str, float]  # (length µs, kernel before, kernel after, offset µs)
+
+
+def gaps_of(events: list[tuple[float, float, str]]) -> tuple[float, list[Gap]]:
     """Busy µs (union of the intervals) and every idle gap: (length µs, kernel before, kernel
     after, offset µs from the first event)."""
     busy, gaps = 0.0, []
@@ -85,7 +88,8 @@ def report(events, wall_s: float, label: str) -> str:
     per: dict[str, list[float]] = {}
     for start, end, name in events:
         per.setdefault(short(name, 60), []).append(end - start)
-    lines += ["", "GPU time by kernel:", "", "| kernel | calls | s | share |", "|---|---:|---:|---:|"]
+    lines += ["", "GPU time by kernel:", "", "| kernel | calls | s | share |",
+              "|---|---:|---:|---:|"]
     total = sum(sum(v) for v in per.values())
     for name, ds in sorted(per.items(), key=lambda kv: -sum(kv[1]))[:25]:
         lines.append(f"| {name} | {len(ds)} | {sum(ds) / 1e6:.3f} | {100 * sum(ds) / total:.1f}% |")

@@ -132,8 +132,8 @@ def _tile_config(q: torch.Tensor) -> dict:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, block_tables: torch.Tensor,
-                     scale: float, max_kv_len: int | None = None,
-                     num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float, max_kv_len: int | None = None, num_splits: int | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention for batches with q_len <= 1 per sequence; q (T, Hq, D) -> (T, Hq, D).
 
     ``num_splits`` overrides the split-K heuristic (tests); without it and without ``max_kv_len``
