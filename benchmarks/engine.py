@@ -115,24 +115,25 @@ def run_w1(pipe, tok, ttft_runs: int = 11) -> dict:
     and shorter ones), each with its own image so no cache helps."""
     list(pipe.stream_infer([workload(tok, 1, 448, 30, seed=2)[0]], gen_config=gen(16)))  # warm-up
     sync()
-    ttfts = []
-    for i in range(ttft_runs - 1):
-        prompt = workload(tok, 1, 448, 30, seed=100 + i)[0]
-        t0 = time.perf_counter()
-        for r in pipe.stream_infer([prompt], gen_config=gen(2)):
-            if r.token_ids:
-                ttfts.append(time.perf_counter() - t0)
-                break
-        sync()
-    prompt = workload(tok, 1, 448, 30, seed=1)[0]
-    stamps, t0 = [], time.perf_counter()
-    for r in pipe.stream_infer([prompt], gen_config=gen(512)):
-        stamps.append((time.perf_counter(), len(r.token_ids)))
-    first = next(t for t, n in stamps if n)
-    ttfts.append(first - t0)
-    n_out = sum(n for _, n in stamps)
-    tpot = (stamps[-1][0] - first) / max(1, n_out - 1)
-    return {
+    with GcPauses() as pauses:
+        ttfts = []
+        for i in range(ttft_runs - 1):
+            prompt = workload(tok, 1, 448, 30, seed=100 + i)[0]
+            t0 = time.perf_counter()
+            for r in pipe.stream_infer([prompt], gen_config=gen(2)):
+                if r.token_ids:
+                    ttfts.append(time.perf_counter() - t0)
+                    break
+            sync()
+        prompt = workload(tok, 1, 448, 30, seed=1)[0]
+        stamps, t0 = [], time.perf_counter()
+        for r in pipe.stream_infer([prompt], gen_config=gen(512)):
+            stamps.append((time.perf_counter(), len(r.token_ids)))
+        first = next(t for t, n in stamps if n)
+        ttfts.append(first - t0)
+        n_out = sum(n for _, n in stamps)
+        tpot = (stamps[-1][0] - first) / max(1, n_out - 1)
+    return pauses.summary() | {
         "ttft_ms": statistics.median(ttfts) * 1e3,
         "ttft_min_ms": min(ttfts) * 1e3,
         "ttft_max_ms": max(ttfts) * 1e3,
@@ -199,9 +200,10 @@ def run_batch(pipe, tok, n: int, side: int, n_text: int, n_out: int, seed: int) 
     pipe(workload(tok, 1, side, n_text, seed + 1000), gen_config=gen(n_out))  # warm-up
     sync()
     pipe.engine.trace = []  # the engine thread appends one record per step
-    t0 = time.perf_counter()
-    out = pipe(prompts, gen_config=gen(n_out))
-    wall = time.perf_counter() - t0
+    with GcPauses() as pauses:
+        t0 = time.perf_counter()
+        out = pipe(prompts, gen_config=gen(n_out))
+        wall = time.perf_counter() - t0
     trace, pipe.engine.trace = pipe.engine.trace, None
     n_in, n_gen = sum(r.input_token_len for r in out), sum(r.generate_token_len for r in out)
     return {
@@ -211,8 +213,37 @@ def run_batch(pipe, tok, n: int, side: int, n_text: int, n_out: int, seed: int) 
         "input_tokens_per_s": n_in / wall,
         "output_tokens_per_s": n_gen / wall,
         "short_outputs": sum(r.generate_token_len != n_out for r in out),
-        "timeline": timeline(trace, t0, t0 + wall),
+        "timeline": timeline(trace, t0, t0 + wall) | pauses.summary(),
     }
+
+
+class GcPauses:
+    """Time the garbage collector held the interpreter (every thread waits) while active: all
+    collections, and the full ones (generation 2) apart."""
+
+    def __init__(self):
+        self.start, self.total, self.full, self.full_s = 0.0, 0.0, 0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.start = time.perf_counter()
+            return
+        dt = time.perf_counter() - self.start
+        self.total += dt
+        if info.get("generation") == 2:
+            self.full += 1
+            self.full_s += dt
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
+
+    def summary(self) -> dict:
+        return {"gc_s": round(self.total, 3), "gc_full": self.full,
+                "gc_full_s": round(self.full_s, 3)}
 
 
 def timeline(trace: list, t0: float, t1: float) -> dict:

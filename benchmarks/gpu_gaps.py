@@ -72,6 +72,10 @@ def report(events, wall_s: float, label: str) -> str:
     for lo, hi in zip(edges, edges[1:]):
         sel = [g[0] for g in gaps if lo <= g[0] < hi]
         lines.append(f"| {lo}–{hi} µs | {len(sel)} | {sum(sel) / 1e6:.3f} |")
+    per_s = [0.0] * (int(span // 1e6) + 1)  # idle ms in each second of the run
+    for g, _, _, at in gaps:
+        per_s[int(at // 1e6)] += g / 1e3
+    lines += ["", "Idle ms in each second of the run: " + ", ".join(f"{v:.0f}" for v in per_s)]
     lines += ["", "Longest gaps:", "", "| at s | gap ms | after | before |", "|---:|---:|---|---|"]
     for g, before, after, at in sorted(gaps, reverse=True)[:25]:
         lines.append(f"| {at / 1e6:.3f} | {g / 1e3:.2f} | {short(before)} | {short(after)} |")
@@ -104,6 +108,8 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=1024)
     ap.add_argument("--n-text", type=int, default=100)
     ap.add_argument("--n-out", type=int, default=100)
+    ap.add_argument("--prep-workers", type=int, help="threads preparing requests (default: the "
+                    "pipeline's own choice)")
     ap.add_argument("--out", default="gpu_gaps.md")
     args = ap.parse_args()
     model, load_format = args.model, "auto"
@@ -117,6 +123,11 @@ def main() -> None:
     acts = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
     with pipeline(model, backend_config=cfg) as pipe:
         tok = pipe.tokenizer
+        if args.prep_workers:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pipe._pool.shutdown()
+            pipe._pool = ThreadPoolExecutor(args.prep_workers, thread_name_prefix="vlmdeploy-prep")
         pipe(workload(tok, 4, args.side, args.n_text, 7), gen_config=gen(args.n_out))  # warm-up
         prompts = workload(tok, args.n, args.side, args.n_text, 11)
         if torch.cuda.is_available():
@@ -130,7 +141,7 @@ def main() -> None:
         prof.export_chrome_trace(str(path))
         events = device_events(path)
     label = (f"{args.n} requests, {args.side}² JPEG + {args.n_text} text tokens, "
-             f"{args.n_out} out")
+             f"{args.n_out} out; {pipe._pool._max_workers} preparation threads")
     text = report(events, wall, label) if events else f"### {label}\n\nno device events\n"
     print(text, flush=True)
     Path(args.out).write_text(text)

@@ -164,3 +164,14 @@ def test_render_saved_results(bench, tmp_path):
 @pytest.mark.parametrize("script", ["device_run.sh", "s1_device.sh", "device_lib.sh"])
 def test_device_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], check=True)
+
+
+def test_gc_pauses_count_full_collections(bench):
+    import gc
+
+    with bench.GcPauses() as pauses:
+        gc.collect(0)
+        gc.collect()  # a full collection
+    s = pauses.summary()
+    assert s["gc_full"] == 1 and 0 < s["gc_full_s"] <= s["gc_s"]
+    assert pauses not in gc.callbacks
