@@ -19,7 +19,7 @@ from vlmdeploy.synthetic.reference import ReferenceAnswerer
 
 MODEL_DIR = Path(vlmdeploy.__file__).parent / "assets" / "internvl3_5-shapes-tiny"
 CI_SEED = 2000  # held out: training used seed 0, the model card's evaluation seed 1000
-MEASURED_OVERALL = 265 / 300  # the model card's transformers number (seed 1000, n = 300)
+MEASURED_OVERALL = 290 / 300  # the model card's transformers number (seed 1000, n = 300)
 ALPHA = 1e-3
 
 
