@@ -110,9 +110,13 @@ def main() -> None:
     ap.add_argument("--n-out", type=int, default=100)
     ap.add_argument("--prep-workers", type=int, help="threads preparing requests (default: the "
                     "pipeline's own choice)")
+    ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval, seconds (the "
+                    "interpreter's default is 0.005)")
     ap.add_argument("--out", default="gpu_gaps.md")
     args = ap.parse_args()
     model, load_format = args.model, "auto"
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     if args.preset:
         from vlmdeploy.testing.checkpoint import make_checkpoint
 
@@ -141,7 +145,8 @@ def main() -> None:
         prof.export_chrome_trace(str(path))
         events = device_events(path)
     label = (f"{args.n} requests, {args.side}² JPEG + {args.n_text} text tokens, "
-             f"{args.n_out} out; {pipe._pool._max_workers} preparation threads")
+             f"{args.n_out} out; {pipe._pool._max_workers} preparation threads, switch interval "
+             f"{sys.getswitchinterval() * 1e3:g} ms")
     text = report(events, wall, label) if events else f"### {label}\n\nno device events\n"
     print(text, flush=True)
     Path(args.out).write_text(text)
