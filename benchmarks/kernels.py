@@ -282,10 +282,12 @@ def bench_decode(B: int, ctx: int) -> Row:
 def bench_prefill(name: str, q_lens: list[int], kv_lens: list[int], sdpa: bool) -> Row:
     nbytes = attention_bytes(sum(q_lens), kv_lens)
     bt = paged_batch(q_lens, kv_lens)
-    call = lambda: paged_attention_triton(
+    lead = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
+    call = lambda: paged_attention_triton(  # noqa: E731
         **bt,
-        max_q_len=max(q_lens),  # noqa: E731
+        max_q_len=max(q_lens),
         max_kv_len=max(kv_lens),
+        num_decode=lead,  # as the engine passes it: leading one-token rows take the decode kernel
     )
     ours = graph_ms([call])
     ref = eager_ms(lambda: reference.paged_attention(**bt))
