@@ -81,3 +81,17 @@ def test_mixed_prefill_decode_gpu(dtype, paged_batch):
     q_lens, kv_lens = [1] * 30 + [256, 180], dec_kv + [256, 1200]
     batch = paged_batch(q_lens, kv_lens, 32, 8, 128, 64, dtype, torch.device("cuda"), seed=3)
     _check(batch, max_q_len=256)
+
+
+@pytest.mark.parametrize("hint", [True, False])
+def test_prefill_skips_the_first_sequences(hint, device, paged_batch):
+    """``seq_offset=k`` computes sequences k and up and leaves the rows of the first k untouched
+    (in a mixed batch they belong to the decode kernel)."""
+    q_lens, kv_lens = [1, 1, 1, 12, 30], [50, 9, 33, 40, 30]
+    batch = paged_batch(q_lens, kv_lens, 4, 2, 16, 16, torch.float32, device, seed=5)
+    sentinel = torch.full_like(batch["q"], 7.0)
+    out = prefill_attention(**batch, max_q_len=30 if hint else None, out=sentinel.clone(),
+                            seq_offset=3)
+    ref = reference.paged_attention(**batch)
+    assert torch.equal(out[:3], sentinel[:3])
+    torch.testing.assert_close(out[3:], ref[3:], **TOL[torch.float32])

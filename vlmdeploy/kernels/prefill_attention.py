@@ -19,16 +19,17 @@ import triton.language as tl
 from .attention_tile import LOG2E, attend_tile, dot_precision, load_kv_tile
 
 
-@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes with the batch
+# The block-table width and the first sequence change from batch to batch: not specialised on
+@triton.jit(do_not_specialize=["stride_bt", "seq_offset"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr, out_ptr,
-                    qk_scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
+                    qk_scale, seq_offset, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                     stride_vb, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr):
     # the heaviest causal tiles (last rows) are launched first so the tail of the grid is short
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1) + seq_offset
     kv_head = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
@@ -92,29 +93,31 @@ def _tile_config(q: torch.Tensor) -> dict:
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, block_tables: torch.Tensor,
                       scale: float, max_q_len: int | None = None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, seq_offset: int = 0) -> torch.Tensor:
     """Causal attention of packed queries q (T, Hq, D) over their paged contexts -> (T, Hq, D).
 
-    Without ``max_q_len`` the longest new-token run is read from the device once. With ``out``
-    (T, Hq, D) only the rows of the sequences in ``cu_seqlens_q`` are written, so the queries of
-    other sequences (a mixed batch's decode rows) can be handled by another kernel.
+    Without ``max_q_len`` the longest new-token run is read from the device once. Only sequences
+    ``seq_offset`` and up are computed, and only their rows of the output written (into ``out``
+    (T, Hq, D) if given): the rows before belong to another kernel (a mixed batch's decode rows).
+    An offset rather than sliced metadata keeps every pointer as aligned as its tensor, so the
+    kernel is compiled once, not once per alignment the slices happen to have.
     """
     T, n_q, D = q.shape
     n_kv, page = k_cache.shape[2], k_cache.shape[1]
     B = kv_lens.shape[0]
     if out is None:
         out = torch.empty(T, n_q, D, dtype=q.dtype, device=q.device)
-    if T == 0 or B == 0:
+    if T == 0 or B <= seq_offset:
         return out
     if q.stride(-1) != 1:
         q = q.contiguous()
     if max_q_len is None:
-        max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+        max_q_len = int((cu_seqlens_q[seq_offset + 1:] - cu_seqlens_q[seq_offset:-1]).max().item())
     group = n_q // n_kv
     cfg = _tile_config(q)
-    grid = (triton.cdiv(max_q_len * group, cfg["BLOCK_M"]), B, n_kv)
+    grid = (triton.cdiv(max_q_len * group, cfg["BLOCK_M"]), B - seq_offset, n_kv)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, out, scale * LOG2E,
+        q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, out, scale * LOG2E, seq_offset,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),

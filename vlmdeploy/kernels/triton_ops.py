@@ -40,12 +40,12 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return prefill_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
                                  max_q_len=max_q_len)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    # the decode rows are tokens 0..nd-1; the prefill kernel reads absolute token offsets from
-    # cu_seqlens_q, so its slice needs no rebasing
+    # the decode rows are tokens 0..nd-1 (prefix slices start where the tensors do); the prefill
+    # kernel skips the first nd sequences
     decode_attention(q[:nd], k_cache, v_cache, cu_seqlens_q[: nd + 1], kv_lens[:nd],
                      block_tables[:nd], scale, max_kv_len=max_kv_len, out=out[:nd])
-    prefill_attention(q, k_cache, v_cache, cu_seqlens_q[nd:], kv_lens[nd:], block_tables[nd:],
-                      scale, max_q_len=max_q_len, out=out)
+    prefill_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
+                      max_q_len=max_q_len, out=out, seq_offset=nd)
     return out
 
 
