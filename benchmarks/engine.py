@@ -388,6 +388,19 @@ def stage(res: dict, name: str, fn: Callable[[], dict], deadline: float, save) -
         log(f"{name}: {r}")
 
 
+def model_source(model: str | None, preset: str | None, load_format: str = "auto"
+                 ) -> tuple[str, str]:
+    """The checkpoint to load and its load format: ``model`` as given, or for ``preset`` a
+    config-and-tokenizer checkpoint of that size (written once under /tmp) with dummy weights."""
+    if not preset:
+        return model, load_format
+    from vlmdeploy.testing.checkpoint import make_checkpoint
+
+    path = make_checkpoint(f"/tmp/vlmdeploy-bench-{preset}", preset, "hf", dtype=torch.bfloat16,
+                           weights=False)
+    return str(path), "dummy"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="checkpoint directory")
@@ -437,20 +450,7 @@ def main(argv: list[str] | None = None) -> None:
         print(write_outputs(json.loads(Path(args.render).read_text()), args), flush=True)
         return
     deadline = _T0 + args.time_limit if args.time_limit > 0 else math.inf
-    model, load_format = args.model, args.load_format
-    if args.preset:
-        from vlmdeploy.testing.checkpoint import make_checkpoint
-
-        model = str(
-            make_checkpoint(
-                f"/tmp/vlmdeploy-bench-{args.preset}",
-                args.preset,
-                "hf",
-                dtype=torch.bfloat16,
-                weights=False,
-            )
-        )
-        load_format = "dummy"
+    model, load_format = model_source(args.model, args.preset, args.load_format)
     cfg = PytorchEngineConfig(
         session_len=args.session_len,
         load_format=load_format,

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import gen, workload  # noqa: E402  (benchmarks/engine.py, beside this script)
+from engine import gen, model_source, workload  # noqa: E402  (benchmarks/engine.py, beside this script)
 
 from vlmdeploy import PytorchEngineConfig, pipeline  # noqa: E402
 
@@ -114,15 +114,9 @@ def main() -> None:
                     "interpreter's default is 0.005)")
     ap.add_argument("--out", default="gpu_gaps.md")
     args = ap.parse_args()
-    model, load_format = args.model, "auto"
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
-    if args.preset:
-        from vlmdeploy.testing.checkpoint import make_checkpoint
-
-        model = str(make_checkpoint(f"/tmp/vlmdeploy-step-{args.preset}", args.preset, "hf",
-                                    dtype=torch.bfloat16, weights=False))
-        load_format = "dummy"
+    model, load_format = model_source(args.model, args.preset)
     cfg = PytorchEngineConfig(session_len=8192, load_format=load_format)
     acts = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
     with pipeline(model, backend_config=cfg) as pipe:

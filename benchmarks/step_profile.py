@@ -133,13 +133,9 @@ def main() -> None:
     ap.add_argument("--trace", help="directory for Chrome traces of each profiled section")
     ap.add_argument("--out", default="step_profile.md")
     args = ap.parse_args()
-    model, load_format = args.model, "auto"
-    if args.preset:
-        from vlmdeploy.testing.checkpoint import make_checkpoint
+    from engine import model_source  # benchmarks/engine.py, beside this script
 
-        model = str(make_checkpoint(f"/tmp/vlmdeploy-step-{args.preset}", args.preset, "hf",
-                                    dtype=torch.bfloat16, weights=False))
-        load_format = "dummy"
+    model, load_format = model_source(args.model, args.preset)
     cfg = PytorchEngineConfig(session_len=8192, load_format=load_format)
     sections = []
     with pipeline(model, backend_config=cfg) as pipe:

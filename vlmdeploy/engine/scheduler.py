@@ -52,7 +52,7 @@ class Scheduler:
         batch = ScheduledBatch()
         decoding, prefilling = [], []
         for s in self.running:
-            left = len(s.token_ids) - s.num_computed
+            left = s.num_uncomputed
             if left == 1:
                 decoding.append(s)
             elif left > 1:
