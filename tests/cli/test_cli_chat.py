@@ -96,3 +96,26 @@ def test_python_dash_m_chat_reads_stdin(tiny_checkpoint, tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stdout.count("\n") >= 3  # three answers, each ended by a newline
     assert "image attached" in result.stderr and "new conversation" in result.stderr
+
+
+def test_chat_without_a_model_runs_the_embedded_default():
+    """`vlmdeploy chat` with no model answers with the embedded default model: asked to describe
+    the bundled sample image, it gives the generator's description of that scene."""
+    import os
+    import random
+    from pathlib import Path
+
+    from vlmdeploy.assets import sample_image_path
+    from vlmdeploy.synthetic.questions import describe
+    from vlmdeploy.synthetic.scene import sample_scene
+
+    want = describe(sample_scene(random.Random("sample/25"), n_objects=3, size=(640, 480)))
+    root = Path(__file__).resolve().parents[2]
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
+    stdin = f"/image {sample_image_path()}\nDescribe this image.\n/exit\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "vlmdeploy", "chat", "--device", "cpu", "--max-new-tokens", "32"],
+        input=stdin, capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr
+    assert want in result.stdout.splitlines()
