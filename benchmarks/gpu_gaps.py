@@ -112,6 +112,8 @@ def main() -> None:
                     "pipeline's own choice)")
     ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval, seconds (the "
                     "interpreter's default is 0.005)")
+    ap.add_argument("--runs", type=int, default=1, help="measured runs in one process, each with "
+                    "its own images (a ramp only in the first points at compilation, not the host)")
     ap.add_argument("--out", default="gpu_gaps.md")
     args = ap.parse_args()
     if args.switch_interval:
@@ -127,22 +129,26 @@ def main() -> None:
             pipe._pool.shutdown()
             pipe._pool = ThreadPoolExecutor(args.prep_workers, thread_name_prefix="vlmdeploy-prep")
         pipe(workload(tok, 4, args.side, args.n_text, 7), gen_config=gen(args.n_out))  # warm-up
-        prompts = workload(tok, args.n, args.side, args.n_text, 11)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        with profile(activities=acts) as prof:
-            t = time.perf_counter()
-            pipe(prompts, gen_config=gen(args.n_out))
-            wall = time.perf_counter() - t
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = device_events(path)
-    label = (f"{args.n} requests, {args.side}² JPEG + {args.n_text} text tokens, "
-             f"{args.n_out} out; {pipe._pool._max_workers} preparation threads, switch interval "
-             f"{sys.getswitchinterval() * 1e3:g} ms")
-    text = report(events, wall, label) if events else f"### {label}\n\nno device events\n"
-    print(text, flush=True)
+        texts = []
+        for run in range(args.runs):
+            prompts = workload(tok, args.n, args.side, args.n_text, 11 + run)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            with profile(activities=acts) as prof:
+                t = time.perf_counter()
+                pipe(prompts, gen_config=gen(args.n_out))
+                wall = time.perf_counter() - t
+            with tempfile.TemporaryDirectory() as d:
+                path = Path(d) / "trace.json"
+                prof.export_chrome_trace(str(path))
+                events = device_events(path)
+            label = (f"run {run + 1}: {args.n} requests, {args.side}² JPEG + {args.n_text} text "
+                     f"tokens, {args.n_out} out; {pipe._pool._max_workers} preparation threads, "
+                     f"switch interval {sys.getswitchinterval() * 1e3:g} ms")
+            texts.append(report(events, wall, label) if events
+                         else f"### {label}\n\nno device events\n")
+            print(texts[-1], flush=True)
+    text = "\n".join(texts)
     Path(args.out).write_text(text)
 
 

@@ -18,7 +18,6 @@ import gc
 import hashlib
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
@@ -49,6 +48,12 @@ logger = logging.getLogger("vlmdeploy")
 
 # A request's images together may take this many times the per-image fetch timeout.
 REQUEST_MEDIA_BUDGET = 2.0
+# Threads that fetch, decode, hash and tile images. Four prepare ~60 requests/s of 1024² JPEGs,
+# several times what the GPU consumes. More do not help: base64 decoding and ``tobytes`` hold the
+# GIL, and every PyTorch call of the engine thread gives the GIL up and must win it back, so a
+# crowd of preparation threads starves the engine. On one H200 (W2, 256 requests) 16 threads left
+# the GPU idle for 2.2 s of the first 3 s; 4 threads for 0.17 s (benchmarks/gpu_gaps.py).
+PREP_THREADS = 4
 
 
 @dataclass
@@ -132,9 +137,9 @@ class Pipeline:
         self._channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopChannel] = (
             weakref.WeakKeyDictionary()
         )
-        # Image decoding and resizing release the GIL, so threads scale with the cores.
-        workers = min(16, max(4, os.cpu_count() or 4))
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlmdeploy-prep")
+        self._pool = ThreadPoolExecutor(
+            max_workers=PREP_THREADS, thread_name_prefix="vlmdeploy-prep"
+        )
         self._text_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmdeploy-text")
         # What is built by now (model, tokenizer, compiled kernels: some 10^5-10^6 objects) lives
         # as long as the pipeline. A full collection walks every tracked object: 0.32 s in which
@@ -268,8 +273,9 @@ class Pipeline:
         key = hashlib.blake2b(image.tobytes(), digest_size=16)
         key.update(repr((image.mode, image.size, params)).encode())
         digest = key.hexdigest()
-        kwargs = dict(max_num=params[0], min_num=params[1], image_size=params[2],
-                      use_thumbnail=params[3])
+        kwargs = dict(
+            max_num=params[0], min_num=params[1], image_size=params[2], use_thumbnail=params[3]
+        )
         vision = self.engine.vision  # None once the pipeline is closed
         if vision is not None and digest in vision.cache:
             return _Tiled(None, n, digest, functools.partial(raw_tiles, image, **kwargs))
@@ -585,8 +591,9 @@ class _Tiled:
     tile: Any
 
 
-def _image_inputs(ids: list[int], tiles: list[_Tiled], per_tile: int, ctx_id: int
-                  ) -> list[ImageInput]:
+def _image_inputs(
+    ids: list[int], tiles: list[_Tiled], per_tile: int, ctx_id: int
+) -> list[ImageInput]:
     images, pos = [], 0
     for t in tiles:
         pos = ids.index(ctx_id, pos)
