@@ -116,15 +116,18 @@ def run_w1(pipe, tok, ttft_runs: int = 11) -> dict:
     list(pipe.stream_infer([workload(tok, 1, 448, 30, seed=2)[0]], gen_config=gen(16)))  # warm-up
     sync()
     with GcPauses() as pauses:
-        ttfts = []
+        ttfts, parts = [], []
         for i in range(ttft_runs - 1):
             prompt = workload(tok, 1, 448, 30, seed=100 + i)[0]
+            pipe.engine.trace = []
             t0 = time.perf_counter()
             for r in pipe.stream_infer([prompt], gen_config=gen(2)):
                 if r.token_ids:
                     ttfts.append(time.perf_counter() - t0)
                     break
             sync()
+            parts.append(ttft_parts(pipe.engine.trace, t0, ttfts[-1]))
+        pipe.engine.trace = None
         prompt = workload(tok, 1, 448, 30, seed=1)[0]
         stamps, t0 = [], time.perf_counter()
         for r in pipe.stream_infer([prompt], gen_config=gen(512)):
@@ -138,8 +141,25 @@ def run_w1(pipe, tok, ttft_runs: int = 11) -> dict:
         "ttft_min_ms": min(ttfts) * 1e3,
         "ttft_max_ms": max(ttfts) * 1e3,
         "ttft_runs": len(ttfts),
+        "ttft_parts_ms": {k: round(statistics.median(p[k] for p in parts), 2) for k in parts[0]},
         "tpot_ms": tpot * 1e3,
         "output_tokens": n_out,
+    }
+
+
+def ttft_parts(trace: list, t0: float, ttft: float) -> dict:
+    """Where one request's TTFT went (ms), from the engine's step records: until the engine's first
+    step starts (preparation, hand-over), that step (vision encoder and prefill launched), the
+    step after it, which launches the next token and then reads the first (the wait for the
+    prefill's GPU work is in it), and the hand-over of the token to the caller."""
+    if len(trace) < 2:
+        return {"to_first_step": 0.0, "prefill_step": 0.0, "next_step": 0.0, "hand_over": 0.0}
+    a, b = trace[0], trace[1]
+    return {
+        "to_first_step": (a.start - t0) * 1e3,
+        "prefill_step": (a.end - a.start) * 1e3,
+        "next_step": (b.end - a.end) * 1e3,
+        "hand_over": (t0 + ttft - b.end) * 1e3,
     }
 
 
@@ -341,7 +361,8 @@ def summary_line(name: str, r: dict) -> str:
     if name == "w1":
         return (
             f"TTFT {r['ttft_ms']:.1f} ms (median of {r['ttft_runs']}, {r['ttft_min_ms']:.1f}-"
-            f"{r['ttft_max_ms']:.1f}), TPOT {r['tpot_ms']:.2f} ms ({r['output_tokens']} tokens)"
+            f"{r['ttft_max_ms']:.1f}), TPOT {r['tpot_ms']:.2f} ms ({r['output_tokens']} tokens); "
+            f"TTFT parts (medians, ms) {r.get('ttft_parts_ms')}"
         )
     if name == "chat2":
         return (

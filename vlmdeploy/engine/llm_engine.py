@@ -163,6 +163,10 @@ class LLMEngine:
         self.vision = VisionStage(
             self.runner.encode_images, max_tiles=MAX_VISION_TILES, cache_bytes=cache_bytes
         )
+        if self.device.type == "cuda":  # ~1 s; on the CPU a new tile count costs nothing extra
+            size = self.model_cfg.vision.image_size
+            with torch.inference_mode():
+                self.vision.warm_up((size, size, 3))
         self.seqs: dict[int, Sequence] = {}
         self._arrivals = 0
         self._inflight: _InFlight | None = None  # the launched step whose tokens are not read yet
