@@ -165,6 +165,7 @@ def ttft_parts(trace: list, t0: float, ttft: float) -> dict:
 
 def chat_turn(pipe, messages: list[dict], n_out: int) -> dict:
     """One streamed turn: TTFT (submit → first chunk with a token), the answer, cached tokens."""
+    pipe.engine.trace = []
     t0, first, parts, cached, n_in, n_gen = time.perf_counter(), None, [], 0, 0, 0
     for r in pipe.stream_infer([messages], gen_config=gen(n_out)):
         if first is None and r.token_ids:
@@ -174,10 +175,12 @@ def chat_turn(pipe, messages: list[dict], n_out: int) -> dict:
         n_gen = max(n_gen, r.generate_token_len)
         if r.error_message:
             raise RuntimeError(f"chat turn failed: {r.error_message}")
+    trace, pipe.engine.trace = pipe.engine.trace, None
     if first is None:
         raise RuntimeError("the chat turn streamed no token")
     return {
         "ttft_ms": (first - t0) * 1e3,
+        "ttft_parts_ms": {k: round(v, 2) for k, v in ttft_parts(trace, t0, first - t0).items()},
         "text": "".join(parts),
         "cached_tokens": cached,
         "input_tokens": n_in,
@@ -207,6 +210,8 @@ def run_chat2(pipe, tok) -> dict:
         "ttft1_ms": t1["ttft_ms"],
         "ttft2_ms": t2["ttft_ms"],
         "ratio": t2["ttft_ms"] / t1["ttft_ms"],
+        "ttft1_parts_ms": t1["ttft_parts_ms"],
+        "ttft2_parts_ms": t2["ttft_parts_ms"],
         "cached_tokens": t2["cached_tokens"],
         "turn1_input_tokens": t1["input_tokens"],
         "turn2_input_tokens": t2["input_tokens"],
@@ -368,7 +373,7 @@ def summary_line(name: str, r: dict) -> str:
         return (
             f"TTFT turn 1 {r['ttft1_ms']:.1f} ms, turn 2 {r['ttft2_ms']:.1f} ms, ratio "
             f"{r['ratio']:.3f}; turn 2 cached {r['cached_tokens']} of {r['turn2_input_tokens']} "
-            "prompt tokens"
+            f"prompt tokens; turn 2 TTFT parts (ms) {r.get('ttft2_parts_ms')}"
         )
     if name in ("w2", "w3"):
         return (

@@ -42,6 +42,7 @@ from vlmdeploy.stop_words import StopMatcher
 from vlmdeploy.tokenizer import IncrementalDetokenizer, Tokenizer
 from vlmdeploy.vl.constants import IMAGE_TOKEN
 from vlmdeploy.vl.media import MediaPolicy, load_image
+from vlmdeploy.vl.source_memo import SourceMemo, source_key
 from vlmdeploy.vl.tiling import num_tiles, raw_tiles
 
 logger = logging.getLogger("vlmdeploy")
@@ -141,6 +142,7 @@ class Pipeline:
             max_workers=PREP_THREADS, thread_name_prefix="vlmdeploy-prep"
         )
         self._text_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmdeploy-text")
+        self._sources = SourceMemo()  # inline images already decoded: their hash and tile count
         # What is built by now (model, tokenizer, compiled kernels: some 10^5-10^6 objects) lives
         # as long as the pipeline. A full collection walks every tracked object: 0.32 s in which
         # no thread runs, once per W2 run on the GPU machine. Frozen, the start-up heap is left
@@ -231,39 +233,60 @@ class Pipeline:
                     code="image_fetch_timeout",
                     param=ref.param,
                 )
-            limited = dataclasses.replace(policy, timeout_s=min(policy.timeout_s, remaining))
-            image, params = self._load(ref, limited)
-            n = num_tiles(
-                image.width,
-                image.height,
-                max_num=params[0],
-                min_num=params[1],
-                image_size=params[2],
-                use_thumbnail=params[3],
-            )
+            params = self._params(ref)
+            key = source_key(ref.source, policy, params)
+            known = self._sources.get(key)
+            vision = self.engine.vision  # None once the pipeline is closed
+            if known is not None and vision is not None and known[0] in vision.cache:
+                # seen before and its embedding is held: neither decoded nor tiled now
+                digest, n = known
+                item: tuple = (None, params, n, (digest, ref.source, policy))
+            else:
+                limited = dataclasses.replace(policy, timeout_s=min(policy.timeout_s, remaining))
+                image = self._load(ref, limited)
+                n = num_tiles(
+                    image.width,
+                    image.height,
+                    max_num=params[0],
+                    min_num=params[1],
+                    image_size=params[2],
+                    use_thumbnail=params[3],
+                )
+                item = (image, params, n, key)
             n_tokens += n * self.model_cfg.tokens_per_tile
             if n_tokens >= self.session_len:
                 raise ContextLengthExceeded(
                     f"the images alone need {n_tokens} tokens or more, which does not fit "
                     f"session_len={self.session_len}"
                 )
-            loaded.append((image, params, n))
-        return [self._tile(image, params, n) for image, params, n in loaded]
+            loaded.append(item)
+        tiled = []
+        for image, params, n, extra in loaded:
+            if image is None:
+                digest, source, policy = extra
+                make = functools.partial(_tiles_of_source, source, policy, params)
+                tiled.append(_Tiled(None, n, digest, make))
+            else:
+                tiled.append(self._tile(image, params, n))
+                self._sources.put(extra, tiled[-1].content_hash, n)
+        return tiled
 
-    def _load(self, ref, policy: MediaPolicy | None) -> tuple[Any, tuple]:
+    def _load(self, ref, policy: MediaPolicy | None) -> Any:
         try:
-            image = load_image(ref.source, policy)
+            return load_image(ref.source, policy)
         except ImageError as exc:
             exc.param = exc.param or ref.param  # name the offending part: messages[i].content[j]…
             raise
+
+    def _params(self, ref) -> tuple:
+        """Tiling parameters of one image: (max_num, min_num, image_size, use_thumbnail)."""
         cfg = self.model_cfg
-        params = (
+        return (
             ref.max_dynamic_patch or cfg.max_dynamic_patch,
             cfg.min_dynamic_patch,
             cfg.vision.image_size,
             cfg.use_thumbnail,
         )
-        return image, params
 
     def _tile(self, image: Any, params: tuple, n: int) -> _Tiled:
         """One image's ``n`` tiles (uint8 (n, 448, 448, 3): they are normalised on the device) and
@@ -273,13 +296,10 @@ class Pipeline:
         key = hashlib.blake2b(image.tobytes(), digest_size=16)
         key.update(repr((image.mode, image.size, params)).encode())
         digest = key.hexdigest()
-        kwargs = dict(
-            max_num=params[0], min_num=params[1], image_size=params[2], use_thumbnail=params[3]
-        )
         vision = self.engine.vision  # None once the pipeline is closed
         if vision is not None and digest in vision.cache:
-            return _Tiled(None, n, digest, functools.partial(raw_tiles, image, **kwargs))
-        return _Tiled(raw_tiles(image, **kwargs), n, digest, None)
+            return _Tiled(None, n, digest, functools.partial(_tiles_of, image, params))
+        return _Tiled(_tiles_of(image, params), n, digest, None)
 
     def reconfigure(self, req: PreparedRequest, gen_config: GenerationConfig) -> PreparedRequest:
         """The same prepared prompt and images under another generation config (no re-fetch)."""
@@ -578,6 +598,19 @@ class _LoopChannel:
 def _dispatch(items: list[tuple[asyncio.Queue, StepOutput]]) -> None:
     for q, out in items:
         q.put_nowait(out)
+
+
+def _tiles_of(image: Any, params: tuple) -> torch.Tensor:
+    max_num, min_num, image_size, use_thumbnail = params
+    return raw_tiles(
+        image, max_num=max_num, min_num=min_num, image_size=image_size, use_thumbnail=use_thumbnail
+    )
+
+
+def _tiles_of_source(source: Any, policy: MediaPolicy, params: tuple) -> torch.Tensor:
+    """Tiles of an inline source that was memoised: decoded again only if its embedding has left
+    the cache by the time the engine needs it (no network: the source holds its bytes)."""
+    return _tiles_of(load_image(source, policy), params)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from vlmdeploy.engine.sampling import SampleResult, sample_async
 from vlmdeploy.engine.scheduler import ScheduledBatch, Scheduler
 from vlmdeploy.engine.sequence import PENDING, Sequence, Status
 from vlmdeploy.engine.vision import VisionStage
+from vlmdeploy.engine.vision_graphs import VisionGraphs
 from vlmdeploy.layers.attention import AttentionMetadata, PagedAttention, attention_context
 from vlmdeploy.messages import PytorchEngineConfig
 from vlmdeploy.models.internvl import InternVLForCausalLM
@@ -167,6 +168,10 @@ class LLMEngine:
             size = self.model_cfg.vision.image_size
             with torch.inference_mode():
                 self.vision.warm_up((size, size, 3))
+            if not cfg.eager_mode:
+                self.runner.vision_graphs = VisionGraphs(
+                    self.runner.encode_raw, (size, size, 3), self.device
+                )
         self.seqs: dict[int, Sequence] = {}
         self._arrivals = 0
         self._inflight: _InFlight | None = None  # the launched step whose tokens are not read yet
