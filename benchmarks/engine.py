@@ -181,6 +181,7 @@ def chat_turn(pipe, messages: list[dict], n_out: int) -> dict:
     return {
         "ttft_ms": (first - t0) * 1e3,
         "ttft_parts_ms": {k: round(v, 2) for k, v in ttft_parts(trace, t0, first - t0).items()},
+        "tiles_encoded": sum(r.num_tiles for r in trace),  # 0 when the embedding cache served it
         "text": "".join(parts),
         "cached_tokens": cached,
         "input_tokens": n_in,
@@ -212,6 +213,7 @@ def run_chat2(pipe, tok) -> dict:
         "ratio": t2["ttft_ms"] / t1["ttft_ms"],
         "ttft1_parts_ms": t1["ttft_parts_ms"],
         "ttft2_parts_ms": t2["ttft_parts_ms"],
+        "turn2_tiles_encoded": t2["tiles_encoded"],
         "cached_tokens": t2["cached_tokens"],
         "turn1_input_tokens": t1["input_tokens"],
         "turn2_input_tokens": t2["input_tokens"],
@@ -373,7 +375,8 @@ def summary_line(name: str, r: dict) -> str:
         return (
             f"TTFT turn 1 {r['ttft1_ms']:.1f} ms, turn 2 {r['ttft2_ms']:.1f} ms, ratio "
             f"{r['ratio']:.3f}; turn 2 cached {r['cached_tokens']} of {r['turn2_input_tokens']} "
-            f"prompt tokens; turn 2 TTFT parts (ms) {r.get('ttft2_parts_ms')}"
+            f"prompt tokens; turn 2 TTFT parts (ms) {r.get('ttft2_parts_ms')}, tiles encoded "
+            f"{r.get('turn2_tiles_encoded')}"
         )
     if name in ("w2", "w3"):
         return (
