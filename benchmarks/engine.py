@@ -71,6 +71,15 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def timed_ms(fn, *args) -> float:
+    """Wall ms of ``fn(*args)``, the GPU's queued work included."""
+    sync()
+    t = time.perf_counter()
+    fn(*args)
+    sync()
+    return (time.perf_counter() - t) * 1e3
+
+
 def text_of(tokenizer, n_tokens: int, rng: np.random.Generator) -> str:
     """Random words that tokenize to ``n_tokens`` tokens (approximately, never more)."""
     words: list[str] = []

@@ -10,24 +10,15 @@ running a few sizes at start-up takes the first-use cost away for sizes in betwe
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import timed_ms  # noqa: E402  (benchmarks/engine.py, beside this script)
+
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 24576), "down": (12288, 4096)}
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed_ms(fn, *args) -> float:
-    sync()
-    t = time.perf_counter()
-    fn(*args)
-    sync()
-    return (time.perf_counter() - t) * 1e3
 
 
 def main() -> None:

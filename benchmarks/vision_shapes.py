@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import model_source  # noqa: E402  (benchmarks/engine.py, beside this script)
+from engine import model_source, timed_ms  # noqa: E402  (benchmarks/engine.py, beside this script)
 
 from vlmdeploy import PytorchEngineConfig, pipeline  # noqa: E402
 
@@ -27,19 +26,6 @@ BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, *args) -> float:
-    sync()
-    t = time.perf_counter()
-    fn(*args)
-    sync()
-    return (time.perf_counter() - t) * 1e3
 
 
 def main() -> None:
@@ -70,8 +56,8 @@ def main() -> None:
             encode(tiles(args.warm))
             for n in (int(c) for c in args.counts.split(",")):
                 x = tiles(n)
-                first = timed(encode, x)
-                second = timed(encode, x)
+                first = timed_ms(encode, x)
+                second = timed_ms(encode, x)
                 rows.append(f"| {n} | {first:.1f} | {second:.1f} | {first - second:.1f} |")
                 print(rows[-1], flush=True)
     text = (f"### vision encoder, first call per tile count (warm-up at {args.warm}; SDPA "
