@@ -130,3 +130,15 @@ def test_a_memoised_image_evicted_before_its_turn_is_decoded_by_the_engine(pipe,
     assert "".join(o.text for o in outs) == expected
     assert decodes == [url, url]  # decoded again, from the source it came with
     assert req.images[0].pixel_values.shape[0] * 256 == req.images[0].num_tokens
+
+
+def test_memoised_images_still_count_against_session_len(pipe, images, decodes):
+    from vlmdeploy.errors import ContextLengthExceeded
+
+    url = data_url(images[1])  # 3 tiles: 768 tokens
+    pipe(chat(url), gen_config=GEN)
+    six = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * 6
+            + [{"type": "text", "text": "compare"}]}]
+    with pytest.raises(ContextLengthExceeded):  # 4,608 image tokens > session_len 4,096
+        pipe.prepare_sync(six, GEN)
+    assert decodes == [url]  # refused from the memo alone
