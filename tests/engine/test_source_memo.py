@@ -119,9 +119,7 @@ def test_a_memoised_image_evicted_before_its_turn_is_decoded_by_the_engine(pipe,
     expected = pipe(chat(url, "what is this"), gen_config=GEN).text
     req = pipe.prepare_sync(chat(url, "what is this"), GEN)
     assert req.images[0].pixel_values is None and decodes == [url]
-    cache = pipe.engine.vision.cache
-    cache.entries.clear()  # as if other images had pushed it out in the meantime
-    cache.bytes = 0
+    pipe.engine.vision.cache.clear()  # as if other images had pushed it out in the meantime
 
     async def run():
         return [o async for o in pipe.generate_prepared(req, session_id=91)]

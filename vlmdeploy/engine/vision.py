@@ -44,6 +44,11 @@ class EmbeddingCache:
         self.hits += 1
         return value
 
+    def clear(self) -> None:
+        """Drop every entry (their memory goes once no sequence holds them)."""
+        self.entries.clear()
+        self.bytes = 0
+
     def put(self, key: str, value: torch.Tensor) -> None:
         size = value.numel() * value.element_size()
         if not key or key in self.entries or size > self.max_bytes:
