@@ -532,7 +532,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             tok = pipe.tokenizer
             res["kv_tokens"] = pipe.engine.num_blocks * pipe.engine.block_size
-            log(f"engine up in {res['init_s']} s; KV cache {res['kv_tokens']:,} tokens")
+            res["startup"] = pipe.engine.startup
+            log(f"engine up in {res['init_s']} s; KV cache {res['kv_tokens']:,} tokens; "
+                f"start-up stages {res['startup']}")
             save()
             try:
                 w1_req = pipe.prepare_sync(workload(tok, 1, 448, 30, seed=1)[0], gen(1))

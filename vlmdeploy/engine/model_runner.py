@@ -14,6 +14,7 @@ import torch
 
 from vlmdeploy.config import ModelConfig
 from vlmdeploy.engine.cuda_graph import DecodeGraphs
+from vlmdeploy.engine.prefill_graphs import PrefillGraphs
 from vlmdeploy.engine.scheduler import ScheduledBatch
 from vlmdeploy.engine.sequence import Sequence
 from vlmdeploy.engine.transfer import h2d, substitute
@@ -52,6 +53,7 @@ class ModelRunner:
             device=device,
         )
         self.graphs: DecodeGraphs | None = None  # set by the engine when CUDA graphs are on
+        self.prefill_graphs: PrefillGraphs | None = None  # likewise
         self.vision_graphs: VisionGraphs | None = None  # likewise
         self.bind_cache()
 
@@ -124,6 +126,16 @@ class ModelRunner:
             if len(sample_rows) == len(ids):
                 return logits
             return logits[h2d(sample_rows, torch.long, self.device)]
+        pg = self.prefill_graphs
+        if (
+            pg is not None
+            and len(tables) == 1
+            and subst is None
+            and pg.can_run(len(ids), len(tables[0]))
+        ):
+            image = embeds[0].to(self.device) if embeds[0] is not None else None
+            logits = pg.run(ids, positions, slots, kv_lens[0], tables[0], image, masks[0])
+            return logits if sample_rows else None
         hidden = self._forward(
             ids, positions, slots, cu, kv_lens, tables, embeds, masks, max(batch.num_tokens), subst
         )
