@@ -98,6 +98,19 @@ def test_image_rows_reach_the_graph(tiny_ckpts):
         assert not graphs.image_mask[:4].any()
 
 
+def test_buckets_stay_within_the_context_and_the_step_budget(tiny_ckpts):
+    cfg = PytorchEngineConfig(session_len=200, block_size=16, max_batch_size=4)
+    with pipeline(tiny_ckpts["original"], cfg) as pipe:
+        runner = pipe.engine.runner
+        args = (runner.model, pipe.model_cfg.text.hidden_size, pipe.engine.dtype,
+                math.ceil(200 / 16), runner.scratch_block, 16, runner.device)
+        assert PrefillGraphs(*args, capture=False).buckets[-1] == 192  # 13 blocks: 208 tokens
+        small = PrefillGraphs(*args, max_tokens=100, capture=False)
+        assert small.buckets[-1] == 96 and not small.can_run(97, 2) and small.can_run(96, 6)
+        none = PrefillGraphs(*args, max_tokens=8, capture=False)
+        assert none.buckets == () and not none.can_run(4, 1)
+
+
 def test_buckets_cover_every_count_up_to_the_largest():
     assert all(any(b >= n for b in PREFILL_BUCKETS) for n in range(2, PREFILL_BUCKETS[-1] + 1))
     assert list(PREFILL_BUCKETS) == sorted(set(PREFILL_BUCKETS))

@@ -292,6 +292,7 @@ class LLMEngine:
                 self.runner.scratch_block,
                 self.cfg.block_size,
                 self.device,
+                max_tokens=self.cfg.max_prefill_token_num,
             )
 
     def release(self) -> None:

@@ -35,14 +35,18 @@ class PrefillGraphs:
         scratch_block: int,
         block_size: int,
         device: torch.device,
+        max_tokens: int | None = None,
         buckets: tuple[int, ...] = PREFILL_BUCKETS,
         capture: bool = True,
     ):
+        """``max_tokens``: the most new tokens a step can hold (``max_prefill_token_num``). No
+        bucket exceeds it or the longest context, which every bucket's warm-up fills."""
         self.model = model
-        self.buckets = tuple(sorted(buckets))
         self.scratch_slot = scratch_block * block_size
         self.max_kv_len = max_blocks_per_seq * block_size
-        n = self.buckets[-1]
+        limit = min(self.max_kv_len, max_tokens or self.max_kv_len)
+        self.buckets = tuple(b for b in sorted(buckets) if b <= limit)
+        n = self.buckets[-1] if self.buckets else 1
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((n,), self.scratch_slot, dtype=torch.long, device=device)
@@ -61,7 +65,11 @@ class PrefillGraphs:
             self._capture_all()
 
     def can_run(self, num_tokens: int, num_blocks: int) -> bool:
-        return 1 < num_tokens <= self.buckets[-1] and num_blocks <= self.block_tables.shape[1]
+        return (
+            bool(self.buckets)
+            and 1 < num_tokens <= self.buckets[-1]
+            and num_blocks <= self.block_tables.shape[1]
+        )
 
     def _forward(self, size: int) -> torch.Tensor:
         meta = AttentionMetadata(
