@@ -13,10 +13,34 @@ the CPU tests check that padded replays give exactly the unpadded result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from vlmdeploy.engine.transfer import h2d_into, substitute
 from vlmdeploy.layers.attention import AttentionMetadata, attention_context
+
+
+def capture_graphs(
+    sizes, forward: Callable[[int], torch.Tensor], prepare: Callable[[int], None] | None = None
+) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
+    """One CUDA graph of ``forward(size)`` per size, and its output. Largest first, in one memory
+    pool, so the smaller graphs reuse the largest one's memory. Each size runs once eagerly before
+    its capture (kernel selection, compilation and lazy set-up must not happen inside a capture),
+    after ``prepare(size)`` has set the static inputs that size needs."""
+    pool = torch.cuda.graph_pool_handle()
+    graphs, outputs = {}, {}
+    for size in sorted(sizes, reverse=True):
+        if prepare is not None:
+            prepare(size)
+        forward(size)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[size] = forward(size)
+        graphs[size] = graph
+    torch.cuda.synchronize()
+    return graphs, outputs
 
 
 def bucket_sizes(max_batch_size: int, sizes: list[int] | None = None) -> list[int]:
@@ -75,15 +99,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        for bs in reversed(self.buckets):  # largest first: the smaller graphs reuse its memory
-            self._forward(bs)  # warm-up: autotuning and lazy initialisation outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self._forward(bs)
-            self.graphs[bs] = graph
-        torch.cuda.synchronize()
+        self.graphs, self.outputs = capture_graphs(self.buckets, self._forward)
 
     @torch.inference_mode()
     def run(

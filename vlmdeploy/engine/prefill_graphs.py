@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from vlmdeploy.engine.cuda_graph import capture_graphs
 from vlmdeploy.engine.transfer import h2d, h2d_into
 from vlmdeploy.layers.attention import AttentionMetadata, attention_context
 
@@ -86,20 +87,15 @@ class PrefillGraphs:
             hidden = self.model(x, self.positions[:size])
             return self.model.compute_logits(hidden.index_select(0, self.last))
 
+    def _prepare(self, size: int) -> None:
+        """Capture-time metadata for ``size``: the kernels must not see more new tokens (or
+        context) than the rows they are given."""
+        self.cu_seqlens[1] = size
+        self.kv_lens[0] = size
+
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.buckets):  # largest first: the smaller graphs reuse its memory
-            # the kernels must not see more new tokens than the rows they are given
-            self.cu_seqlens[1] = size
-            self.kv_lens[0] = size
-            self._forward(size)  # warm-up: kernel selection and compilation outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self._forward(size)
-            self.graphs[size] = graph
-        torch.cuda.synchronize()
+        self.graphs, self.outputs = capture_graphs(self.buckets, self._forward, self._prepare)
 
     @torch.inference_mode()
     def run(

@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from vlmdeploy.engine.cuda_graph import capture_graphs
+
 logger = logging.getLogger("vlmdeploy")
 
 GRAPH_TILE_COUNTS = tuple(range(1, 8))  # up to one 2×3 grid and its thumbnail
@@ -44,15 +46,9 @@ class VisionGraphs:
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        for n in sorted(self.inputs, reverse=True):  # largest first: the rest reuse its memory
-            self.encode_raw(self.inputs[n])  # lazy set-up (attention plans) outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[n] = self.encode_raw(self.inputs[n])
-            self.graphs[n] = graph
-        torch.cuda.synchronize()
+        self.graphs, self.outputs = capture_graphs(
+            self.inputs, lambda n: self.encode_raw(self.inputs[n])
+        )
 
     def run(self, tiles: torch.Tensor) -> torch.Tensor | None:
         """Embeddings of raw uint8 ``tiles`` (host or device), or None when their count has no
