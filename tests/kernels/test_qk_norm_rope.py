@@ -1,5 +1,6 @@
 """qk_norm_rope_triton against reference.qk_norm_rope: GQA head counts, strided q/k views of a fused
-qkv projection, real RoPE tables at scattered positions.
+qkv projection, real RoPE tables at scattered positions. qk_norm_rope_store_triton (k and v written
+into a paged cache by the same launch) against reference.qk_norm_rope_store.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import torch
 pytest.importorskip("triton")
 
 from vlmdeploy.kernels import reference  # noqa: E402
-from vlmdeploy.kernels.qk_norm_rope_kernel import qk_norm_rope_triton  # noqa: E402
+from vlmdeploy.kernels.qk_norm_rope_kernel import (  # noqa: E402
+    qk_norm_rope_store_triton,
+    qk_norm_rope_triton,
+)
 
 # Rotated values reach ~8; where the two RoPE terms cancel, one rounding step of a term (2^-5 at
 # 4..8 in bf16) is the whole error, so the absolute tolerance is two such steps. Triton's
@@ -74,3 +78,43 @@ def test_qk_norm_rope_mixed_dtypes(device):
                                           (77, 14, 2, 128)])
 def test_qk_norm_rope_gpu(T, n_q, n_kv, D, dtype):
     _check(_inputs(T, n_q, n_kv, D, dtype, torch.device("cuda"), seed=T))
+
+
+def _check_store(T: int, n_q: int, n_kv: int, D: int, dtype: torch.dtype, device: torch.device,
+                 page: int, seed: int) -> None:
+    """Slots scattered over a NaN-filled cache, one of them -1 (not stored): the written slots
+    must match the reference and every other slot must stay NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, qw, kw, cos, sin = _inputs(T, n_q, n_kv, D, dtype, device, seed)
+    v = (torch.randn(T, n_kv, D, generator=gen)).to(dtype).to(device)
+    n_blocks = T // page + 3
+    slots = torch.randperm(n_blocks * page, generator=gen)[:T]
+    slots[T // 2] = -1
+    slots = slots.to(device)
+    caches = [torch.full((n_blocks, page, n_kv, D), float("nan"), dtype=dtype, device=device)
+              for _ in range(4)]
+    q_out = qk_norm_rope_store_triton(q, k, v, qw, kw, cos, sin, 1e-6, caches[0], caches[1],
+                                      slots)
+    q_ref = reference.qk_norm_rope_store(q, k, v, qw, kw, cos, sin, 1e-6, caches[2], caches[3],
+                                         slots)
+    bf16_step = dtype == torch.bfloat16
+    torch.testing.assert_close(q_out, q_ref, **_tol(q_out, bf16_step))
+    torch.testing.assert_close(caches[0], caches[2], equal_nan=True, **_tol(q_out, bf16_step))
+    torch.testing.assert_close(caches[1], caches[3], equal_nan=True, atol=0, rtol=0)
+    written = int((~caches[1].isnan()).any(-1).any(-1).sum())
+    assert written == T - 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,n_q,n_kv,D,page", [(1, 4, 2, 16, 4), (9, 6, 2, 32, 4),
+                                               (5, 8, 8, 16, 16)])
+def test_qk_norm_rope_store_interpreter(T, n_q, n_kv, D, page, dtype, device):
+    _check_store(T, n_q, n_kv, D, dtype, device, page, seed=T + n_q)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,n_q,n_kv,D,page", [(1, 32, 8, 128, 64), (2676, 32, 8, 128, 64),
+                                               (77, 14, 2, 128, 16)])
+def test_qk_norm_rope_store_gpu(T, n_q, n_kv, D, page, dtype):
+    _check_store(T, n_q, n_kv, D, dtype, torch.device("cuda"), page, seed=T)

@@ -59,6 +59,8 @@ def _dispatch(name: str) -> Callable:
 rms_norm = _dispatch("rms_norm")
 silu_and_mul = _dispatch("silu_and_mul")
 qk_norm_rope = _dispatch("qk_norm_rope")
+qk_norm_rope_store = _dispatch("qk_norm_rope_store")
 store_kv = _dispatch("store_kv")
 paged_attention = _dispatch("paged_attention")
+linear_row = _dispatch("linear_row")
 rope_cos_sin = reference.rope_cos_sin

@@ -16,13 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enabled, pdl_wait
+
 
 @triton.jit
-def _norm_rope_heads(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, t, stride_xt, stride_xh, stride_ct,
-                     n_heads, eps, ROUND_W: tl.constexpr, HALF: tl.constexpr,
+def _norm_rope_heads(x_ptr, w_ptr, cos_ptr, sin_ptr, dst_ptr, stride_dh, t, stride_xt, stride_xh,
+                     stride_ct, n_heads, eps, ROUND_W: tl.constexpr, HALF: tl.constexpr,
                      BLOCK_H: tl.constexpr):
-    """Normalise and rotate the n_heads heads of token t; each head is split in its two rotary
-    halves.
+    """Normalise and rotate the n_heads heads of token t into ``dst_ptr`` (head h at
+    ``h * stride_dh``); each head is split in its two rotary halves.
     """
     heads = tl.arange(0, BLOCK_H)
     j = tl.arange(0, HALF)
@@ -40,7 +42,7 @@ def _norm_rope_heads(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, t, stride_xt, stri
     if ROUND_W:  # weight in the activations' dtype: the reference rounds the product to it
         y1 = y1.to(x1.dtype).to(tl.float32)
         y2 = y2.to(x1.dtype).to(tl.float32)
-    out_ty = out_ptr.dtype.element_ty
+    out_ty = dst_ptr.dtype.element_ty
     c1 = tl.load(cos_ptr + t * stride_ct + j).to(tl.float32)[None, :]
     c2 = tl.load(cos_ptr + t * stride_ct + HALF + j).to(tl.float32)[None, :]
     s1 = tl.load(sin_ptr + t * stride_ct + j).to(tl.float32)[None, :]
@@ -48,27 +50,83 @@ def _norm_rope_heads(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, t, stride_xt, stri
     # rotate_half(y) = (-y2, y1); each product and the sum rounded like the reference's tensor ops
     o1 = (y1 * c1).to(out_ty).to(tl.float32) + (-y2 * s1).to(out_ty).to(tl.float32)
     o2 = (y2 * c2).to(out_ty).to(tl.float32) + (y1 * s2).to(out_ty).to(tl.float32)
-    dst = out_ptr + t * n_heads * 2 * HALF + heads[:, None] * 2 * HALF + j[None, :]
+    dst = dst_ptr + heads[:, None] * stride_dh + j[None, :]
     tl.store(dst, o1.to(out_ty), mask=mask)
     tl.store(dst + HALF, o2.to(out_ty), mask=mask)
 
 
 @triton.jit
-def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
-                         stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, n_q_heads,
-                         n_kv_heads, eps, ROUND_QW: tl.constexpr, ROUND_KW: tl.constexpr,
-                         HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
+def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr,
+                         k_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                         stride_ct, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs,
+                         stride_vch, n_q_heads, n_kv_heads, eps, ROUND_QW: tl.constexpr,
+                         ROUND_KW: tl.constexpr, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                         BLOCK_HK: tl.constexpr, STORE: tl.constexpr, PAGE: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     if tl.program_id(1) == 0:
-        _norm_rope_heads(q_ptr, qw_ptr, cos_ptr, sin_ptr, q_out_ptr, t, stride_qt, stride_qh,
-                         stride_ct, n_q_heads, eps, ROUND_QW, HALF, BLOCK_HQ)
+        _norm_rope_heads(q_ptr, qw_ptr, cos_ptr, sin_ptr, q_out_ptr + t * n_q_heads * 2 * HALF,
+                         2 * HALF, t, stride_qt, stride_qh, stride_ct, n_q_heads, eps, ROUND_QW,
+                         HALF, BLOCK_HQ)
+    elif STORE:  # k goes rotated straight into the cache, and v with it
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            block, offset = slot // PAGE, slot % PAGE
+            _norm_rope_heads(k_ptr, kw_ptr, cos_ptr, sin_ptr,
+                             k_cache_ptr + block * stride_kcb + offset * stride_kcs, stride_kch,
+                             t, stride_kt, stride_kh, stride_ct, n_kv_heads, eps, ROUND_KW, HALF,
+                             BLOCK_HK)
+            h = tl.arange(0, BLOCK_HK)[:, None]
+            d = tl.arange(0, 2 * HALF)[None, :]
+            v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=h < n_kv_heads)
+            tl.store(v_cache_ptr + block * stride_vcb + offset * stride_vcs + h * stride_vch + d,
+                     v.to(v_cache_ptr.dtype.element_ty), mask=h < n_kv_heads)
     else:
-        _norm_rope_heads(k_ptr, kw_ptr, cos_ptr, sin_ptr, k_out_ptr, t, stride_kt, stride_kh,
-                         stride_ct, n_kv_heads, eps, ROUND_KW, HALF, BLOCK_HK)
+        _norm_rope_heads(k_ptr, kw_ptr, cos_ptr, sin_ptr, k_out_ptr + t * n_kv_heads * 2 * HALF,
+                         2 * HALF, t, stride_kt, stride_kh, stride_ct, n_kv_heads, eps, ROUND_KW,
+                         HALF, BLOCK_HK)
 
 
 def _heads_view(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _launch(q, k, v, q_weight, k_weight, cos, sin, eps, q_out, k_out, k_cache, v_cache,
+            slot_mapping) -> None:
+    T, n_q, D = q.shape
+    n_kv = k.shape[1]
+    if D & (D - 1) or D < 4:
+        raise ValueError(f"qk_norm_rope: head_dim must be a power of two >= 4, got {D}")
+    q, k = _heads_view(q), _heads_view(k)
+    store = k_cache is not None
+    if store:
+        v = _heads_view(v)
+        if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+            raise ValueError("qk_norm_rope: the caches' head dimension must be contiguous")
+        slot_mapping = slot_mapping.contiguous()
+    else:
+        v, k_cache, v_cache, slot_mapping = k, k_out, k_out, q_out  # unused placeholders
+    cos, sin = cos.contiguous(), sin.contiguous()  # (T, D), one shared row stride
+    block_hq = triton.next_power_of_2(n_q)
+    kc = k_cache.stride() if store else (0, 0, 0)
+    vc = v_cache.stride() if store else (0, 0, 0)
+    pdl = pdl_enabled(q.device)
+    _qk_norm_rope_kernel[(T, 2)](
+        q, k, v, q_weight.contiguous(), k_weight.contiguous(), cos, sin, q_out, k_out, k_cache,
+        v_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), cos.stride(0), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2], n_q, n_kv, eps,
+        ROUND_QW=q_weight.dtype == q.dtype, ROUND_KW=k_weight.dtype == k.dtype, HALF=D // 2,
+        BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(n_kv), STORE=store,
+        PAGE=k_cache.shape[1] if store else 1, PDL=pdl, launch_pdl=pdl,
+        num_warps=4 if block_hq * D <= 2048 else 8)  # ~16 values per thread per live tile
+
+
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.dtype:
+    rope_dtype = cos.dtype if sin.dtype == cos.dtype else torch.promote_types(cos.dtype, sin.dtype)
+    return torch.promote_types(torch.promote_types(x.dtype, weight.dtype), rope_dtype)
 
 
 def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
@@ -76,23 +134,22 @@ def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`vlmdeploy.kernels.reference.qk_norm_rope`."""
     T, n_q, D = q.shape
-    n_kv = k.shape[1]
-    if D & (D - 1) or D < 4:
-        raise ValueError(f"qk_norm_rope: head_dim must be a power of two >= 4, got {D}")
-    rope_dtype = cos.dtype if sin.dtype == cos.dtype else torch.promote_types(cos.dtype, sin.dtype)
-    q_dtype = torch.promote_types(torch.promote_types(q.dtype, q_weight.dtype), rope_dtype)
-    k_dtype = torch.promote_types(torch.promote_types(k.dtype, k_weight.dtype), rope_dtype)
-    q_out = torch.empty(T, n_q, D, dtype=q_dtype, device=q.device)
-    k_out = torch.empty(T, n_kv, D, dtype=k_dtype, device=k.device)
-    if T == 0:
-        return q_out, k_out
-    q, k = _heads_view(q), _heads_view(k)
-    cos, sin = cos.contiguous(), sin.contiguous()  # (T, D), one shared row stride
-    block_hq = triton.next_power_of_2(n_q)
-    _qk_norm_rope_kernel[(T, 2)](
-        q, k, q_weight.contiguous(), k_weight.contiguous(), cos, sin, q_out, k_out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), n_q, n_kv, eps,
-        ROUND_QW=q_weight.dtype == q.dtype, ROUND_KW=k_weight.dtype == k.dtype, HALF=D // 2,
-        BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(n_kv),
-        num_warps=4 if block_hq * D <= 2048 else 8)  # ~16 values per thread per live tile
+    q_out = torch.empty(T, n_q, D, dtype=_out_dtype(q, q_weight, cos, sin), device=q.device)
+    k_out = torch.empty(T, k.shape[1], D, dtype=_out_dtype(k, k_weight, cos, sin), device=k.device)
+    if T:
+        _launch(q, k, None, q_weight, k_weight, cos, sin, eps, q_out, k_out, None, None, None)
     return q_out, k_out
+
+
+def qk_norm_rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
+                              sin: torch.Tensor, eps: float, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Triton twin of :func:`vlmdeploy.kernels.reference.qk_norm_rope_store`: the rotated k and v
+    are written into the caches by the same program, not returned."""
+    T, n_q, D = q.shape
+    q_out = torch.empty(T, n_q, D, dtype=_out_dtype(q, q_weight, cos, sin), device=q.device)
+    if T:
+        _launch(q, k, v, q_weight, k_weight, cos, sin, eps, q_out, q_out, k_cache, v_cache,
+                slot_mapping)
+    return q_out

@@ -36,6 +36,27 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def linear_row(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    silu_mul: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A linear layer with its neighbours fused, for a few rows (one-token decode):
+    ``linear(x') + residual`` where ``x'`` is ``rms_norm(x) * norm_weight`` with ``norm_weight``,
+    ``silu_and_mul(x)`` with ``silu_mul``, else ``x``. Each step is rounded as when run apart."""
+    if norm_weight is not None and silu_mul:
+        raise ValueError("linear_row fuses either the RMSNorm or the SiLU-and-mul, not both")
+    if norm_weight is not None:
+        x, _ = rms_norm(x, norm_weight, eps)
+    elif silu_mul:
+        x = silu_and_mul(x)
+    y = F.linear(x, weight)
+    return y if residual is None else y + residual
+
+
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +104,25 @@ def store_kv(
     slots = slot_mapping[keep]
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def qk_norm_rope_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`qk_norm_rope`, then :func:`store_kv` of the rotated k and of v; returns q."""
+    q, k = qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

@@ -13,11 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enabled, pdl_wait
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr,
                      stride_x, stride_r, stride_out, stride_res, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
@@ -61,5 +64,6 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
     _rms_norm_kernel[(x2.shape[0],)](
         x2, r2, weight.contiguous(), o2, ro2,
         x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=block, num_warps=num_warps)
+        HAS_RESIDUAL=residual is not None, BLOCK_N=block, num_warps=num_warps,
+        PDL=(pdl := pdl_enabled(x.device)), launch_pdl=pdl)
     return out, res_out

@@ -11,8 +11,9 @@ import torch
 
 from . import _TRITON
 from .decode_attention import decode_attention
+from .linear_row_kernel import linear_row_triton
 from .prefill_attention import prefill_attention
-from .qk_norm_rope_kernel import qk_norm_rope_triton
+from .qk_norm_rope_kernel import qk_norm_rope_store_triton, qk_norm_rope_triton
 from .rms_norm_kernel import rms_norm_triton
 from .silu_and_mul_kernel import silu_and_mul_triton
 from .store_kv_kernel import store_kv_triton
@@ -53,6 +54,8 @@ _TRITON.update(
     rms_norm=rms_norm_triton,
     silu_and_mul=silu_and_mul_triton,
     qk_norm_rope=qk_norm_rope_triton,
+    qk_norm_rope_store=qk_norm_rope_store_triton,
     store_kv=store_kv_triton,
     paged_attention=paged_attention_triton,
+    linear_row=linear_row_triton,
 )

@@ -65,9 +65,19 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norm_rope: tuple | None = None
+    ) -> torch.Tensor:
+        """With ``norm_rope`` = ``(q_weight, k_weight, cos, sin, eps)``, q and k are first
+        normalised per head and rotated (:func:`kernels.qk_norm_rope`) by the launch that also
+        stores k and v."""
         meta = current_metadata()
-        kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if norm_rope is None:
+            kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        else:
+            q = kernels.qk_norm_rope_store(
+                q, k, v, *norm_rope, self.k_cache, self.v_cache, meta.slot_mapping
+            )
         return kernels.paged_attention(
             q,
             self.k_cache,

@@ -2,7 +2,9 @@
 
 Per layer: ``h = x + o_proj(attn(rope(qk_norm(q, k)), v))``; ``out = h + down(silu(gate) * up)``,
 both halves pre-normed with RMSNorm. q/k/v and gate/up are fused projections; the loader fills their
-row blocks.
+row blocks. A batch of one token (batch-1 decode) takes :meth:`Qwen3DecoderLayer.forward_row`, where
+each projection is one ``linear_row`` launch with the norm, the SiLU-and-mul or the residual add
+around it fused in.
 """
 
 from __future__ import annotations
@@ -36,15 +38,16 @@ class Qwen3Attention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.o_proj(self.attend(self.qkv_proj(x), cos, sin))
+
+    def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The fused q/k/v projection's output (T, q + 2 kv) → attention output (T, q)."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # (T, Hq, D)
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = kernels.qk_norm_rope(
-            q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps
-        )
-        o = self.attn(q, k, v)  # (T, Hq, D)
-        return self.o_proj(o.flatten(1))
+        norm_rope = (self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps)
+        return self.attn(q, k, v, norm_rope).flatten(1)  # (T, Hq * D)
 
 
 class Qwen3MLP(nn.Module):
@@ -74,6 +77,8 @@ class Qwen3DecoderLayer(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual stream is carried un-normed beside x so each norm can fuse the residual add.
+        if x.shape[0] == 1:  # one token: the stream itself comes out, residual already added
+            return self.forward_row(x if residual is None else x + residual, cos, sin), None
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
@@ -81,6 +86,18 @@ class Qwen3DecoderLayer(nn.Module):
         x = self.self_attn(x, cos, sin)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    def forward_row(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One token (a batch-1 decode step), h the residual stream (1, H). Every projection is one
+        :func:`kernels.linear_row` with the RMSNorm before it, the SiLU-and-mul before ``down`` or
+        the residual add after it fused in: the weight reads bound this step, and the small ops
+        between the GEMMs would otherwise each cost a launch."""
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = kernels.linear_row(h, attn.qkv_proj.weight, norm1.weight, norm1.eps)
+        h = kernels.linear_row(attn.attend(qkv, cos, sin), attn.o_proj.weight, residual=h)
+        gate_up = kernels.linear_row(h, mlp.gate_up_proj.weight, norm2.weight, norm2.eps)
+        return kernels.linear_row(gate_up, mlp.down_proj.weight, silu_mul=True, residual=h)
 
 
 class Qwen3Model(nn.Module):
@@ -99,8 +116,7 @@ class Qwen3Model(nn.Module):
         x, residual = inputs_embeds, None
         for layer in self.layers:
             x, residual = layer(x, residual, cos, sin)
-        x, _ = self.norm(x, residual)
-        return x
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -110,4 +126,6 @@ class Qwen3ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[0] == 1:  # one row streams the 1.2 GB head faster through linear_row
+            return kernels.linear_row(hidden, self.lm_head.weight)
         return self.lm_head(hidden)

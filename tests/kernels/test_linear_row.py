@@ -1,0 +1,73 @@
+"""linear_row_triton against reference.linear_row: plain, RMSNorm prologue, SiLU-and-mul prologue,
+residual epilogue, widths that are not multiples of the blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from vlmdeploy.kernels import reference  # noqa: E402
+from vlmdeploy.kernels.linear_row_kernel import linear_row_triton  # noqa: E402
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+       torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+def _inputs(m, n, k, dtype, device, silu=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, 2 * k if silu else k, generator=gen).to(dtype).to(device)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).to(device)
+    nw = (1 + 0.3 * torch.randn(k, generator=gen)).to(dtype).to(device)
+    res = torch.randn(m, n, generator=gen).to(dtype).to(device)
+    return x, w, nw, res
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("m,n,k", [(1, 24, 64), (1, 37, 100), (3, 40, 256)])
+@pytest.mark.parametrize("fuse", ["none", "norm", "silu", "norm+res", "silu+res"])
+def test_linear_row_interpreter(m, n, k, dtype, fuse, device):
+    silu = fuse.startswith("silu")
+    x, w, nw, res = _inputs(m, n, k, dtype, device, silu=silu)
+    kwargs = dict(norm_weight=nw if fuse.startswith("norm") else None, eps=1e-6, silu_mul=silu,
+                  residual=res if fuse.endswith("+res") else None)
+    out = linear_row_triton(x, w, config=(16, 32, 4), **kwargs)
+    ref = reference.linear_row(x, w, **kwargs)
+    assert out.shape == ref.shape == (m, n) and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+def test_linear_row_default_config_and_strided_input(device):
+    x, w, nw, res = _inputs(2, 20, 48, torch.float32, device, seed=1)
+    wide = torch.zeros(2, 96, device=device)
+    wide[:, :48] = x  # rows with a stride of 96
+    out = linear_row_triton(wide[:, :48], w, norm_weight=nw, residual=res)
+    torch.testing.assert_close(out, reference.linear_row(x, w, norm_weight=nw, residual=res),
+                               **TOL[torch.float32])
+
+
+def test_linear_row_rejects_bad_shapes(device):
+    x, w, nw, _ = _inputs(1, 8, 32, torch.float32, device)
+    with pytest.raises(ValueError, match="features"):
+        linear_row_triton(x[:, :16], w)
+    with pytest.raises(ValueError, match="either"):
+        linear_row_triton(x, w, norm_weight=nw, silu_mul=True)
+    with pytest.raises(ValueError, match="either"):
+        reference.linear_row(x, w, norm_weight=nw, silu_mul=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,fuse", [(6144, 4096, "norm"), (4096, 4096, "res"),
+                                      (24576, 4096, "norm"), (4096, 12288, "silu+res"),
+                                      (1000, 4000, "none")])
+@pytest.mark.parametrize("config", [None, (16, 512, 8)])
+def test_linear_row_gpu_model_shapes(n, k, fuse, dtype, config, device):
+    silu = fuse.startswith("silu")
+    x, w, nw, res = _inputs(1, n, k, dtype, device, silu=silu, seed=3)
+    kwargs = dict(norm_weight=nw if fuse == "norm" else None, eps=1e-6, silu_mul=silu,
+                  residual=res if fuse.endswith("res") else None)
+    out = linear_row_triton(x, w, config=config, **kwargs)
+    ref = reference.linear_row(x, w, **kwargs)
+    torch.testing.assert_close(out, ref, **TOL[dtype])

@@ -1,0 +1,36 @@
+"""Programmatic dependent launch (PDL, Hopper and newer) for the kernels of a decode step.
+
+A kernel launched with ``launch_pdl=True`` may be scheduled while the kernel before it in the stream
+is still running; it must call :func:`pdl_wait` before it reads anything an earlier kernel wrote or
+writes anything an earlier kernel may still read. Work that touches neither (loading weights) can
+come first. Right after the wait each kernel lets its own successor launch, so a chain of such
+kernels overlaps every launch and ramp-up with the tail of the kernel before, which at batch 1 is a
+large part of each few-microsecond kernel. Ordering stays transitive: a successor can only start
+once every program of this kernel is past its wait, that is, once the kernel before has finished.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@functools.cache
+def pdl_enabled(device: torch.device) -> bool:
+    """PDL on ``device``: a Hopper or newer GPU, compiled kernels (not Triton's interpreter), not
+    turned off with ``VLMDEPLOY_PDL=0``."""
+    return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and os.environ.get("VLMDEPLOY_PDL", "1") != "0"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait for the kernel before to finish (and its writes to land), then let the next launch."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
