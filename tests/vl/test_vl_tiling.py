@@ -267,3 +267,20 @@ def test_detail_levels():
     assert resolve_max_num(4, "high") == 4  # an explicit max_dynamic_patch wins
     assert resolve_max_num(None, "low") == 6
     assert resolve_max_num("4", None, default=12) == 12  # not an int: ignored, as in LMDeploy
+
+
+def test_lazy_jpeg_tiled_from_many_threads_is_pixel_exact():
+    """The thumbnail is resized on a helper thread: a JPEG still undecoded when tiling starts, tiled
+    by several callers at once, must give exactly the tiles of the decoded image."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (300, 520, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    data = buf.getvalue()
+    expected = naive_pixel_values(Image.open(io.BytesIO(data)).convert("RGB"))
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: pixel_values(Image.open(io.BytesIO(data))), range(8)))
+    for pv in results:
+        assert pv.shape[0] > 1 and torch.equal(pv, expected)
