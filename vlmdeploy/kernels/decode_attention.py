@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .attention_tile import LOG2E, attend_tile, dot_precision, load_kv_tile
-from .pdl import pdl_enabled, pdl_wait
+from .pdl import pdl_args, pdl_enabled, pdl_wait
 
 _TARGET_WAVES = 2  # programs per multiprocessor to aim for before splitting contexts
 _MIN_SPLIT_TOKENS = 128  # shorter chunks cost more in partial writes and merging than they gain
@@ -157,7 +157,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if max_kv_len is None:
             max_kv_len = int(kv_lens.max().item())
         num_splits = choose_num_splits(B * n_kv, max_kv_len, q.device)
-    pdl = pdl_enabled(q.device)
+    pdl = pdl_args(pdl_enabled(q.device))
     part_o = part_lse = out  # unused placeholders when nothing is split
     if num_splits > 1:
         part_o = torch.empty(T, n_q, num_splits, D, dtype=torch.float32, device=q.device)
@@ -170,10 +170,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE=page,
         SPLIT=num_splits > 1, PRECISION=dot_precision(q.dtype),
-        UPCAST=not q.is_cuda, PDL=pdl, launch_pdl=pdl, **_tile_config(q))
+        UPCAST=not q.is_cuda, **pdl, **_tile_config(q))
     if num_splits > 1:
         _merge_splits_kernel[(B, n_q)](
             part_o, part_lse, cu_seqlens_q, out, n_q, num_splits, out.stride(0), out.stride(1),
             BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=D,
-            PDL=pdl, launch_pdl=pdl, num_warps=4)
+            num_warps=4, **pdl)
     return out

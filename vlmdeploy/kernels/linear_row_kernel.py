@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_enabled, pdl_wait
+from .pdl import pdl_args, pdl_enabled, pdl_wait
 
 # (BLOCK_N, BLOCK_K, num_warps): within 1% of the fastest for each of the 8B's four weight shapes
 # on an H100 (benchmarks/linear_row.py, docs/linear_row.md)
@@ -111,6 +111,6 @@ def linear_row_triton(x: torch.Tensor, weight: torch.Tensor,
     _linear_row_kernel[grid](
         x, weight, out, res, norm_weight if norm_weight is not None else x, n, k,
         x.stride(0), weight.stride(0), out.stride(0), res.stride(0), eps,
-        NORM=norm_weight is not None, SILU=silu_mul, RESIDUAL=residual is not None, PDL=pdl,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, launch_pdl=pdl)
+        NORM=norm_weight is not None, SILU=silu_mul, RESIDUAL=residual is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **pdl_args(pdl))
     return out

@@ -25,7 +25,14 @@ def pdl_enabled(device: torch.device) -> bool:
     turned off with ``VLMDEPLOY_PDL=0``."""
     return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
             and os.environ.get("VLMDEPLOY_PDL", "1") != "0"
+            and hasattr(tl.extra.cuda, "gdc_wait")  # Triton 3.3 and newer
             and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def pdl_args(enabled: bool) -> dict:
+    """Launch arguments of a kernel with a ``PDL`` constexpr: ``launch_pdl`` only when on, since
+    Triton releases without PDL reject the option."""
+    return {"PDL": True, "launch_pdl": True} if enabled else {"PDL": False}
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_enabled, pdl_wait
+from .pdl import pdl_args, pdl_enabled, pdl_wait
 
 
 @triton.jit
@@ -112,14 +112,13 @@ def _launch(q, k, v, q_weight, k_weight, cos, sin, eps, q_out, k_out, k_cache, v
     block_hq = triton.next_power_of_2(n_q)
     kc = k_cache.stride() if store else (0, 0, 0)
     vc = v_cache.stride() if store else (0, 0, 0)
-    pdl = pdl_enabled(q.device)
     _qk_norm_rope_kernel[(T, 2)](
         q, k, v, q_weight.contiguous(), k_weight.contiguous(), cos, sin, q_out, k_out, k_cache,
         v_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), cos.stride(0), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2], n_q, n_kv, eps,
         ROUND_QW=q_weight.dtype == q.dtype, ROUND_KW=k_weight.dtype == k.dtype, HALF=D // 2,
         BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(n_kv), STORE=store,
-        PAGE=k_cache.shape[1] if store else 1, PDL=pdl, launch_pdl=pdl,
+        PAGE=k_cache.shape[1] if store else 1, **pdl_args(pdl_enabled(q.device)),
         num_warps=4 if block_hq * D <= 2048 else 8)  # ~16 values per thread per live tile
 
 

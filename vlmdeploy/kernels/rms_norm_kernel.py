@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_enabled, pdl_wait
+from .pdl import pdl_args, pdl_enabled, pdl_wait
 
 
 @triton.jit
@@ -65,5 +65,5 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
         x2, r2, weight.contiguous(), o2, ro2,
         x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0), n, eps,
         HAS_RESIDUAL=residual is not None, BLOCK_N=block, num_warps=num_warps,
-        PDL=(pdl := pdl_enabled(x.device)), launch_pdl=pdl)
+        **pdl_args(pdl_enabled(x.device)))
     return out, res_out

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_enabled, pdl_wait
+from .pdl import pdl_args, pdl_enabled, pdl_wait
 
 
 @triton.jit
@@ -59,4 +59,4 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         n_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_H=triton.next_power_of_2(n_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        PDL=(pdl := pdl_enabled(k.device)), num_warps=4, launch_pdl=pdl)
+        num_warps=4, **pdl_args(pdl_enabled(k.device)))
