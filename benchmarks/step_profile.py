@@ -7,7 +7,10 @@ under ``torch.profiler``, whose table (GPU kernels by total time, and host time)
 ``--prefill N:SIDE`` also times N image requests (distinct SIDE x SIDE JPEG data URLs, ~30 text
 tokens, W1's shape for 1:448 and W2's for 1:1024) through preparation (decode, tile, tokens) and
 their prefill steps (vision encoder and prompt), with the same kernel table. ``--trace DIR``
-writes a Chrome trace of each profiled section.
+writes a Chrome trace of each profiled section. On Hopper the decode kernels are launched with
+programmatic dependent launch: each starts while the one before drains and waits inside, so the
+table's kernel times overlap and add up to more than the step. ``VLMDEPLOY_PDL=0`` gives additive
+times (and a slightly slower step).
 
     python benchmarks/step_profile.py --preset 8b --batch 1,256 --prefill 1:448,8:1024 \
         --out step_profile.md
