@@ -7,7 +7,10 @@ residual kernels, against four ``linear_row`` calls with those fused in (attenti
 both). Every time is a median over CUDA-graph replays that rotate over enough weight copies to
 defeat the L2 cache, so each call streams its weights from HBM. Writes a markdown table.
 
-    python benchmarks/linear_row.py [--out docs/linear_row.md] [--quick]
+Part 3 (``--rows 1,4,16``) compares cuBLAS, the row kernel and the tensor-core variant at a few
+rows (small-batch decode).
+
+    python benchmarks/linear_row.py [--out docs/linear_row.md] [--quick] [--rows 1,4,16]
 """
 
 from __future__ import annotations
@@ -76,6 +79,39 @@ def sweep(quick: bool) -> list[str]:
     return lines
 
 
+DOT_CONFIGS = [(16, 256, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3),
+               (16, 512, 4, 3), (64, 256, 8, 3)]  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
+
+
+def rows(counts: list[int]) -> list[str]:
+    """A few rows (small-batch decode): cuBLAS, the row kernel (each row streams the weight) and
+    the tensor-core kernel (one weight read for all rows), plain products."""
+    lines = ["", "| shape | rows | cuBLAS µs | row kernel µs | best tensor-core config | µs |"
+             " TB/s |", "|---|---:|---:|---:|---|---:|---:|"]
+    for name, (n, k) in SHAPES.items():
+        ws = weights(n, k)
+        mb = n * k * 2 / 1e6
+        for m in counts:
+            x = torch.randn(m, k, device=DEV, dtype=DTYPE)
+            blas = graph_ms([lambda w=w, x=x: F.linear(x, w) for w in ws]) * 1e3
+            row = graph_ms([lambda w=w, x=x: linear_row_triton(x, w, pdl=False) for w in ws]) * 1e3
+            timed = []
+            for cfg in DOT_CONFIGS:
+                try:
+                    us = graph_ms([lambda w=w, x=x, c=cfg: linear_row_triton(x, w, pdl=False,
+                                                                             dot_config=c)
+                                   for w in ws]) * 1e3
+                except Exception as exc:  # registers or shared memory
+                    print(f"{name} rows {m} {cfg}: {type(exc).__name__}", flush=True)
+                    continue
+                timed.append((us, cfg))
+            best, cfg = min(timed)
+            lines.append(f"| {name} | {m} | {blas:.1f} | {row:.1f} | {cfg} | {best:.1f} |"
+                         f" {mb / best:.2f} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def layer(quick: bool) -> list[str]:
     """The four projections of a decoder layer for one token, as the engine chains them."""
     sets = []
@@ -119,11 +155,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="docs/linear_row.md")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rows", default="", help="row counts for the small-batch table, e.g. 1,4,16")
     args = ap.parse_args()
     bw, rate = measure_ceilings()
     lines = [f"# One-row linear layers ({today()})", "", f"Device: {device_line()}.",
              f"Copy ceiling {bw / 1e12:.2f} TB/s (read + write).", ""]
     lines += sweep(args.quick) + layer(args.quick)
+    if args.rows:
+        lines += rows([int(r) for r in args.rows.split(",")])
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)

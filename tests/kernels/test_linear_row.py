@@ -38,6 +38,22 @@ def test_linear_row_interpreter(m, n, k, dtype, fuse, device):
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("m,n,k", [(1, 24, 64), (3, 40, 100), (17, 16, 48)])
+@pytest.mark.parametrize("fuse", ["none", "norm+res", "silu+res"])
+def test_linear_rows_tensor_core_interpreter(m, n, k, dtype, fuse, device):
+    """The tensor-core variant (several rows per weight read) against the same reference."""
+    silu = fuse.startswith("silu")
+    x, w, nw, res = _inputs(m, n, k, dtype, device, silu=silu, seed=m)
+    kwargs = dict(norm_weight=nw if fuse.startswith("norm") else None, eps=1e-6, silu_mul=silu,
+                  residual=res if fuse.endswith("+res") else None)
+    out = linear_row_triton(x, w, dot_config=(16, 32, 4, 1), **kwargs)
+    # bf16: a sum in another order can land one rounding step (1/32 at 4..8) away before the
+    # residual add, and Triton's interpreter truncates fp32 -> bf16 instead of rounding
+    tol = dict(atol=6.25e-2, rtol=2e-2) if dtype == torch.bfloat16 else TOL[dtype]
+    torch.testing.assert_close(out, reference.linear_row(x, w, **kwargs), **tol)
+
+
 def test_linear_row_default_config_and_strided_input(device):
     x, w, nw, res = _inputs(2, 20, 48, torch.float32, device, seed=1)
     wide = torch.zeros(2, 96, device=device)
@@ -55,6 +71,8 @@ def test_linear_row_rejects_bad_shapes(device):
         linear_row_triton(x, w, norm_weight=nw, silu_mul=True)
     with pytest.raises(ValueError, match="either"):
         reference.linear_row(x, w, norm_weight=nw, silu_mul=True)
+    with pytest.raises(ValueError, match="64 rows"):
+        linear_row_triton(torch.zeros(65, 32, device=device), w, dot_config=(16, 32, 4, 1))
 
 
 @pytest.mark.gpu
@@ -71,3 +89,16 @@ def test_linear_row_gpu_model_shapes(n, k, fuse, dtype, config, device):
     out = linear_row_triton(x, w, config=config, **kwargs)
     ref = reference.linear_row(x, w, **kwargs)
     torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("n,k,fuse", [(6144, 4096, "norm"), (4096, 12288, "silu+res"),
+                                      (1000, 4000, "none")])
+def test_linear_rows_tensor_core_gpu(m, n, k, fuse, device):
+    silu = fuse.startswith("silu")
+    x, w, nw, res = _inputs(m, n, k, torch.bfloat16, device, silu=silu, seed=m)
+    kwargs = dict(norm_weight=nw if fuse == "norm" else None, eps=1e-6, silu_mul=silu,
+                  residual=res if fuse.endswith("res") else None)
+    out = linear_row_triton(x, w, dot_config=(32, 256, 4, 3), **kwargs)
+    torch.testing.assert_close(out, reference.linear_row(x, w, **kwargs), **TOL[torch.bfloat16])

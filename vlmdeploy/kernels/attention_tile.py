@@ -38,7 +38,7 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, bt_ptr, n, n_mask, kv_head, d,
 
 
 @triton.jit
-def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with fp32 accumulation; UPCAST computes it from fp32 copies of the (already rounded)
     operands, for Triton's interpreter, which multiplies bf16 bit patterns as integers.
     """
@@ -56,7 +56,7 @@ def attend_tile(q, k, v, s_mask, m_i, l_i, acc, qk_scale,
     visible to all), so the running max is finite from then on and fully masked later tiles
     contribute exactly zero.
     """
-    s = _mma(q, tl.trans(k.to(q.dtype)), PRECISION, UPCAST) * qk_scale  # (M, N) fp32
+    s = mma(q, tl.trans(k.to(q.dtype)), PRECISION, UPCAST) * qk_scale  # (M, N) fp32
     if MASKED:
         s = tl.where(s_mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -64,7 +64,7 @@ def attend_tile(q, k, v, s_mask, m_i, l_i, acc, qk_scale,
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     # probabilities in the activations' dtype for the tensor cores, accumulated in fp32
-    acc = acc * alpha[:, None] + _mma(p.to(q.dtype), v.to(q.dtype), PRECISION, UPCAST)
+    acc = acc * alpha[:, None] + mma(p.to(q.dtype), v.to(q.dtype), PRECISION, UPCAST)
     return m_new, l_i, acc
 
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_tile import dot_precision, mma
 from .pdl import pdl_args, pdl_enabled, pdl_wait
 
 # (BLOCK_N, BLOCK_K, num_warps): within 1% of the fastest for each of the 8B's four weight shapes
@@ -27,18 +28,18 @@ _CONFIG = (4, 2048, 4)
 
 
 @triton.jit
-def _input_tile(x_row, nw_ptr, kk, K, rstd, NORM: tl.constexpr, SILU: tl.constexpr):
-    """The input row's values at ``kk`` after the fused prologue, as fp32."""
-    dt = x_row.dtype.element_ty
-    k_mask = kk < K
+def _input_tile(x_base, nw_ptr, kk, mask, K, rstd, NORM: tl.constexpr, SILU: tl.constexpr):
+    """The input's values at ``x_base + kk`` (a row, or rows as a column of pointers with ``rstd``
+    a column too) after the fused prologue, as fp32; ``mask`` covers the loads."""
+    dt = x_base.dtype.element_ty
     if SILU:
-        g = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)
-        u = tl.load(x_row + K + kk, mask=k_mask, other=0.0).to(tl.float32)
+        g = tl.load(x_base + kk, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_base + K + kk, mask=mask, other=0.0).to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
         return (act * u).to(dt).to(tl.float32)
-    xv = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)
+    xv = tl.load(x_base + kk, mask=mask, other=0.0).to(tl.float32)
     if NORM:
-        nw = tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+        nw = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
         xv = ((xv * rstd).to(dt).to(tl.float32) * nw).to(dt).to(tl.float32)
     return xv
 
@@ -66,11 +67,12 @@ def _linear_row_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, N, K,
             xv = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
             ss += xv * xv
         rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-    acc = w.to(tl.float32) * _input_tile(x_row, nw_ptr, rk, K, rstd, NORM, SILU)[None, :]
+    acc = w.to(tl.float32) * _input_tile(x_row, nw_ptr, rk, rk < K, K, rstd, NORM, SILU)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + rk
         w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < K)[None, :], other=0.0)
-        acc += w.to(tl.float32) * _input_tile(x_row, nw_ptr, kk, K, rstd, NORM, SILU)[None, :]
+        acc += w.to(tl.float32) * _input_tile(x_row, nw_ptr, kk, kk < K, K, rstd, NORM,
+                                              SILU)[None, :]
     y = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty)
     if RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + rn, mask=n_mask, other=0.0)
@@ -78,16 +80,61 @@ def _linear_row_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, N, K,
     tl.store(out_ptr + row * stride_out + rn, y, mask=n_mask)
 
 
+@triton.jit
+def _linear_rows_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, M, N, K,
+                        stride_x, stride_w, stride_out, stride_res, eps,
+                        NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr,
+                        PDL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Up to BLOCK_M rows at once on the tensor cores, as ``(W @ x.T).T``: each weight tile is
+    read once for every row, and the loads feed ``tl.dot``, which Triton pipelines."""
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rm = tl.arange(0, BLOCK_M)
+    m_mask = rm < M
+    rk = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_w
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_x  # (BLOCK_M, 1)
+    dt = x_ptr.dtype.element_ty
+    pdl_wait(PDL)
+    rstd = tl.zeros([BLOCK_M, 1], tl.float32)
+    if NORM:
+        ss = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xv = tl.load(x_rows + (k0 + rk)[None, :],
+                         mask=m_mask[:, None] & (k0 + rk < K)[None, :], other=0.0).to(tl.float32)
+            ss += xv * xv
+        rstd = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < K)[None, :], other=0.0)
+        xt = _input_tile(x_rows, nw_ptr, kk[None, :], m_mask[:, None] & (kk < K)[None, :], K,
+                         rstd, NORM, SILU)  # (BLOCK_M, BLOCK_K)
+        acc += mma(w, tl.trans(xt.to(dt)), PRECISION, UPCAST)
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    y = acc.to(out_ptr.dtype.element_ty)  # (BLOCK_N, BLOCK_M): output row m is column m
+    if RESIDUAL:
+        r = tl.load(res_ptr + rm[None, :] * stride_res + rn[:, None], mask=out_mask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rm[None, :] * stride_out + rn[:, None], y, mask=out_mask)
+
+
 def linear_row_triton(x: torch.Tensor, weight: torch.Tensor,
                       norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
                       silu_mul: bool = False,
                       residual: torch.Tensor | None = None,
                       config: tuple[int, int, int] | None = None,
-                      pdl: bool | None = None) -> torch.Tensor:
+                      pdl: bool | None = None,
+                      dot_config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Triton twin of :func:`vlmdeploy.kernels.reference.linear_row`; x (M, K) or (M, 2K) with
     ``silu_mul``, weight (N, K), residual (M, N). Meant for M of one or a few rows: each row
     streams the whole weight. ``config`` overrides ``(BLOCK_N, BLOCK_K, num_warps)``; ``pdl``
-    (default: on where the GPU has it) launches it with programmatic dependent launch."""
+    (default: on where the GPU has it) launches it with programmatic dependent launch.
+    ``dot_config`` = ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` runs the tensor-core kernel
+    instead, which reads each weight tile once for up to 64 rows (benchmarked in
+    ``benchmarks/linear_row.py --rows``; the engine does not use it yet)."""
     if norm_weight is not None and silu_mul:
         raise ValueError("linear_row fuses either the RMSNorm or the SiLU-and-mul, not both")
     n, k = weight.shape
@@ -103,9 +150,22 @@ def linear_row_triton(x: torch.Tensor, weight: torch.Tensor,
     res = residual if residual is not None else out
     if res.stride(-1) != 1:
         res = res.contiguous()
-    block_n, block_k, warps = config or _CONFIG
     if pdl is None:
         pdl = pdl_enabled(x.device)
+    if dot_config is not None:
+        if m > 64:
+            raise ValueError(f"the tensor-core linear_row takes at most 64 rows, got {m}")
+        block_n, block_k, warps, stages = dot_config
+        _linear_rows_kernel[(triton.cdiv(n, block_n),)](
+            x, weight, out, res, norm_weight if norm_weight is not None else x, m, n, k,
+            x.stride(0), weight.stride(0), out.stride(0), res.stride(0), eps,
+            NORM=norm_weight is not None, SILU=silu_mul, RESIDUAL=residual is not None,
+            PRECISION=dot_precision(x.dtype), UPCAST=not x.is_cuda,
+            BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n,
+            BLOCK_K=min(block_k, max(16, triton.next_power_of_2(k))),
+            num_warps=warps, num_stages=stages, **pdl_args(pdl))
+        return out
+    block_n, block_k, warps = config or _CONFIG
     block_k = min(block_k, triton.next_power_of_2(k))
     grid = (triton.cdiv(n, block_n), m)
     _linear_row_kernel[grid](
