@@ -75,7 +75,7 @@ class Qwen3DecoderLayer(nn.Module):
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The residual stream is carried un-normed beside x so each norm can fuse the residual add.
         if x.shape[0] == 1:  # one token: the stream itself comes out, residual already added
             return self.forward_row(x if residual is None else x + residual, cos, sin), None
