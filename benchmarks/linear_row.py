@@ -47,6 +47,21 @@ def weights(n: int, k: int) -> list[torch.Tensor]:
     return [torch.randn(n, k, device=DEV, dtype=DTYPE) * 0.02 for _ in range(count)]
 
 
+def time_configs(label: str, configs: list, calls) -> list[tuple[float, tuple]]:
+    """(µs, config) for every config Triton can compile, fastest first; ``calls(config)`` gives
+    the calls one graph replay makes (one per weight copy)."""
+    timed = []
+    for cfg in configs:
+        try:
+            us = graph_ms(calls(cfg)) * 1e3
+        except Exception as exc:  # a config Triton cannot compile (registers, shared memory)
+            print(f"{label} {cfg}: {type(exc).__name__}", flush=True)
+            continue
+        timed.append((us, cfg))
+        print(f"{label} {cfg}: {us:.1f} us", flush=True)
+    return sorted(timed)
+
+
 def sweep(quick: bool) -> list[str]:
     configs = [c for c in itertools.product((2, 4, 8, 16), (512, 1024, 2048, 4096), (4, 8))
                if c[0] * c[1] <= 64 * 32 * c[2]]  # at most 64 fp32 accumulators a thread
@@ -59,18 +74,8 @@ def sweep(quick: bool) -> list[str]:
         x = torch.randn(1, k, device=DEV, dtype=DTYPE)
         mb = n * k * 2 / 1e6
         blas = graph_ms([lambda w=w, x=x: F.linear(x, w) for w in ws]) * 1e3
-        timed = []
-        for cfg in configs:
-            try:
-                us = graph_ms([lambda w=w, c=cfg, x=x: linear_row_triton(x, w, config=c,
-                                                                         pdl=False)
-                               for w in ws]) * 1e3
-            except Exception as exc:  # a config Triton cannot compile (registers, shared memory)
-                print(f"{name} {cfg}: {type(exc).__name__}", flush=True)
-                continue
-            timed.append((us, cfg))
-            print(f"{name} {cfg}: {us:.1f} us", flush=True)
-        timed.sort()
+        timed = time_configs(name, configs, lambda c, ws=ws, x=x: [
+            lambda w=w: linear_row_triton(x, w, config=c, pdl=False) for w in ws])
         (best, cfg), rest = timed[0], timed[1:4]
         others = ", ".join(f"{c} {u:.1f}" for u, c in rest)
         lines.append(f"| {name} | {n} × {k} | {mb:.1f} | {blas:.1f} | {mb / blas:.2f} | {cfg} |"
@@ -95,17 +100,9 @@ def rows(counts: list[int]) -> list[str]:
             x = torch.randn(m, k, device=DEV, dtype=DTYPE)
             blas = graph_ms([lambda w=w, x=x: F.linear(x, w) for w in ws]) * 1e3
             row = graph_ms([lambda w=w, x=x: linear_row_triton(x, w, pdl=False) for w in ws]) * 1e3
-            timed = []
-            for cfg in DOT_CONFIGS:
-                try:
-                    us = graph_ms([lambda w=w, x=x, c=cfg: linear_row_triton(x, w, pdl=False,
-                                                                             dot_config=c)
-                                   for w in ws]) * 1e3
-                except Exception as exc:  # registers or shared memory
-                    print(f"{name} rows {m} {cfg}: {type(exc).__name__}", flush=True)
-                    continue
-                timed.append((us, cfg))
-            best, cfg = min(timed)
+            timed = time_configs(f"{name} rows {m}", DOT_CONFIGS, lambda c, ws=ws, x=x: [
+                lambda w=w: linear_row_triton(x, w, pdl=False, dot_config=c) for w in ws])
+            best, cfg = timed[0]
             lines.append(f"| {name} | {m} | {blas:.1f} | {row:.1f} | {cfg} | {best:.1f} |"
                          f" {mb / best:.2f} |")
             print(lines[-1], flush=True)
