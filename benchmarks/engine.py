@@ -145,6 +145,7 @@ def run_w1(pipe, tok, ttft_runs: int = 11) -> dict:
         ttfts.append(first - t0)
         n_out = sum(n for _, n in stamps)
         tpot = (stamps[-1][0] - first) / max(1, n_out - 1)
+    gaps = [b - a for (a, n), (b, _) in zip(stamps, stamps[1:]) if n]
     return pauses.summary() | {
         "ttft_ms": statistics.median(ttfts) * 1e3,
         "ttft_min_ms": min(ttfts) * 1e3,
@@ -153,7 +154,19 @@ def run_w1(pipe, tok, ttft_runs: int = 11) -> dict:
         "ttft_parts_ms": {k: round(statistics.median(p[k] for p in parts), 2) for k in parts[0]},
         "tpot_ms": tpot * 1e3,
         "output_tokens": n_out,
-    }
+    } | token_gaps(gaps)
+
+
+def token_gaps(gaps: list[float]) -> dict:
+    """The spread of the time between streamed tokens (seconds): its median, and the time lost to
+    slow steps, those over 1.5 times the median (a host stall the GPU waited for, or a collection),
+    with their count."""
+    if not gaps:
+        return {}
+    med = statistics.median(gaps)
+    slow = [g - med for g in gaps if g > 1.5 * med]
+    return {"tpot_median_ms": med * 1e3, "slow_steps": len(slow),
+            "slow_steps_excess_ms": sum(slow) * 1e3, "slowest_step_ms": max(gaps) * 1e3}
 
 
 def ttft_parts(trace: list, t0: float, ttft: float) -> dict:

@@ -9,14 +9,22 @@ from vlmdeploy import GenerationConfig, PytorchEngineConfig, kernels, pipeline
 
 def test_mixed_steps_pass_the_leading_decode_rows(tiny_ckpts, monkeypatch):
     seen = []
-    real = kernels.paged_attention
 
-    def spy(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale, **hints):
-        q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-        seen.append((q_lens, hints.get("num_decode", 0), hints.get("max_q_len")))
-        return real(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale, **hints)
+    def spy(name: str, cu_at: int):
+        real = getattr(kernels, name)
 
-    monkeypatch.setattr(kernels, "paged_attention", spy)
+        def op(*args, **hints):
+            cu = args[cu_at]
+            seen.append(((cu[1:] - cu[:-1]).tolist(), hints.get("num_decode", 0),
+                         hints.get("max_q_len")))
+            return real(*args, **hints)
+
+        monkeypatch.setattr(kernels, name, op)
+
+    # attention over rotated q (cu_seqlens_q is argument 3), and over raw q/k/v (argument 11),
+    # which the Qwen3 layers use
+    spy("paged_attention", 3)
+    spy("paged_attention_norm_rope", 11)
     cfg = PytorchEngineConfig(session_len=2048, max_prefill_token_num=32, num_gpu_blocks=128)
     with pipeline(tiny_ckpts["hf"], backend_config=cfg) as pipe:
         pipe(["Hi", "A much longer text-only prompt " * 16],

@@ -61,3 +61,83 @@ def test_decode_gpu(B, n_q, n_kv, D, page, max_len, dtype, paged_batch):
     _check(batch, max_kv_len=max_len)
     _check(batch, num_splits=5)
     _check(batch, num_splits=64)  # more splits than most contexts have tiles: empty splits merge
+
+
+def _check_norm_rope(batch: dict, num_splits: int | None = None, skip_slot: int | None = None,
+                     weight_dtype: torch.dtype | None = None, fuse: bool | None = True) -> None:
+    """Raw q/k/v (slices of one fused projection) through the fused decode launch against the
+    reference's store-then-attend: the output and every slot of both caches (the cache is NaN
+    wherever no token was written, so a stray store shows). Each sequence's new token is its last
+    position; ``skip_slot`` gives one of them slot -1 (not stored: its cached value is read).
+    ``fuse`` True runs the fused kernel whatever the split count, None lets the launcher choose."""
+    q0, k_cache, v_cache = batch["q"], batch["k_cache"], batch["v_cache"]
+    T, n_q, D = q0.shape
+    n_kv, page, dev, dtype = k_cache.shape[2], k_cache.shape[1], q0.device, q0.dtype
+    gen = torch.Generator().manual_seed(T * 7 + n_q)
+    qkv = (torch.randn(T, (n_q + 2 * n_kv) * D, generator=gen) * 2).to(dtype).to(dev)
+    q = qkv[:, :n_q * D].view(T, n_q, D)
+    k = qkv[:, n_q * D:(n_q + n_kv) * D].view(T, n_kv, D)
+    v = qkv[:, (n_q + n_kv) * D:].view(T, n_kv, D)
+    wd = weight_dtype or dtype
+    qw = (1 + 0.3 * torch.randn(D, generator=gen)).to(wd).to(dev)
+    kw = (1 + 0.3 * torch.randn(D, generator=gen)).to(wd).to(dev)
+    cu, kv_lens, tables = batch["cu_seqlens_q"].cpu(), batch["kv_lens"].cpu(), batch["block_tables"]
+    rows = [b for b in range(len(kv_lens)) if cu[b + 1] > cu[b]]  # sequences with a new token
+    last = kv_lens[rows].long() - 1
+    slots = tables.cpu()[rows, last // page].long() * page + last % page
+    if skip_slot is not None:
+        slots[skip_slot] = -1
+    slots = slots.to(dev)
+    cos, sin = reference.rope_cos_sin(last.to(dev), D, 1e6, wd)
+    fused_caches = (k_cache.clone(), v_cache.clone())
+    args = (q, k, v, qw, kw, cos, sin, 1e-6)
+    out = decode_attention(q, *fused_caches, batch["cu_seqlens_q"], batch["kv_lens"], tables,
+                           batch["scale"], num_splits=num_splits,
+                           norm_rope=(*args[1:], slots), fuse=fuse)
+    ref = reference.paged_attention_norm_rope(*args, k_cache, v_cache, slots, batch["cu_seqlens_q"],
+                                              batch["kv_lens"], tables, batch["scale"])
+    assert out.dtype == ref.dtype
+    tol = TOL[torch.bfloat16] if torch.bfloat16 in (dtype, ref.dtype) else TOL[ref.dtype]
+    if dtype == torch.bfloat16:  # rotated values reach ~8: one bf16 step of a RoPE term is 2^-5
+        tol = dict(atol=1.25e-1, rtol=3.2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(fused_caches[0], k_cache, equal_nan=True, **tol)
+    torch.testing.assert_close(fused_caches[1], v_cache, equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_q,n_kv", [(2, 2), (6, 2), (8, 1)])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_decode_norm_rope_interpreter(n_q, n_kv, num_splits, dtype, device, paged_batch):
+    batch = paged_batch([1] * 5, [1, 37, 100, 16, 64], n_q, n_kv, 16, 16, dtype, device,
+                        seed=n_q * n_kv)
+    _check_norm_rope(batch, num_splits)
+
+
+def test_decode_norm_rope_idle_skipped_and_fp32_weights(device, paged_batch):
+    """An idle sequence (no new token) stores nothing; a slot of -1 stores nothing and attends over
+    the cached value; fp32 weights over bf16 activations rotate q to fp32, as the reference does."""
+    batch = paged_batch([1, 0, 1, 1], [45, 9, 1, 70], 4, 2, 16, 32, torch.bfloat16, device, seed=3)
+    _check_norm_rope(batch, num_splits=2, skip_slot=2)
+    _check_norm_rope(batch, weight_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("fuse", [None, False])
+def test_decode_norm_rope_launcher_choice(fuse, device, paged_batch):
+    """The separate norm-and-store launch (chosen for few splits, or forced) gives the same."""
+    batch = paged_batch([1] * 3, [5, 80, 33], 4, 2, 16, 16, torch.float16, device, seed=4)
+    _check_norm_rope(batch, fuse=fuse)
+    _check_norm_rope(batch, num_splits=8, fuse=fuse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,n_q,n_kv,D,page,max_len", GPU_CASES)
+def test_decode_norm_rope_gpu(B, n_q, n_kv, D, page, max_len, dtype, paged_batch):
+    gen = torch.Generator().manual_seed(B)
+    kv_lens = torch.randint(1, max_len + 1, (B,), generator=gen).tolist()
+    kv_lens[0] = max_len
+    batch = paged_batch([1] * B, kv_lens, n_q, n_kv, D, page, dtype, torch.device("cuda"), seed=B)
+    _check_norm_rope(batch)
+    _check_norm_rope(batch, num_splits=64, skip_slot=B - 1)
+    _check_norm_rope(batch, fuse=None)

@@ -62,5 +62,6 @@ qk_norm_rope = _dispatch("qk_norm_rope")
 qk_norm_rope_store = _dispatch("qk_norm_rope_store")
 store_kv = _dispatch("store_kv")
 paged_attention = _dispatch("paged_attention")
+paged_attention_norm_rope = _dispatch("paged_attention_norm_rope")
 linear_row = _dispatch("linear_row")
 rope_cos_sin = reference.rope_cos_sin

@@ -20,39 +20,44 @@ from .pdl import pdl_args, pdl_enabled, pdl_wait
 
 
 @triton.jit
+def norm_rope_rows(row_ptr, d, mask, w_ptr, cos_ptr, sin_ptr, eps, out_ty: tl.constexpr,
+                   ROUND_W: tl.constexpr, HALF: tl.constexpr):
+    """Heads normalised and rotated, in registers: ``row_ptr`` (R, 1) points at each head's first
+    element, ``d`` is ``arange(0, 2 * HALF)[None, :]``, ``cos_ptr``/``sin_ptr`` at the token's
+    table rows. Returns (R, 2 * HALF) in ``out_ty``. Each element's rotary partner (the other half)
+    is loaded beside it, so every output element is one expression of the reference's roundings.
+    """
+    partner = (d + HALF) % (2 * HALF)
+    x = tl.load(row_ptr + d, mask=mask, other=0.0)
+    xp = tl.load(row_ptr + partner, mask=mask, other=0.0)
+    xf, xpf = x.to(tl.float32), xp.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / (2 * HALF) + eps)[:, None]
+    y = (xf * rstd).to(x.dtype).to(tl.float32) * tl.load(w_ptr + d).to(tl.float32)
+    yp = (xpf * rstd).to(x.dtype).to(tl.float32) * tl.load(w_ptr + partner).to(tl.float32)
+    if ROUND_W:  # weight in the activations' dtype: the reference rounds the product to it
+        y = y.to(x.dtype).to(tl.float32)
+        yp = yp.to(x.dtype).to(tl.float32)
+    # rotate_half(y) = (-y2, y1); each product and the sum rounded like the reference's tensor ops
+    rot = tl.where(d < HALF, -yp, yp)
+    c = tl.load(cos_ptr + d).to(tl.float32)
+    s = tl.load(sin_ptr + d).to(tl.float32)
+    return ((y * c).to(out_ty).to(tl.float32) + (rot * s).to(out_ty).to(tl.float32)).to(out_ty)
+
+
+@triton.jit
 def _norm_rope_heads(x_ptr, w_ptr, cos_ptr, sin_ptr, dst_ptr, stride_dh, t, stride_xt, stride_xh,
                      stride_ct, n_heads, eps, ROUND_W: tl.constexpr, HALF: tl.constexpr,
                      BLOCK_H: tl.constexpr):
     """Normalise and rotate the n_heads heads of token t into ``dst_ptr`` (head h at
-    ``h * stride_dh``); each head is split in its two rotary halves.
-    """
-    heads = tl.arange(0, BLOCK_H)
-    j = tl.arange(0, HALF)
-    mask = (heads < n_heads)[:, None]
-    src = x_ptr + t * stride_xt + heads[:, None] * stride_xh + j[None, :]  # (BLOCK_H, HALF)
-    x1 = tl.load(src, mask=mask, other=0.0)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0)
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    ms = (tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / (2 * HALF)
-    rstd = tl.rsqrt(ms + eps)[:, None]
-    w1 = tl.load(w_ptr + j).to(tl.float32)[None, :]
-    w2 = tl.load(w_ptr + HALF + j).to(tl.float32)[None, :]
-    y1 = (x1f * rstd).to(x1.dtype).to(tl.float32) * w1
-    y2 = (x2f * rstd).to(x1.dtype).to(tl.float32) * w2
-    if ROUND_W:  # weight in the activations' dtype: the reference rounds the product to it
-        y1 = y1.to(x1.dtype).to(tl.float32)
-        y2 = y2.to(x1.dtype).to(tl.float32)
+    ``h * stride_dh``)."""
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, 2 * HALF)[None, :]
+    mask = heads < n_heads
     out_ty = dst_ptr.dtype.element_ty
-    c1 = tl.load(cos_ptr + t * stride_ct + j).to(tl.float32)[None, :]
-    c2 = tl.load(cos_ptr + t * stride_ct + HALF + j).to(tl.float32)[None, :]
-    s1 = tl.load(sin_ptr + t * stride_ct + j).to(tl.float32)[None, :]
-    s2 = tl.load(sin_ptr + t * stride_ct + HALF + j).to(tl.float32)[None, :]
-    # rotate_half(y) = (-y2, y1); each product and the sum rounded like the reference's tensor ops
-    o1 = (y1 * c1).to(out_ty).to(tl.float32) + (-y2 * s1).to(out_ty).to(tl.float32)
-    o2 = (y2 * c2).to(out_ty).to(tl.float32) + (y1 * s2).to(out_ty).to(tl.float32)
-    dst = dst_ptr + heads[:, None] * stride_dh + j[None, :]
-    tl.store(dst, o1.to(out_ty), mask=mask)
-    tl.store(dst + HALF, o2.to(out_ty), mask=mask)
+    o = norm_rope_rows(x_ptr + t * stride_xt + heads * stride_xh, d, mask, w_ptr,
+                       cos_ptr + t * stride_ct, sin_ptr + t * stride_ct, eps, out_ty, ROUND_W,
+                       HALF)
+    tl.store(dst_ptr + heads * stride_dh + d, o, mask=mask)
 
 
 @triton.jit
@@ -89,7 +94,7 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, 
                          HALF, BLOCK_HK)
 
 
-def _heads_view(x: torch.Tensor) -> torch.Tensor:
+def heads_view(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -99,10 +104,10 @@ def _launch(q, k, v, q_weight, k_weight, cos, sin, eps, q_out, k_out, k_cache, v
     n_kv = k.shape[1]
     if D & (D - 1) or D < 4:
         raise ValueError(f"qk_norm_rope: head_dim must be a power of two >= 4, got {D}")
-    q, k = _heads_view(q), _heads_view(k)
+    q, k = heads_view(q), heads_view(k)
     store = k_cache is not None
     if store:
-        v = _heads_view(v)
+        v = heads_view(v)
         if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
             raise ValueError("qk_norm_rope: the caches' head dimension must be contiguous")
         slot_mapping = slot_mapping.contiguous()
@@ -122,7 +127,7 @@ def _launch(q, k, v, q_weight, k_weight, cos, sin, eps, q_out, k_out, k_cache, v
         num_warps=4 if block_hq * D <= 2048 else 8)  # ~16 values per thread per live tile
 
 
-def _out_dtype(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
+def rope_out_dtype(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> torch.dtype:
     rope_dtype = cos.dtype if sin.dtype == cos.dtype else torch.promote_types(cos.dtype, sin.dtype)
     return torch.promote_types(torch.promote_types(x.dtype, weight.dtype), rope_dtype)
@@ -133,8 +138,9 @@ def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`vlmdeploy.kernels.reference.qk_norm_rope`."""
     T, n_q, D = q.shape
-    q_out = torch.empty(T, n_q, D, dtype=_out_dtype(q, q_weight, cos, sin), device=q.device)
-    k_out = torch.empty(T, k.shape[1], D, dtype=_out_dtype(k, k_weight, cos, sin), device=k.device)
+    q_out = torch.empty(T, n_q, D, dtype=rope_out_dtype(q, q_weight, cos, sin), device=q.device)
+    k_dtype = rope_out_dtype(k, k_weight, cos, sin)
+    k_out = torch.empty(T, k.shape[1], D, dtype=k_dtype, device=k.device)
     if T:
         _launch(q, k, None, q_weight, k_weight, cos, sin, eps, q_out, k_out, None, None, None)
     return q_out, k_out
@@ -147,7 +153,7 @@ def qk_norm_rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Triton twin of :func:`vlmdeploy.kernels.reference.qk_norm_rope_store`: the rotated k and v
     are written into the caches by the same program, not returned."""
     T, n_q, D = q.shape
-    q_out = torch.empty(T, n_q, D, dtype=_out_dtype(q, q_weight, cos, sin), device=q.device)
+    q_out = torch.empty(T, n_q, D, dtype=rope_out_dtype(q, q_weight, cos, sin), device=q.device)
     if T:
         _launch(q, k, v, q_weight, k_weight, cos, sin, eps, q_out, q_out, k_cache, v_cache,
                 slot_mapping)

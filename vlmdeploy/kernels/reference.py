@@ -172,3 +172,32 @@ def paged_attention(
         o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
         out[s:e] = o.transpose(0, 1)
     return out
+
+
+def paged_attention_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    max_q_len: int | None = None,
+    max_kv_len: int | None = None,
+    num_decode: int = 0,
+) -> torch.Tensor:
+    """Attention of raw projections q/k/v: :func:`qk_norm_rope_store` (normalise and rotate q and
+    k, store k and v), then :func:`paged_attention` of the rotated q."""
+    q = qk_norm_rope_store(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache,
+                           slot_mapping)
+    return paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
+                           max_q_len, max_kv_len, num_decode)
+

@@ -50,6 +50,24 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+def paged_attention_norm_rope_triton(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache,
+                                    slot_mapping, cu_seqlens_q, kv_lens, block_tables, scale,
+                                    max_q_len=None, max_kv_len=None, num_decode=0):
+    """Triton twin of :func:`vlmdeploy.kernels.reference.paged_attention_norm_rope`. A pure decode
+    batch goes to the decode kernel with the raw q/k/v (it may normalise, rotate and store them in
+    the same launch); other batches store first, then attend."""
+    if max_q_len is None and q.shape[0] > 0:
+        max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+    if max_q_len == 1:
+        return decode_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
+                                max_kv_len=max_kv_len,
+                                norm_rope=(k, v, q_weight, k_weight, cos, sin, eps, slot_mapping))
+    q = qk_norm_rope_store_triton(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache,
+                                  slot_mapping)
+    return paged_attention_triton(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
+                                  max_q_len, max_kv_len, num_decode)
+
+
 _TRITON.update(
     rms_norm=rms_norm_triton,
     silu_and_mul=silu_and_mul_triton,
@@ -57,5 +75,6 @@ _TRITON.update(
     qk_norm_rope_store=qk_norm_rope_store_triton,
     store_kv=store_kv_triton,
     paged_attention=paged_attention_triton,
+    paged_attention_norm_rope=paged_attention_norm_rope_triton,
     linear_row=linear_row_triton,
 )

@@ -68,25 +68,17 @@ class PagedAttention(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norm_rope: tuple | None = None
     ) -> torch.Tensor:
-        """With ``norm_rope`` = ``(q_weight, k_weight, cos, sin, eps)``, q and k are first
-        normalised per head and rotated (:func:`kernels.qk_norm_rope`) by the launch that also
-        stores k and v."""
+        """With ``norm_rope`` = ``(q_weight, k_weight, cos, sin, eps)``, q and k are raw
+        projections, normalised per head and rotated (:func:`kernels.qk_norm_rope`) in the same
+        launches that store k and v (and, for a decode batch, attend)."""
         meta = current_metadata()
-        if norm_rope is None:
-            kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        else:
-            q = kernels.qk_norm_rope_store(
-                q, k, v, *norm_rope, self.k_cache, self.v_cache, meta.slot_mapping
-            )
-        return kernels.paged_attention(
-            q,
-            self.k_cache,
-            self.v_cache,
-            meta.cu_seqlens_q,
-            meta.kv_lens,
-            meta.block_tables,
-            self.scale,
-            max_q_len=meta.max_q_len,
-            max_kv_len=meta.max_kv_len,
-            num_decode=meta.num_decode,
+        layout = (meta.cu_seqlens_q, meta.kv_lens, meta.block_tables, self.scale)
+        hints = dict(
+            max_q_len=meta.max_q_len, max_kv_len=meta.max_kv_len, num_decode=meta.num_decode
         )
+        if norm_rope is not None:
+            return kernels.paged_attention_norm_rope(
+                q, k, v, *norm_rope, self.k_cache, self.v_cache, meta.slot_mapping, *layout, **hints
+            )
+        kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return kernels.paged_attention(q, self.k_cache, self.v_cache, *layout, **hints)
