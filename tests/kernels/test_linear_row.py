@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from vlmdeploy.kernels import reference  # noqa: E402
-from vlmdeploy.kernels.linear_row_kernel import linear_row_triton  # noqa: E402
+from vlmdeploy.kernels.linear_row_kernel import dot_config, linear_row_triton  # noqa: E402
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
        torch.float16: dict(atol=2e-3, rtol=2e-3)}
@@ -102,3 +102,33 @@ def test_linear_rows_tensor_core_gpu(m, n, k, fuse, device):
                   residual=res if fuse.endswith("res") else None)
     out = linear_row_triton(x, w, dot_config=(32, 256, 4, 3), **kwargs)
     torch.testing.assert_close(out, reference.linear_row(x, w, **kwargs), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("n,want", [(6144, (32, 256, 4, 3)), (4096, (16, 512, 4, 3)),
+                                    (24576, (64, 128, 4, 3))])
+def test_dot_config_picks_the_measured_fastest(n, want):
+    """On an H100 (132 multiprocessors) the rule gives the fastest config measured at 2-16 rows for
+    the 8B's qkv, o_proj / down and gate_up (docs/benchmarks.md)."""
+    assert dot_config(n, 132) == want
+
+
+def test_several_rows_take_the_tensor_core_kernel(device, monkeypatch):
+    """Without a config, more than one row runs the tensor-core kernel (after a separate RMSNorm
+    launch) and one row the row kernel."""
+    from vlmdeploy.kernels import linear_row_kernel as mod
+
+    launched = []
+    for name in ("_linear_row_kernel", "_linear_rows_kernel"):
+        kernel = getattr(mod, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, kernel=kernel):
+                launched.append(name)
+                return kernel[grid]
+
+        monkeypatch.setattr(mod, name, Spy())
+    x, w, nw, res = _inputs(3, 40, 64, torch.float32, device)
+    torch.testing.assert_close(linear_row_triton(x, w, nw, residual=res),
+                               reference.linear_row(x, w, nw, residual=res), **TOL[torch.float32])
+    linear_row_triton(x[:1], w)
+    assert launched == ["_linear_rows_kernel", "_linear_row_kernel"]

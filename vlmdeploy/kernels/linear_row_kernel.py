@@ -11,9 +11,15 @@ RMSNorm, the SiLU-and-mul and the residual add that would otherwise run between 
 Every rounding of the unfused path is reproduced (the normalised row and the SiLU result in the
 activations' dtype, the product rounded before the residual add), so only the order of the fp32
 sums differs.
+
+From two rows (small-batch decode) a tensor-core kernel reads each weight tile once for all rows;
+there the RMSNorm or SiLU-and-mul runs once beforehand, since each of its programs would otherwise
+redo it for the whole input (measured: a batch-2 step 10.0 ms against 6.5 through cuBLAS).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -21,16 +27,35 @@ import triton.language as tl
 
 from .attention_tile import dot_precision, mma
 from .pdl import pdl_args, pdl_enabled, pdl_wait
+from .rms_norm_kernel import rms_norm_triton
+from .silu_and_mul_kernel import silu_and_mul_triton
 
 # (BLOCK_N, BLOCK_K, num_warps): within 1% of the fastest for each of the 8B's four weight shapes
 # on an H100 (benchmarks/linear_row.py, docs/linear_row.md)
 _CONFIG = (4, 2048, 4)
+MAX_DOT_ROWS = 64  # the tensor-core kernel's limit on rows
+
+
+def dot_config(n: int, sms: int) -> tuple[int, int, int, int]:
+    """The tensor-core kernel's (BLOCK_N, BLOCK_K, num_warps, num_stages) for n output features on
+    a GPU with ``sms`` multiprocessors: the widest block that still gives about 1.4 programs per
+    multiprocessor, over 8,192-element weight tiles. On an H100 this is the fastest measured config
+    for each of the 8B's four shapes at 2 to 16 rows (benchmarks/linear_row.py --rows)."""
+    block_n = next((b for b in (64, 32) if n // b >= 1.4 * sms), 16)
+    return block_n, 8192 // block_n, 4, 3
+
+
+@functools.lru_cache(maxsize=64)
+def dot_config_for(n: int, device: torch.device) -> tuple[int, int, int, int]:
+    cuda = device.type == "cuda"
+    return dot_config(n, torch.cuda.get_device_properties(device).multi_processor_count
+                      if cuda else 4)
 
 
 @triton.jit
 def _input_tile(x_base, nw_ptr, kk, mask, K, rstd, NORM: tl.constexpr, SILU: tl.constexpr):
-    """The input's values at ``x_base + kk`` (a row, or rows as a column of pointers with ``rstd``
-    a column too) after the fused prologue, as fp32; ``mask`` covers the loads."""
+    """The input row's values at ``x_base + kk`` after the fused prologue, as fp32; ``mask``
+    covers the loads."""
     dt = x_base.dtype.element_ty
     if SILU:
         g = tl.load(x_base + kk, mask=mask, other=0.0).to(tl.float32)
@@ -81,11 +106,11 @@ def _linear_row_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, N, K,
 
 
 @triton.jit
-def _linear_rows_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, M, N, K,
-                        stride_x, stride_w, stride_out, stride_res, eps,
-                        NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr,
-                        PDL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _linear_rows_kernel(x_ptr, w_ptr, out_ptr, res_ptr, M, N, K,
+                        stride_x, stride_w, stride_out, stride_res,
+                        RESIDUAL: tl.constexpr, PDL: tl.constexpr, PRECISION: tl.constexpr,
+                        UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
     """Up to BLOCK_M rows at once on the tensor cores, as ``(W @ x.T).T``: each weight tile is
     read once for every row, and the loads feed ``tl.dot``, which Triton pipelines."""
     pid = tl.program_id(0)
@@ -96,23 +121,13 @@ def _linear_rows_kernel(x_ptr, w_ptr, out_ptr, res_ptr, nw_ptr, M, N, K,
     rk = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_w
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_x  # (BLOCK_M, 1)
-    dt = x_ptr.dtype.element_ty
     pdl_wait(PDL)
-    rstd = tl.zeros([BLOCK_M, 1], tl.float32)
-    if NORM:
-        ss = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            xv = tl.load(x_rows + (k0 + rk)[None, :],
-                         mask=m_mask[:, None] & (k0 + rk < K)[None, :], other=0.0).to(tl.float32)
-            ss += xv * xv
-        rstd = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < K)[None, :], other=0.0)
-        xt = _input_tile(x_rows, nw_ptr, kk[None, :], m_mask[:, None] & (kk < K)[None, :], K,
-                         rstd, NORM, SILU)  # (BLOCK_M, BLOCK_K)
-        acc += mma(w, tl.trans(xt.to(dt)), PRECISION, UPCAST)
+        xt = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+        acc += mma(w, tl.trans(xt), PRECISION, UPCAST)
     out_mask = n_mask[:, None] & m_mask[None, :]
     y = acc.to(out_ptr.dtype.element_ty)  # (BLOCK_N, BLOCK_M): output row m is column m
     if RESIDUAL:
@@ -132,9 +147,10 @@ def linear_row_triton(x: torch.Tensor, weight: torch.Tensor,
     ``silu_mul``, weight (N, K), residual (M, N). Meant for M of one or a few rows: each row
     streams the whole weight. ``config`` overrides ``(BLOCK_N, BLOCK_K, num_warps)``; ``pdl``
     (default: on where the GPU has it) launches it with programmatic dependent launch.
-    ``dot_config`` = ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` runs the tensor-core kernel
-    instead, which reads each weight tile once for up to 64 rows (benchmarked in
-    ``benchmarks/linear_row.py --rows``; the engine does not use it yet)."""
+    Two rows or more (up to ``MAX_DOT_ROWS``) run the tensor-core kernel, which reads each weight
+    tile once for all rows, with :func:`dot_config` unless ``dot_config`` =
+    ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` is given. Its RMSNorm or SiLU-and-mul runs once,
+    as a launch of its own: fused, every program would redo it for the whole input."""
     if norm_weight is not None and silu_mul:
         raise ValueError("linear_row fuses either the RMSNorm or the SiLU-and-mul, not both")
     n, k = weight.shape
@@ -152,14 +168,20 @@ def linear_row_triton(x: torch.Tensor, weight: torch.Tensor,
         res = res.contiguous()
     if pdl is None:
         pdl = pdl_enabled(x.device)
+    if dot_config is None and m > 1 and config is None:
+        dot_config = dot_config_for(n, x.device)
     if dot_config is not None:
-        if m > 64:
-            raise ValueError(f"the tensor-core linear_row takes at most 64 rows, got {m}")
+        if m > MAX_DOT_ROWS:
+            raise ValueError(f"the tensor-core linear_row takes at most {MAX_DOT_ROWS} rows, "
+                             f"got {m}")
+        if norm_weight is not None:
+            x = rms_norm_triton(x, norm_weight, eps)[0]
+        elif silu_mul:
+            x = silu_and_mul_triton(x)
         block_n, block_k, warps, stages = dot_config
         _linear_rows_kernel[(triton.cdiv(n, block_n),)](
-            x, weight, out, res, norm_weight if norm_weight is not None else x, m, n, k,
-            x.stride(0), weight.stride(0), out.stride(0), res.stride(0), eps,
-            NORM=norm_weight is not None, SILU=silu_mul, RESIDUAL=residual is not None,
+            x, weight, out, res, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+            res.stride(0), RESIDUAL=residual is not None,
             PRECISION=dot_precision(x.dtype), UPCAST=not x.is_cuda,
             BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n,
             BLOCK_K=min(block_k, max(16, triton.next_power_of_2(k))),

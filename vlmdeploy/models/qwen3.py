@@ -2,9 +2,9 @@
 
 Per layer: ``h = x + o_proj(attn(rope(qk_norm(q, k)), v))``; ``out = h + down(silu(gate) * up)``,
 both halves pre-normed with RMSNorm. q/k/v and gate/up are fused projections; the loader fills their
-row blocks. A batch of one token (batch-1 decode) takes :meth:`Qwen3DecoderLayer.forward_row`, where
-each projection is one ``linear_row`` launch with the norm, the SiLU-and-mul or the residual add
-around it fused in.
+row blocks. A batch of at most ``ROW_PATH_TOKENS`` tokens (small-batch decode) takes
+:meth:`Qwen3DecoderLayer.forward_row`, where each projection is one ``linear_row`` with the norm,
+the SiLU-and-mul or the residual add around it fused in.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from vlmdeploy import kernels
 from vlmdeploy.config import TextConfig
 from vlmdeploy.layers.attention import PagedAttention
 from vlmdeploy.layers.norm import RMSNorm
+
+# Token counts up to this take the one-row path (linear_row: a matrix-vector kernel at one row, a
+# tensor-core kernel above); measured against cuBLAS on an H100 in docs/benchmarks.md.
+ROW_PATH_TOKENS = 16
 
 
 class Qwen3Attention(nn.Module):
@@ -77,7 +81,7 @@ class Qwen3DecoderLayer(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The residual stream is carried un-normed beside x so each norm can fuse the residual add.
-        if x.shape[0] == 1:  # one token: the stream itself comes out, residual already added
+        if x.shape[0] <= ROW_PATH_TOKENS:  # the stream itself comes out, residual already added
             return self.forward_row(x if residual is None else x + residual, cos, sin), None
         if residual is None:
             residual, x = x, self.input_layernorm(x)
@@ -88,10 +92,10 @@ class Qwen3DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
     def forward_row(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """One token (a batch-1 decode step), h the residual stream (1, H). Every projection is one
-        :func:`kernels.linear_row` with the RMSNorm before it, the SiLU-and-mul before ``down`` or
-        the residual add after it fused in: the weight reads bound this step, and the small ops
-        between the GEMMs would otherwise each cost a launch."""
+        """A few tokens (a small-batch decode step), h the residual stream (T, H). Every
+        projection is one :func:`kernels.linear_row` with the RMSNorm before it, the SiLU-and-mul
+        before ``down`` or the residual add after it: the weight reads bound this step, and the
+        small ops between the GEMMs would otherwise each cost a launch."""
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv = kernels.linear_row(h, attn.qkv_proj.weight, norm1.weight, norm1.eps)
