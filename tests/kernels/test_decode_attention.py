@@ -50,14 +50,20 @@ GPU_CASES = [  # (batch, n_q, n_kv, head_dim, page, longest context)
 ]
 
 
+def random_decode_batch(B, n_q, n_kv, D, page, max_len, dtype, device, paged_batch) -> dict:
+    """B one-token sequences of random context lengths, the first one max_len long."""
+    gen = torch.Generator().manual_seed(B)
+    kv_lens = torch.randint(1, max_len + 1, (B,), generator=gen).tolist()
+    kv_lens[0] = max_len
+    return paged_batch([1] * B, kv_lens, n_q, n_kv, D, page, dtype, device, seed=B)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,n_q,n_kv,D,page,max_len", GPU_CASES)
 def test_decode_gpu(B, n_q, n_kv, D, page, max_len, dtype, paged_batch):
-    gen = torch.Generator().manual_seed(B)
-    kv_lens = torch.randint(1, max_len + 1, (B,), generator=gen).tolist()
-    kv_lens[0] = max_len
-    batch = paged_batch([1] * B, kv_lens, n_q, n_kv, D, page, dtype, torch.device("cuda"), seed=B)
+    batch = random_decode_batch(B, n_q, n_kv, D, page, max_len, dtype, torch.device("cuda"),
+                                paged_batch)
     _check(batch, max_kv_len=max_len)
     _check(batch, num_splits=5)
     _check(batch, num_splits=64)  # more splits than most contexts have tiles: empty splits merge
@@ -134,10 +140,8 @@ def test_decode_norm_rope_launcher_choice(fuse, device, paged_batch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,n_q,n_kv,D,page,max_len", GPU_CASES)
 def test_decode_norm_rope_gpu(B, n_q, n_kv, D, page, max_len, dtype, paged_batch):
-    gen = torch.Generator().manual_seed(B)
-    kv_lens = torch.randint(1, max_len + 1, (B,), generator=gen).tolist()
-    kv_lens[0] = max_len
-    batch = paged_batch([1] * B, kv_lens, n_q, n_kv, D, page, dtype, torch.device("cuda"), seed=B)
+    batch = random_decode_batch(B, n_q, n_kv, D, page, max_len, dtype, torch.device("cuda"),
+                                paged_batch)
     _check_norm_rope(batch)
     _check_norm_rope(batch, num_splits=64, skip_slot=B - 1)
     _check_norm_rope(batch, fuse=None)
