@@ -33,7 +33,7 @@ from benchmarks.kernels import (  # noqa: E402
     today,
 )
 from vlmdeploy.kernels import reference  # noqa: E402
-from vlmdeploy.kernels.linear_row_kernel import linear_row_triton  # noqa: E402
+from vlmdeploy.kernels.linear_row_kernel import ROW_CONFIG, linear_row_triton  # noqa: E402
 from vlmdeploy.kernels.triton_ops import rms_norm_triton, silu_and_mul_triton  # noqa: E402
 
 HIDDEN, INTER, QKV = 4096, 12288, 6144
@@ -99,7 +99,8 @@ def rows(counts: list[int]) -> list[str]:
         for m in counts:
             x = torch.randn(m, k, device=DEV, dtype=DTYPE)
             blas = graph_ms([lambda w=w, x=x: F.linear(x, w) for w in ws]) * 1e3
-            row = graph_ms([lambda w=w, x=x: linear_row_triton(x, w, pdl=False) for w in ws]) * 1e3
+            row = graph_ms([lambda w=w, x=x: linear_row_triton(x, w, config=ROW_CONFIG, pdl=False)
+                            for w in ws]) * 1e3  # a config forces the row kernel at any row count
             timed = time_configs(f"{name} rows {m}", DOT_CONFIGS, lambda c, ws=ws, x=x: [
                 lambda w=w: linear_row_triton(x, w, pdl=False, dot_config=c) for w in ws])
             best, cfg = timed[0]

@@ -32,7 +32,7 @@ from .silu_and_mul_kernel import silu_and_mul_triton
 
 # (BLOCK_N, BLOCK_K, num_warps): within 1% of the fastest for each of the 8B's four weight shapes
 # on an H100 (benchmarks/linear_row.py, docs/linear_row.md)
-_CONFIG = (4, 2048, 4)
+ROW_CONFIG = (4, 2048, 4)
 MAX_DOT_ROWS = 64  # the tensor-core kernel's limit on rows
 
 
@@ -144,8 +144,9 @@ def linear_row_triton(x: torch.Tensor, weight: torch.Tensor,
                       pdl: bool | None = None,
                       dot_config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Triton twin of :func:`vlmdeploy.kernels.reference.linear_row`; x (M, K) or (M, 2K) with
-    ``silu_mul``, weight (N, K), residual (M, N). Meant for M of one or a few rows: each row
-    streams the whole weight. ``config`` overrides ``(BLOCK_N, BLOCK_K, num_warps)``; ``pdl``
+    ``silu_mul``, weight (N, K), residual (M, N). Meant for M of one or a few rows. ``config``
+    = ``(BLOCK_N, BLOCK_K, num_warps)`` runs the row kernel (each row streams the whole weight),
+    the default at one row, whatever M is; ``pdl``
     (default: on where the GPU has it) launches it with programmatic dependent launch.
     Two rows or more (up to ``MAX_DOT_ROWS``) run the tensor-core kernel, which reads each weight
     tile once for all rows, with :func:`dot_config` unless ``dot_config`` =
@@ -187,7 +188,7 @@ def linear_row_triton(x: torch.Tensor, weight: torch.Tensor,
             BLOCK_K=min(block_k, max(16, triton.next_power_of_2(k))),
             num_warps=warps, num_stages=stages, **pdl_args(pdl))
         return out
-    block_n, block_k, warps = config or _CONFIG
+    block_n, block_k, warps = config or ROW_CONFIG
     block_k = min(block_k, triton.next_power_of_2(k))
     grid = (triton.cdiv(n, block_n), m)
     _linear_row_kernel[grid](
