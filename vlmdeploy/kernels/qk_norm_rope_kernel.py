@@ -2,12 +2,13 @@
 
 Same contract as :func:`vlmdeploy.kernels.reference.qk_norm_rope`: q (T, Hq, D) and k (T, Hkv, D),
 weights (D,), cos/sin (T, D). One program normalises and rotates every head of one token of q or of
-k, so each input element is read once and each output written once. q and k may be strided views
-(e.g. slices of a fused qkv projection) as long as the head dimension is contiguous; the outputs are
-new contiguous tensors. The reference's roundings (normalised head in the input dtype, product with
-the weight, each RoPE term and their sum) are written out: the normalisation matches the reference
-bit for bit, but on an H100 the compiled RoPE step differs by one bf16 step in about a fifth of the
-elements (relative error 2e-3; likely a product contracted into the following add).
+k, so each output is written once (each input element is read twice, beside its rotary partner).
+q and k may be strided views (e.g. slices of a fused qkv projection) as long as the head dimension
+is contiguous; the outputs are new contiguous tensors. The reference's roundings (normalised head in
+the input dtype, product with the weight, each RoPE term and their sum) are written out; on an H100
+the compiled RoPE step differs by one bf16 step in about a fifth of the elements (relative error
+2e-3; likely a product contracted into the following add). :func:`norm_rope_rows` is the same
+computation in registers, which the decode attention kernel uses too.
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def _launch(q, k, v, q_weight, k_weight, cos, sin, eps, q_out, k_out, k_cache, v
 
 
 def rope_out_dtype(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> torch.dtype:
+                   sin: torch.Tensor) -> torch.dtype:
+    """The dtype :func:`vlmdeploy.kernels.reference.qk_norm_rope` gives x's heads."""
     rope_dtype = cos.dtype if sin.dtype == cos.dtype else torch.promote_types(cos.dtype, sin.dtype)
     return torch.promote_types(torch.promote_types(x.dtype, weight.dtype), rope_dtype)
 
