@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from vlmdeploy.kernels import reference  # noqa: E402
-from vlmdeploy.kernels.linear_row_kernel import dot_config, linear_row_triton  # noqa: E402
+from vlmdeploy.kernels.linear_row_kernel import choose_dot_config, linear_row_triton  # noqa: E402
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
        torch.float16: dict(atol=2e-3, rtol=2e-3)}
@@ -109,7 +109,7 @@ def test_linear_rows_tensor_core_gpu(m, n, k, fuse, device):
 def test_dot_config_picks_the_measured_fastest(n, want):
     """On an H100 (132 multiprocessors) the rule gives the fastest config measured at 2-16 rows for
     the 8B's qkv, o_proj / down and gate_up (docs/benchmarks.md)."""
-    assert dot_config(n, 132) == want
+    assert choose_dot_config(n, 132) == want
 
 
 def test_several_rows_take_the_tensor_core_kernel(device, monkeypatch):

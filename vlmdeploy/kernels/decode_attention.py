@@ -16,13 +16,12 @@ still spreads a short context over all splits.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from .attention_tile import LOG2E, attend_tile, dot_precision, load_kv_tile
+from .device import multiprocessors
 from .pdl import pdl_args, pdl_enabled, pdl_wait
 from .qk_norm_rope_kernel import (
     heads_view,
@@ -148,18 +147,11 @@ def _merge_splits_kernel(part_o_ptr, part_lse_ptr, cu_q_ptr, out_ptr, n_q_heads,
     tl.store(out_ptr + t * stride_ot + head * stride_oh + d, merged.to(out_ptr.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=8)
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few splits keep the split-K path exercised
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def choose_num_splits(num_programs: int, max_kv_len: int, device: torch.device) -> int:
     """Enough splits to give every multiprocessor _TARGET_WAVES programs, never below 128 tokens
     each.
     """
-    target = _TARGET_WAVES * _multiprocessors(device)
+    target = _TARGET_WAVES * multiprocessors(device)
     if num_programs >= target:
         return 1
     by_work = triton.cdiv(target, num_programs)

@@ -19,13 +19,12 @@ redo it for the whole input (measured: a batch-2 step 10.0 ms against 6.5 throug
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from .attention_tile import dot_precision, mma
+from .device import multiprocessors
 from .pdl import pdl_args, pdl_enabled, pdl_wait
 from .rms_norm_kernel import rms_norm_triton
 from .silu_and_mul_kernel import silu_and_mul_triton
@@ -36,7 +35,7 @@ ROW_CONFIG = (4, 2048, 4)
 MAX_DOT_ROWS = 64  # the tensor-core kernel's limit on rows
 
 
-def dot_config(n: int, sms: int) -> tuple[int, int, int, int]:
+def choose_dot_config(n: int, sms: int) -> tuple[int, int, int, int]:
     """The tensor-core kernel's (BLOCK_N, BLOCK_K, num_warps, num_stages) for n output features on
     a GPU with ``sms`` multiprocessors: the widest block that still gives about 1.4 programs per
     multiprocessor, over 8,192-element weight tiles. On an H100 this is the fastest measured config
@@ -45,11 +44,6 @@ def dot_config(n: int, sms: int) -> tuple[int, int, int, int]:
     return block_n, 8192 // block_n, 4, 3
 
 
-@functools.lru_cache(maxsize=64)
-def dot_config_for(n: int, device: torch.device) -> tuple[int, int, int, int]:
-    cuda = device.type == "cuda"
-    return dot_config(n, torch.cuda.get_device_properties(device).multi_processor_count
-                      if cuda else 4)
 
 
 @triton.jit
@@ -149,7 +143,7 @@ def linear_row_triton(x: torch.Tensor, weight: torch.Tensor,
     the default at one row, whatever M is; ``pdl``
     (default: on where the GPU has it) launches it with programmatic dependent launch.
     Two rows or more (up to ``MAX_DOT_ROWS``) run the tensor-core kernel, which reads each weight
-    tile once for all rows, with :func:`dot_config` unless ``dot_config`` =
+    tile once for all rows, with :func:`choose_dot_config` unless ``dot_config`` =
     ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` is given. Its RMSNorm or SiLU-and-mul runs once,
     as a launch of its own: fused, every program would redo it for the whole input."""
     if norm_weight is not None and silu_mul:
@@ -170,7 +164,7 @@ def linear_row_triton(x: torch.Tensor, weight: torch.Tensor,
     if pdl is None:
         pdl = pdl_enabled(x.device)
     if dot_config is None and m > 1 and config is None:
-        dot_config = dot_config_for(n, x.device)
+        dot_config = choose_dot_config(n, multiprocessors(x.device))
     if dot_config is not None:
         if m > MAX_DOT_ROWS:
             raise ValueError(f"the tensor-core linear_row takes at most {MAX_DOT_ROWS} rows, "
