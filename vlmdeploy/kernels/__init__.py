@@ -57,6 +57,7 @@ def _dispatch(name: str) -> Callable:
 
 
 rms_norm = _dispatch("rms_norm")
+scaled_add_norm = _dispatch("scaled_add_norm")
 silu_and_mul = _dispatch("silu_and_mul")
 qk_norm_rope = _dispatch("qk_norm_rope")
 qk_norm_rope_store = _dispatch("qk_norm_rope_store")

@@ -30,6 +30,24 @@ def rms_norm(
     return weight * xf.to(x.dtype), residual
 
 
+def scaled_add_norm(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual update with a layer scale, then the next norm: ``h = x + y * scale`` (one
+    rounding, as ``torch.addcmul``; ``h = x`` without ``y``) and ``(h, norm(h))``. The norm is
+    ``F.layer_norm(h, weight, bias, eps)``, or with ``rms`` :func:`rms_norm` (no bias)."""
+    h = x if y is None else torch.addcmul(x, y, scale)
+    if rms:
+        return h, rms_norm(h, weight, eps)[0]
+    return h, F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU on a fused gate-up projection: ``silu(x[..., :d]) * x[..., d:]``."""
     gate, up = x.chunk(2, dim=-1)

@@ -15,6 +15,7 @@ from .linear_row_kernel import linear_row_triton
 from .prefill_attention import prefill_attention
 from .qk_norm_rope_kernel import qk_norm_rope_store_triton, qk_norm_rope_triton
 from .rms_norm_kernel import rms_norm_triton
+from .scaled_add_norm_kernel import scaled_add_norm_triton
 from .silu_and_mul_kernel import silu_and_mul_triton
 from .store_kv_kernel import store_kv_triton
 
@@ -70,6 +71,7 @@ def paged_attention_norm_rope_triton(q, k, v, q_weight, k_weight, cos, sin, eps,
 
 _TRITON.update(
     rms_norm=rms_norm_triton,
+    scaled_add_norm=scaled_add_norm_triton,
     silu_and_mul=silu_and_mul_triton,
     qk_norm_rope=qk_norm_rope_triton,
     qk_norm_rope_store=qk_norm_rope_store_triton,

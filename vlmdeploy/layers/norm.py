@@ -27,3 +27,11 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     if kind == "rms_norm":
         return RMSNorm(dim, eps)
     raise ValueError(f"unsupported norm_type {kind!r} (expected 'layer_norm' or 'rms_norm')")
+
+
+def norm_params(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float, bool]:
+    """``(weight, bias, eps, rms)`` of a :func:`make_norm` layer, the arguments
+    :func:`vlmdeploy.kernels.scaled_add_norm` takes after its inputs."""
+    if isinstance(norm, RMSNorm):
+        return norm.weight, None, norm.eps, True
+    return norm.weight, norm.bias, norm.eps, False

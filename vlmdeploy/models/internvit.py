@@ -4,6 +4,10 @@ Each tile is 32×32 patches of 14 px plus a CLS token (1025 tokens); attention i
 no mask, so it goes straight to SDPA (the flash path on GPU). Layers: ``h = x + attn(norm1 x)·ls1``;
 ``out = h + mlp(norm2 h)·ls2``. InternViT-6B differs only in RMSNorm, q/k RMSNorm over the whole
 width and no qkv bias, all taken from the config.
+
+Each residual update with its layer scale runs fused with the norm that follows it
+(:func:`vlmdeploy.kernels.scaled_add_norm`): ``norm2`` after the attention's, the next layer's
+``norm1`` after the MLP's.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmdeploy import kernels
 from vlmdeploy.config import VisionConfig
-from vlmdeploy.layers.norm import make_norm
+from vlmdeploy.layers.norm import make_norm, norm_params
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -100,10 +105,21 @@ class VisionLayer(nn.Module):
         self.mlp = VisionMLP(cfg)
         self.ls2 = nn.Parameter(torch.ones(cfg.hidden_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x + y * ls in one pass (and one rounding) instead of a multiply and an add
-        h = torch.addcmul(x, self.attn(self.norm1(x)), self.ls1)
-        return torch.addcmul(h, self.mlp(self.norm2(h)), self.ls2)
+    def forward(self, x: torch.Tensor, normed: torch.Tensor, next_norm: nn.Module | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x``, the residual stream, and ``normed`` = ``norm1(x)`` → the stream after the layer
+        and ``next_norm`` of it (None without ``next_norm``)."""
+        h, normed = add_norm(x, self.attn(normed), self.ls1, self.norm2)
+        y = self.mlp(normed)
+        if next_norm is None:
+            return torch.addcmul(h, y, self.ls2), None  # x + y * ls: one pass, one rounding
+        return add_norm(h, y, self.ls2, next_norm)
+
+
+def add_norm(x: torch.Tensor, y: torch.Tensor | None, scale: torch.Tensor | None,
+             norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + y * scale`` (``x`` without ``y``) → ``(h, norm(h))``, in one fused op."""
+    return kernels.scaled_add_norm(x, y, scale, *norm_params(norm))
 
 
 class VisionEncoder(nn.Module):
@@ -123,6 +139,10 @@ class InternViT(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, 448, 448) → (N, 1025, C): the selected layer's output, CLS included."""
         x = self.embeddings(pixel_values)
-        for layer in self.encoder.layers[: self.num_run]:
-            x = layer(x)
+        layers = self.encoder.layers[: self.num_run]
+        if not len(layers):
+            return x
+        _, normed = add_norm(x, None, None, layers[0].norm1)
+        for i, layer in enumerate(layers):
+            x, normed = layer(x, normed, layers[i + 1].norm1 if i + 1 < len(layers) else None)
         return x
