@@ -1,6 +1,7 @@
 """What a new tile count costs the vision encoder: the first call at each count, then the same
 count again, in one process after a warm-up at ``--warm``. A first call much slower than the second
-is per-shape set-up (algorithm search, attention plan) that a serving run pays mid-batch.
+is per-shape set-up (algorithm search, attention plan) that a serving run pays mid-batch. A last
+column gives the median of ``--repeat`` more calls at that count (the steady cost).
 
     python benchmarks/vision_shapes.py --preset 8b --counts 64,1,7,13,33,64,50
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 from pathlib import Path
 
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--counts", default="64,1,7,13,33,64,50")
     ap.add_argument("--sdpa", default="default", choices=["default", *BACKENDS],
                     help="the one attention backend SDPA may use")
+    ap.add_argument("--repeat", type=int, default=15, help="steady calls timed per count")
     ap.add_argument("--out", default="vision_shapes.md")
     args = ap.parse_args()
     model, load_format = model_source(args.model, args.preset)
@@ -50,15 +53,17 @@ def main() -> None:
 
         backend = (contextlib.nullcontext() if args.sdpa == "default"
                    else sdpa_kernel([BACKENDS[args.sdpa]]))
-        rows = ["| tiles | first call ms | second call ms | first − second ms |",
-                "|---:|---:|---:|---:|"]
+        rows = ["| tiles | first call ms | second call ms | first − second ms | median ms |",
+                "|---:|---:|---:|---:|---:|"]
         with backend:
             encode(tiles(args.warm))
             for n in (int(c) for c in args.counts.split(",")):
                 x = tiles(n)
                 first = timed_ms(encode, x)
                 second = timed_ms(encode, x)
-                rows.append(f"| {n} | {first:.1f} | {second:.1f} | {first - second:.1f} |")
+                steady = statistics.median(timed_ms(encode, x) for _ in range(args.repeat))
+                rows.append(f"| {n} | {first:.1f} | {second:.1f} | {first - second:.1f} "
+                            f"| {steady:.1f} |")
                 print(rows[-1], flush=True)
     text = (f"### vision encoder, first call per tile count (warm-up at {args.warm}; SDPA "
             f"backend {args.sdpa})\n\n")
