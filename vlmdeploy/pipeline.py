@@ -49,12 +49,14 @@ logger = logging.getLogger("vlmdeploy")
 
 # A request's images together may take this many times the per-image fetch timeout.
 REQUEST_MEDIA_BUDGET = 2.0
-# Threads that fetch, decode, hash and tile images. Four prepare ~60 requests/s of 1024² JPEGs,
-# several times what the GPU consumes. More do not help: base64 decoding and ``tobytes`` hold the
-# GIL, and every PyTorch call of the engine thread gives the GIL up and must win it back, so a
-# crowd of preparation threads starves the engine. On one H200 (W2, 256 requests) 16 threads left
-# the GPU idle for 2.2 s of the first 3 s; 4 threads for 0.17 s (benchmarks/gpu_gaps.py).
-PREP_THREADS = 4
+# Threads that fetch, decode, hash and tile images. Two prepare ~30 requests/s of 1024² JPEGs and
+# ~350/s of 448² ones, more than the GPU consumes. More threads starve the engine thread: it gives
+# the GIL up at every Triton launch (an eager prefill step makes ~1,500 launches) and must win it
+# back from them. On one H200, 16 threads left the GPU idle for 2.2 s of W2's first 3 s, 4 threads
+# for 0.17 s; and W3's second step (its first requests, while the rest are prepared) took the host
+# 780 ms with 4 threads, 160 ms with 2: W3 9.22 s against 9.74, W2 unchanged (24.86 against
+# 24.85 s). A slow image host holds a thread for at most its request's media deadline.
+PREP_THREADS = 2
 
 
 @dataclass
