@@ -58,6 +58,7 @@ VOCAB = (
     "the a of and to in is with on for that this"
 ).split()
 WORKLOADS = ("w1", "chat2", "w2", "w3")  # the order they run in
+FIRST_STEPS = 4  # steps of a batch run's ramp reported one by one
 
 _T0 = time.monotonic()
 
@@ -315,6 +316,11 @@ def timeline(trace: list, t0: float, t1: float) -> dict:
         "first_step_after_s": round(trace[0].start - t0, 3),
         "last_prefill_at_s": round(prefill[-1].end - t0, 3) if prefill else None,
         "mean_decode_rows": round(sum(r.num_decode for r in trace) / len(trace), 1),
+        # the ramp, while requests are still being prepared: [start ms, host ms, decode rows,
+        # prefill tokens, tiles, waiting] of the first steps
+        "first_steps": [[round((r.start - t0) * 1e3, 1), round((r.end - r.start) * 1e3, 1),
+                         r.num_decode, r.num_prefill_tokens, r.num_tiles, r.num_waiting]
+                        for r in trace[:FIRST_STEPS]],
         "prefill_tokens": sum(r.num_prefill_tokens for r in trace),
         "tiles": sum(r.num_tiles for r in trace),
     }
