@@ -1,5 +1,6 @@
 """Per-kernel benchmark at InternVL3.5-8B shapes: the Triton kernels against the PyTorch reference
-path and, for attention, torch's SDPA flash kernel on contiguous (unpaged) K/V.
+path and, for attention, torch's SDPA flash kernel on contiguous (unpaged) K/V (for whole prompts
+also SDPA's cuDNN kernel).
 
 Every case counts the fewest bytes it must move and the FLOPs it must do; with the copy bandwidth
 and bf16 matmul rate measured at the start, ``max(bytes / bandwidth, flops / rate)`` is its floor
@@ -56,6 +57,8 @@ class Row:
     sdpa_ms: float | None = None
     err: float = 0.0
     sdpa_note: str = ""
+    cudnn_ms: float | None = None
+    cudnn_note: str = ""
 
 
 # ---------------------------------------------------------------- timing
@@ -215,30 +218,38 @@ def sdpa_flash_ms(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 ) -> tuple[float | None, str]:
     """SDPA restricted to the flash backend; GQA native if it accepts that, else K/V expanded."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
-    def run(kk: torch.Tensor, vv: torch.Tensor, gqa: bool) -> float:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return graph_ms(
-                [
-                    lambda: F.scaled_dot_product_attention(
-                        q, kk, vv, is_causal=causal, enable_gqa=gqa
-                    )
-                ]
-            )
-
-    try:
-        return run(k, v, True), "flash, native GQA"
-    except RuntimeError:
-        pass
+    ms, note = sdpa_backend_ms(q, k, v, causal, SDPBackend.FLASH_ATTENTION, gqa=True)
+    if ms is not None:
+        return ms, "flash, native GQA"
     group = q.shape[1] // k.shape[1]
     if k.numel() * group * 2 * 2 > (24 << 30):
         return None, "skipped: expanded K/V too large"
     kx, vx = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    ms, note = sdpa_backend_ms(q, kx, vx, causal, SDPBackend.FLASH_ATTENTION, gqa=False)
+    return ms, "flash, K/V expanded to 32 heads" if ms is not None else note
+
+
+def sdpa_backend_ms(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backend, gqa: bool = True
+) -> tuple[float | None, str]:
+    """SDPA restricted to one backend: CUDA-graph replays, or eager medians (``do_bench``) where the
+    backend cannot be captured; (None, why) where it does not run."""
+    from torch.nn.attention import sdpa_kernel
+
+    def call():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
     try:
-        return run(kx, vx, False), "flash, K/V expanded to 32 heads"
+        call()
     except RuntimeError as e:
-        return None, f"flash unavailable ({type(e).__name__})"
+        return None, f"{backend.name} unavailable ({type(e).__name__})"
+    try:
+        return graph_ms([call]), ""
+    except RuntimeError:
+        return eager_ms(call), "eager"
 
 
 def attention_bytes(q_tokens: int, kv_lens: list[int]) -> float:
@@ -293,11 +304,16 @@ def bench_prefill(name: str, q_lens: list[int], kv_lens: list[int], sdpa: bool) 
     ref = eager_ms(lambda: reference.paged_attention(**bt))
     err = rel_err(call(), reference.paged_attention(**bt))
     sdpa_ms, note = None, "n/a: SDPA aligns its causal mask top-left"
+    cudnn_ms, cudnn_note = None, ""
     if sdpa:  # whole prompts of equal length: SDPA's is_causal is the same mask
         B, T = len(q_lens), q_lens[0]
         ks, vs = zip(*(dense_kv(bt, b, T) for b in range(B)), strict=True)
         q = bt["q"].view(B, T, N_Q, HEAD_DIM).transpose(1, 2).contiguous()
-        sdpa_ms, note = sdpa_flash_ms(q, torch.cat(ks), torch.cat(vs), causal=True)
+        k, v = torch.cat(ks), torch.cat(vs)
+        sdpa_ms, note = sdpa_flash_ms(q, k, v, causal=True)
+        from torch.nn.attention import SDPBackend
+
+        cudnn_ms, cudnn_note = sdpa_backend_ms(q, k, v, True, SDPBackend.CUDNN_ATTENTION)
     return Row(
         "paged prefill",
         name,
@@ -308,6 +324,8 @@ def bench_prefill(name: str, q_lens: list[int], kv_lens: list[int], sdpa: bool) 
         sdpa_ms,
         err,
         note,
+        cudnn_ms,
+        cudnn_note,
     )
 
 
@@ -359,8 +377,8 @@ def render(rows: list[Row], bw: float, rate: float) -> str:
         "max(bytes / copy BW, FLOPs / matmul rate) / time. err = ‖ours − ref‖ / ‖ref‖.",
         "",
         "| kernel | case | ours µs | TB/s | TFLOP/s | % roofline | reference µs | × vs ref "
-        "| SDPA flash µs | × vs SDPA | err |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| SDPA flash µs | × vs SDPA | SDPA cuDNN µs | × vs cuDNN | err |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         sec = r.ours_ms * 1e-3
@@ -368,10 +386,12 @@ def render(rows: list[Row], bw: float, rate: float) -> str:
         vs_ref = f"{r.ref_ms / r.ours_ms:.1f}" if r.ref_ms else "–"
         vs_sdpa = f"{r.sdpa_ms / r.ours_ms:.2f}" if r.sdpa_ms else "–"
         sdpa = fmt_us(r.sdpa_ms) + (f" ({r.sdpa_note})" if r.sdpa_note else "")
+        vs_cudnn = f"{r.cudnn_ms / r.ours_ms:.2f}" if r.cudnn_ms else "–"
+        cudnn = fmt_us(r.cudnn_ms) + (f" ({r.cudnn_note})" if r.cudnn_note else "")
         lines.append(
             f"| {r.kernel} | {r.case} | {fmt_us(r.ours_ms)} | {r.bytes / sec / 1e12:.2f} | "
             f"{r.flops / sec / 1e12:.1f} | {100 * floor / sec:.0f}% | {fmt_us(r.ref_ms)} | "
-            f"{vs_ref} | {sdpa} | {vs_sdpa} | {r.err:.1e} |"
+            f"{vs_ref} | {sdpa} | {vs_sdpa} | {cudnn} | {vs_cudnn} | {r.err:.1e} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -415,6 +435,7 @@ def main() -> None:
         print(
             f"{row.kernel:20s} {row.case:40s} ours {fmt_us(row.ours_ms):>10s} us  "
             f"ref {fmt_us(row.ref_ms):>10s} us  sdpa {fmt_us(row.sdpa_ms):>10s} us  "
+            f"cudnn {fmt_us(row.cudnn_ms):>10s} us  "
             f"err {row.err:.1e}",
             flush=True,
         )
