@@ -1,5 +1,9 @@
 """Runs the engine's step loop on a background thread.
 
+The thread first runs :meth:`LLMEngine.warm_up` (caches that libraries keep per thread, such as
+cuDNN's attention plans, must be filled on the thread that steps), and the constructor returns once
+that is done, or raises what it raised.
+
 Front ends talk to it with three thread-safe calls — :meth:`EngineLoop.add`,
 :meth:`EngineLoop.abort` and :meth:`EngineLoop.close` — and receive :class:`StepOutput` objects
 through the per-request callback given to ``add`` (called on the engine thread: callbacks must only
@@ -57,8 +61,13 @@ class EngineLoop:
         # inbox after the loop has stopped taking work (it would wait forever).
         self._lock = threading.Lock()
         self._closed: str | None = None  # None while serving; then "error" or "closed"
+        self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vlmdeploy-engine", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self.error is not None:
+            self._thread.join()
+            raise self.error
 
     @property
     def running(self) -> bool:
@@ -118,6 +127,14 @@ class EngineLoop:
         self._deliver_step([out])
 
     def _run(self) -> None:
+        try:
+            self.engine.warm_up()
+        except BaseException as exc:  # noqa: BLE001 — handed to the constructor, which raises it
+            self.error = exc
+            self._closed = "error"
+            return
+        finally:
+            self._ready.set()
         while self._closed is None:
             self._drain()
             if not self.engine.has_work():

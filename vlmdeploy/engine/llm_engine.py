@@ -170,12 +170,8 @@ class LLMEngine:
         self.vision = VisionStage(
             self.runner.encode_images, max_tiles=MAX_VISION_TILES, cache_bytes=cache_bytes
         )
-        if self.device.type == "cuda":  # ~1 s; on the CPU a new tile count costs nothing extra
+        if self.device.type == "cuda":
             size = self.model_cfg.vision.image_size
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                self.vision.warm_up((size, size, 3))
-            self.startup["vision_warm_up_s"] = round(time.perf_counter() - t0, 2)
             if not cfg.eager_mode:
                 t0 = time.perf_counter()
                 self.runner.vision_graphs = VisionGraphs(
@@ -186,6 +182,21 @@ class LLMEngine:
         self._arrivals = 0
         self._inflight: _InFlight | None = None  # the launched step whose tokens are not read yet
         self.trace: list[StepRecord] | None = None  # a list here makes every step append a record
+
+    def warm_up(self) -> None:
+        """One encoder call at every tile count the vision stage can batch, on the calling thread,
+        which must be the thread that steps the engine (:class:`EngineLoop` does this before it
+        takes requests). cuDNN keeps its attention plans per thread: on an H100 a shape's first
+        call on a thread costs 60-70 ms, even after the same shape ran on another thread
+        (docs/benchmarks.md). About 1 s; nothing to do off CUDA, where a new tile count costs
+        nothing extra."""
+        if self.device.type != "cuda":
+            return
+        size = self.model_cfg.vision.image_size
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self.vision.warm_up((size, size, 3))
+        self.startup["vision_warm_up_s"] = round(time.perf_counter() - t0, 2)
 
     # ---- capacity --------------------------------------------------------------------------------
     def _kv_bytes_per_block(self) -> int:

@@ -1,0 +1,55 @@
+"""The engine loop warms the engine on its own thread before it takes requests: caches that
+libraries keep per thread (cuDNN's attention plans) are only useful on the thread that steps."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from vlmdeploy.engine.engine_loop import EngineLoop
+from vlmdeploy.errors import EngineDeadError
+
+
+class StubEngine:
+    """Just enough of LLMEngine for the loop: it never has work."""
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.warmed_on: str | None = None
+        self.done = threading.Event()
+
+    def warm_up(self) -> None:
+        self.done.wait(0.2)  # the constructor must wait for this, not race it
+        self.warmed_on = threading.current_thread().name
+        if self.fail:
+            raise RuntimeError("no memory for the warm-up")
+
+    def has_work(self) -> bool:
+        return False
+
+
+def test_warm_up_runs_on_the_engine_thread_before_the_loop_is_returned():
+    engine = StubEngine()
+    loop = EngineLoop(engine)
+    try:
+        assert engine.warmed_on == "vlmdeploy-engine"
+        assert loop.alive
+    finally:
+        loop.close()
+
+
+def test_a_failed_warm_up_fails_the_constructor_and_leaves_no_loop():
+    engine = StubEngine(fail=True)
+    with pytest.raises(RuntimeError, match="no memory"):
+        EngineLoop(engine)
+    assert engine.warmed_on == "vlmdeploy-engine"
+
+
+def test_a_dead_loop_refuses_requests():
+    engine = StubEngine(fail=True)
+    loop = EngineLoop.__new__(EngineLoop)  # the state a failed constructor leaves behind
+    with pytest.raises(RuntimeError):
+        loop.__init__(engine)
+    with pytest.raises(EngineDeadError):
+        loop.add(object(), lambda out: None)
