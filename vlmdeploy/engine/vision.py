@@ -63,7 +63,8 @@ class EmbeddingCache:
 # Encoder calls take tile counts of a small fixed set: ``max_tiles``, the multiples of TILE_STEP
 # below it and 1 … TILE_STEP - 1. Each new count costs set-up the first time it is seen (cuDNN's
 # attention plan, GEMM heuristics: 40-65 ms a count on an H200), which the engine pays at start-up
-# for this set (:meth:`VisionStage.warm_up`) rather than mid-batch for any of 64 counts.
+# for this set (:meth:`VisionStage.warm_up`, on the engine thread: cuDNN's plans are per thread)
+# rather than mid-batch for any of 64 counts.
 TILE_STEP = 8
 
 
