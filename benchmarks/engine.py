@@ -309,6 +309,8 @@ def timeline(trace: list, t0: float, t1: float) -> dict:
         "steps": len(trace),
         "prefill_steps": len(prefill),
         "prefill_steps_s": round(sum(r.end - r.start for r in prefill), 3),
+        # host time to schedule and queue them (the rest of a step waits for the step before)
+        "prefill_launch_s": round(sum(r.launched - r.start for r in prefill), 3),
         "decode_steps": len(decode),
         "decode_steps_s": round(sum(r.end - r.start for r in decode), 3),
         "outside_steps_s": round((t1 - t0) - sum(r.end - r.start for r in trace), 3),
@@ -316,9 +318,10 @@ def timeline(trace: list, t0: float, t1: float) -> dict:
         "first_step_after_s": round(trace[0].start - t0, 3),
         "last_prefill_at_s": round(prefill[-1].end - t0, 3) if prefill else None,
         "mean_decode_rows": round(sum(r.num_decode for r in trace) / len(trace), 1),
-        # the ramp, while requests are still being prepared: [start ms, host ms, decode rows,
-        # prefill tokens, tiles, waiting] of the first steps
+        # the ramp, while requests are still being prepared: [start ms, step ms, of which launch
+        # ms, decode rows, prefill tokens, tiles, waiting] of the first steps
         "first_steps": [[round((r.start - t0) * 1e3, 1), round((r.end - r.start) * 1e3, 1),
+                         round((r.launched - r.start) * 1e3, 1),
                          r.num_decode, r.num_prefill_tokens, r.num_tiles, r.num_waiting]
                         for r in trace[:FIRST_STEPS]],
         "prefill_tokens": sum(r.num_prefill_tokens for r in trace),

@@ -81,8 +81,10 @@ def test_engine_benchmark_smoke(bench, tiny_ckpts, tmp_path):
         assert runs[0]["tiles"] == runs[1]["tiles"] > 0 and runs[0]["steps"] > 0
         assert runs[0]["prefill_steps"] >= 1 and runs[0]["decode_steps"] >= 1
         first = runs[0]["first_steps"]  # the ramp, step by step, in order
-        assert 1 <= len(first) <= bench.FIRST_STEPS and all(len(r) == 6 for r in first)
-        assert first[0][3] > 0 and first[0][4] > 0  # the first step prefills and encodes
+        assert 1 <= len(first) <= bench.FIRST_STEPS and all(len(r) == 7 for r in first)
+        assert all(0 <= r[2] <= r[1] for r in first)  # a step's launch is part of it
+        assert first[0][4] > 0 and first[0][5] > 0  # the first step prefills and encodes
+        assert 0 < runs[0]["prefill_launch_s"] <= runs[0]["prefill_steps_s"]
         assert [r[0] for r in first] == sorted(r[0] for r in first)
     chat = res["chat2"]
     assert chat["ttft1_ms"] > 0 and chat["ttft2_ms"] > 0 and chat["output_tokens"] == [64, 64]

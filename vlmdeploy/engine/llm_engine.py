@@ -59,6 +59,7 @@ class StepRecord:
     """One engine step, as :attr:`LLMEngine.trace` records it (host clock, seconds)."""
 
     start: float
+    launched: float  # the step's work is queued on the device (then the previous step is read)
     end: float
     num_decode: int  # sequences computing one token
     num_prefill_tokens: int  # tokens of the sequences computing more than one
@@ -392,6 +393,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch:
             self._inflight = self._launch(batch, prev)
+        launched = time.perf_counter()
         if prev is not None:
             outputs += self._resolve(prev)
         if self._inflight is not None and not self.cfg.async_scheduling:
@@ -402,6 +404,7 @@ class LLMEngine:
             self.trace.append(
                 StepRecord(
                     start,
+                    launched,
                     time.perf_counter(),
                     decode,
                     sum(batch.num_tokens) - decode,
