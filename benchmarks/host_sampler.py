@@ -1,0 +1,132 @@
+"""Where the engine thread's host time goes while a batch run starts: a sampling profiler.
+
+A sampler thread reads the engine thread's Python stack every INTERVAL (``sys._current_frames``)
+during the first SECONDS of a W2- or W3-style run through ``pipe()`` and reports the lines it was
+found on, innermost first and by the innermost vlmdeploy frame, with the step records' launch times
+beside. A sample inside a C call (a launch, a copy) cannot tell work from waiting for the GIL; the
+step records and ``benchmarks/prep_gil.py`` tell those apart.
+
+    python benchmarks/host_sampler.py --preset 8b --side 448 --n-text 30 --n-out 512 --n 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from engine import gen, model_source, sync, workload  # noqa: E402
+
+from vlmdeploy import PytorchEngineConfig, pipeline  # noqa: E402
+
+ROOT = str(Path(__file__).resolve().parents[1] / "vlmdeploy")
+
+
+class StackSampler:
+    """Samples one thread's stack every ``interval`` seconds for at most ``seconds``."""
+
+    def __init__(self, thread: threading.Thread, interval: float, seconds: float):
+        self.target, self.interval, self.seconds = thread.ident, interval, seconds
+        self.samples: list[list[tuple[str, int, str]]] = []  # innermost frame first
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        end = time.perf_counter() + self.seconds
+        while not self._stop.is_set() and time.perf_counter() < end:
+            frame = sys._current_frames().get(self.target)
+            stack = []
+            while frame is not None:
+                code = frame.f_code
+                stack.append((code.co_filename, frame.f_lineno, code.co_name))
+                frame = frame.f_back
+            self.samples.append(stack)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> StackSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def where(frame: tuple[str, int, str]) -> str:
+    path, line, name = frame
+    short = path[len(ROOT) - len("vlmdeploy"):] if path.startswith(ROOT) else Path(path).name
+    return f"{short}:{line} {name}"
+
+
+def report(samples: list, top: int = 20) -> str:
+    n = len(samples)
+    if not n:
+        return "no samples\n"
+    inner = collections.Counter(where(s[0]) for s in samples if s)
+    ours = collections.Counter(
+        next((where(f) for f in s if f[0].startswith(ROOT)), "(outside vlmdeploy)") for s in samples
+    )
+    within = collections.Counter()  # samples inside each vlmdeploy function, at any depth
+    for s in samples:
+        within.update({f"{where(f).split(':')[0]} {f[2]}" for f in s if f[0].startswith(ROOT)})
+    lines = [f"{n} samples", "", "| vlmdeploy function (anywhere on the stack) | share |",
+             "|---|---:|"]
+    lines += [f"| {k} | {100 * v / n:.1f}% |" for k, v in within.most_common(top)]
+    lines += ["", "| innermost frame | share |", "|---|---:|"]
+    lines += [f"| {k} | {100 * v / n:.1f}% |" for k, v in inner.most_common(top)]
+    lines += ["", "| innermost vlmdeploy frame | share |", "|---|---:|"]
+    lines += [f"| {k} | {100 * v / n:.1f}% |" for k, v in ours.most_common(top)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model")
+    ap.add_argument("--preset", help="write config + tokenizer of this size, dummy weights")
+    ap.add_argument("--device-type", default=None, help="cuda or cpu (default: the engine's)")
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--side", type=int, default=448)
+    ap.add_argument("--n-text", type=int, default=30)
+    ap.add_argument("--n-out", type=int, default=512)
+    ap.add_argument("--seconds", type=float, default=1.5, help="sample this long from the start")
+    ap.add_argument("--interval", type=float, default=0.001)
+    ap.add_argument("--steps", type=int, default=12, help="step records to list")
+    ap.add_argument("--out", help="also write the report here")
+    args = ap.parse_args(argv)
+    model, load_format = model_source(args.model, args.preset)
+    extra = {"device_type": args.device_type} if args.device_type else {}
+    cfg = PytorchEngineConfig(session_len=8192, load_format=load_format, **extra)
+    with pipeline(model, backend_config=cfg) as pipe:
+        tok = pipe.tokenizer
+        pipe(workload(tok, 4, args.side, args.n_text, 7), gen_config=gen(8))  # warm-up
+        prompts = workload(tok, args.n, args.side, args.n_text, 11)
+        engine_thread = pipe.loop._thread
+        sync()
+        pipe.engine.trace = []
+        with StackSampler(engine_thread, args.interval, args.seconds) as sampler:
+            t0 = time.perf_counter()
+            pipe(prompts, gen_config=gen(args.n_out))
+            wall = time.perf_counter() - t0
+        trace, pipe.engine.trace = pipe.engine.trace, None
+    steps = ["| start ms | step ms | launch ms | decode rows | prefill tokens | tiles |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in trace[: args.steps]:
+        steps.append(f"| {(r.start - t0) * 1e3:.1f} | {(r.end - r.start) * 1e3:.1f} | "
+                     f"{(r.launched - r.start) * 1e3:.1f} | {r.num_decode} | "
+                     f"{r.num_prefill_tokens} | {r.num_tiles} |")
+    text = (f"### {args.n} requests, {args.side}² JPEG + {args.n_text} text tokens, {args.n_out} "
+            f"out: wall {wall:.2f} s; engine thread sampled for the first {args.seconds} s\n\n"
+            + "\n".join(steps) + "\n\n" + report(sampler.samples))
+    print(text, flush=True)
+    if args.out:
+        Path(args.out).write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

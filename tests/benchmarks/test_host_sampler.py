@@ -1,0 +1,24 @@
+"""The host sampler runs a small batch on the CPU and reports the engine thread's stacks beside the
+step records."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "host_sampler.py"
+
+
+def test_host_sampler_reports_steps_and_stacks(tiny_ckpts, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_host_sampler", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "host.md"
+    text = module.main(["--model", str(tiny_ckpts["hf"]), "--device-type", "cpu", "--n", "4",
+                        "--n-out", "4", "--seconds", "2", "--out", str(out)])
+    assert out.read_text() == text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "ms |" not in line]
+    steps = [r for r in rows if r.split("|")[1].strip().replace(".", "").isdigit()]
+    assert steps and all(float(r.split("|")[3]) <= float(r.split("|")[2]) for r in steps)
+    assert "| vlmdeploy/engine/engine_loop.py _run | 100.0% |" in text  # every sample: the loop
+    assert "vlmdeploy/engine/llm_engine.py _launch" in text  # where a step's launch spends time
