@@ -16,7 +16,6 @@ import torch
 from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
 from vlmdeploy.engine.llm_engine import LLMEngine
 from vlmdeploy.engine.sequence import Sequence
-from vlmdeploy.testing.checkpoint import make_checkpoint
 
 pytestmark = pytest.mark.gpu
 
@@ -92,7 +91,5 @@ def check_async_matches_sync(path: str, device: str) -> None:
     compare(engine_outputs(path, image_token, alone, True, device), want)
 
 
-def test_async_scheduling_matches_sync_on_the_gpu():
-    path = "/tmp/vlmdeploy-gpu/1b-async"
-    make_checkpoint(path, "1b", "original", seed=0, dtype=torch.bfloat16, device="cuda")
-    check_async_matches_sync(path, "cuda")
+def test_async_scheduling_matches_sync_on_the_gpu(ckpt_1b):
+    check_async_matches_sync(ckpt_1b("original"), "cuda")

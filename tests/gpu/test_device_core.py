@@ -61,11 +61,10 @@ def test_8b_loads_and_generates(fmt):
     shutil.rmtree(path)
 
 
-def test_1b_bf16_greedy_matches_transformers():
+def test_1b_bf16_greedy_matches_transformers(ckpt_1b):
     from transformers import InternVLForConditionalGeneration
 
-    path = f"{ROOT}/1b-hf"
-    make_checkpoint(path, "1b", "hf", seed=0, dtype=torch.bfloat16, device="cuda")
+    path = ckpt_1b("hf")
     ref = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     steps = 32
     gen = GenerationConfig(max_new_tokens=steps, min_new_tokens=steps)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
-from vlmdeploy.testing.checkpoint import make_checkpoint
 
 pytestmark = pytest.mark.gpu
 
@@ -39,9 +38,8 @@ def _run(path: str, eager: bool, prompts, gen):
     return out, step_ms
 
 
-def test_triton_and_graphs_match_reference_path():
-    path = "/tmp/vlmdeploy-gpu/1b-fast"
-    make_checkpoint(path, "1b", "original", seed=0, dtype=torch.bfloat16, device="cuda")
+def test_triton_and_graphs_match_reference_path(ckpt_1b):
+    path = ckpt_1b("original")
     prompts = ["Tell me about the sea.", ("describe this image", _image(800, 500, 3)), "Hi"]
     gen = GenerationConfig(max_new_tokens=24, min_new_tokens=24, logprobs=2)
     fast, fast_ms = _run(path, False, prompts, gen)

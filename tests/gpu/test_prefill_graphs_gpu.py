@@ -11,7 +11,6 @@ import torch
 
 from vlmdeploy import PytorchEngineConfig, pipeline
 from vlmdeploy.engine.prefill_graphs import PREFILL_BUCKETS
-from vlmdeploy.testing.checkpoint import make_checkpoint
 
 pytestmark = pytest.mark.gpu
 
@@ -26,8 +25,8 @@ def eager_logits(runner, ids, start, table, image=None, mask=None):
 
 
 @pytest.mark.parametrize("eager", [False, True])
-def test_graph_replays_equal_the_eager_forward(tmp_path, eager):
-    path = make_checkpoint(tmp_path / "1b", "1b", "hf", seed=0, dtype=torch.bfloat16, device="cuda")
+def test_graph_replays_equal_the_eager_forward(ckpt_1b, eager):
+    path = ckpt_1b("hf")
     cfg = PytorchEngineConfig(session_len=4096, max_batch_size=8, eager_mode=eager)
     with pipeline(str(path), backend_config=cfg) as pipe:
         runner = pipe.engine.runner
