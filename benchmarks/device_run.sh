@@ -119,7 +119,9 @@ else
   wait_gpu_free 90
 fi
 
-# 4. the engine benchmarks and the transformers baseline
+# 4. the engine benchmarks and the transformers baseline; what else is using the CPU first (a
+# host-side outlier in W1 is then explained or ruled out)
+ps -eo pid,pcpu,etime,comm --sort=-pcpu 2>/dev/null | head -8 > "$OUT/ps_before_engine.txt"
 ENGINE_LIMIT=$(min "${ENGINE_TIMEOUT:-420}" $(( $(remaining) - 10 )))
 if [ "$ENGINE_LIMIT" -lt 60 ]; then ENGINE_LIMIT=60; fi
 t=$(date +%s)
