@@ -16,6 +16,7 @@ import collections
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--seconds", type=float, default=1.5, help="sample this long from the start")
     ap.add_argument("--interval", type=float, default=0.001)
     ap.add_argument("--steps", type=int, default=12, help="step records to list")
+    ap.add_argument("--prep-workers", type=int, help="threads preparing requests (default: the "
+                    "pipeline's own choice)")
     ap.add_argument("--out", help="also write the report here")
     args = ap.parse_args(argv)
     model, load_format = model_source(args.model, args.preset)
@@ -103,6 +106,9 @@ def main(argv: list[str] | None = None) -> str:
     cfg = PytorchEngineConfig(session_len=8192, load_format=load_format, **extra)
     with pipeline(model, backend_config=cfg) as pipe:
         tok = pipe.tokenizer
+        if args.prep_workers:
+            pipe._pool.shutdown()
+            pipe._pool = ThreadPoolExecutor(args.prep_workers, thread_name_prefix="vlmdeploy-prep")
         pipe(workload(tok, 4, args.side, args.n_text, 7), gen_config=gen(8))  # warm-up
         prompts = workload(tok, args.n, args.side, args.n_text, 11)
         engine_thread = pipe.loop._thread
@@ -113,6 +119,7 @@ def main(argv: list[str] | None = None) -> str:
             pipe(prompts, gen_config=gen(args.n_out))
             wall = time.perf_counter() - t0
         trace, pipe.engine.trace = pipe.engine.trace, None
+        workers = pipe._pool._max_workers
     steps = ["| start ms | step ms | launch ms | decode rows | prefill tokens | tiles |",
              "|---:|---:|---:|---:|---:|---:|"]
     for r in trace[: args.steps]:
@@ -120,7 +127,8 @@ def main(argv: list[str] | None = None) -> str:
                      f"{(r.launched - r.start) * 1e3:.1f} | {r.num_decode} | "
                      f"{r.num_prefill_tokens} | {r.num_tiles} |")
     text = (f"### {args.n} requests, {args.side}² JPEG + {args.n_text} text tokens, {args.n_out} "
-            f"out: wall {wall:.2f} s; engine thread sampled for the first {args.seconds} s\n\n"
+            f"out, {workers} preparation threads: wall {wall:.2f} s; engine thread sampled for "
+            f"the first {args.seconds} s\n\n"
             + "\n".join(steps) + "\n\n" + report(sampler.samples))
     print(text, flush=True)
     if args.out:

@@ -15,8 +15,8 @@ def test_host_sampler_reports_steps_and_stacks(tiny_ckpts, tmp_path):
     spec.loader.exec_module(module)
     out = tmp_path / "host.md"
     text = module.main(["--model", str(tiny_ckpts["hf"]), "--device-type", "cpu", "--n", "4",
-                        "--n-out", "4", "--seconds", "2", "--out", str(out)])
-    assert out.read_text() == text
+                        "--n-out", "4", "--seconds", "2", "--prep-workers", "1", "--out", str(out)])
+    assert out.read_text() == text and "1 preparation threads" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "ms |" not in line]
     steps = [r for r in rows if r.split("|")[1].strip().replace(".", "").isdigit()]
     assert steps and all(float(r.split("|")[3]) <= float(r.split("|")[2]) for r in steps)
