@@ -16,11 +16,14 @@ import collections
 import sys
 import threading
 import time
+import traceback
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
 from engine import gen, model_source, sync, workload  # noqa: E402
 
 from vlmdeploy import PytorchEngineConfig, pipeline  # noqa: E402
@@ -56,6 +59,43 @@ class StackSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class SyncWarnings:
+    """With ``on`` and a GPU: PyTorch warns at every operation that makes the host wait for the
+    GPU; count them by the innermost vlmdeploy frame of the thread that waited."""
+
+    def __init__(self, on: bool):
+        self.on = on and torch.cuda.is_available()
+        self.places: collections.Counter = collections.Counter()
+
+    def _show(self, message, category, *args, **kwargs) -> None:
+        stack = traceback.extract_stack()[:-1]
+        ours = [f for f in stack if f.filename.startswith(ROOT)]
+        place = where((ours[-1].filename, ours[-1].lineno, ours[-1].name)) if ours else "(other)"
+        self.places[(threading.current_thread().name, place)] += 1
+
+    def __enter__(self) -> SyncWarnings:
+        if self.on:
+            self._saved = warnings.showwarning
+            warnings.showwarning = self._show
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.on:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = self._saved
+            warnings.resetwarnings()
+
+    def report(self) -> str:
+        if not self.on:
+            return ""
+        lines = ["", "Operations that waited for the GPU:", "", "| thread | place | count |",
+                 "|---|---|---:|"]
+        lines += [f"| {t} | {p} | {n} |" for (t, p), n in self.places.most_common(20)]
+        return "\n".join(lines) + "\n"
 
 
 def where(frame: tuple[str, int, str]) -> str:
@@ -99,6 +139,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--steps", type=int, default=12, help="step records to list")
     ap.add_argument("--prep-workers", type=int, help="threads preparing requests (default: the "
                     "pipeline's own choice)")
+    ap.add_argument("--sync-debug", action="store_true", help="also count the operations that "
+                    "make the host wait for the GPU (torch.cuda.set_sync_debug_mode), by place")
     ap.add_argument("--out", help="also write the report here")
     args = ap.parse_args(argv)
     model, load_format = model_source(args.model, args.preset)
@@ -114,7 +156,8 @@ def main(argv: list[str] | None = None) -> str:
         engine_thread = pipe.loop._thread
         sync()
         pipe.engine.trace = []
-        with StackSampler(engine_thread, args.interval, args.seconds) as sampler:
+        with StackSampler(engine_thread, args.interval, args.seconds) as sampler, \
+                SyncWarnings(args.sync_debug) as syncs:
             t0 = time.perf_counter()
             pipe(prompts, gen_config=gen(args.n_out))
             wall = time.perf_counter() - t0
@@ -129,7 +172,7 @@ def main(argv: list[str] | None = None) -> str:
     text = (f"### {args.n} requests, {args.side}² JPEG + {args.n_text} text tokens, {args.n_out} "
             f"out, {workers} preparation threads: wall {wall:.2f} s; engine thread sampled for "
             f"the first {args.seconds} s\n\n"
-            + "\n".join(steps) + "\n\n" + report(sampler.samples))
+            + "\n".join(steps) + "\n\n" + report(sampler.samples) + syncs.report())
     print(text, flush=True)
     if args.out:
         Path(args.out).write_text(text)
