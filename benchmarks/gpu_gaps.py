@@ -61,6 +61,26 @@ def short(name: str, width: int = 48) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
 
 
+def early(events, seconds: float, top: int = 15) -> str:
+    """The run's first ``seconds``: idle ms in each tenth of a second, and GPU time by kernel (the
+    part that tells whether a slow start is the GPU working longer or waiting)."""
+    end = events[0][0] + seconds * 1e6
+    first = [e for e in events if e[0] < end]
+    _, gaps = gaps_of(first)
+    per = [0.0] * int(seconds * 10 + 0.999)
+    for g, _, _, at in gaps:
+        per[min(int(at // 1e5), len(per) - 1)] += g / 1e3
+    lines = [f"First {seconds:g} s: idle ms in each 0.1 s: " + ", ".join(f"{v:.0f}" for v in per),
+             "", f"GPU time by kernel in the first {seconds:g} s:", "",
+             "| kernel | calls | ms | mean µs |", "|---|---:|---:|---:|"]
+    by: dict[str, list[float]] = {}
+    for start, stop, name in first:
+        by.setdefault(short(name, 60), []).append(stop - start)
+    for name, ds in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        lines.append(f"| {name} | {len(ds)} | {sum(ds) / 1e3:.1f} | {sum(ds) / len(ds):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(events, wall_s: float, label: str) -> str:
     busy, gaps = gaps_of(events)
     span = events[-1][1] - events[0][0]
@@ -114,6 +134,8 @@ def main() -> None:
                     "interpreter's default is 0.005)")
     ap.add_argument("--runs", type=int, default=1, help="measured runs in one process, each with "
                     "its own images (a ramp only in the first points at compilation, not the host)")
+    ap.add_argument("--early", type=float, default=0.0, help="also detail the run's first this "
+                    "many seconds (idle per 0.1 s, GPU time by kernel)")
     ap.add_argument("--out", default="gpu_gaps.md")
     args = ap.parse_args()
     if args.switch_interval:
@@ -145,8 +167,10 @@ def main() -> None:
             label = (f"run {run + 1}: {args.n} requests, {args.side}² JPEG + {args.n_text} text "
                      f"tokens, {args.n_out} out; {pipe._pool._max_workers} preparation threads, "
                      f"switch interval {sys.getswitchinterval() * 1e3:g} ms")
-            texts.append(report(events, wall, label) if events
-                         else f"### {label}\n\nno device events\n")
+            text = report(events, wall, label) if events else f"### {label}\n\nno device events\n"
+            if events and args.early:
+                text += "\n" + early(events, args.early)
+            texts.append(text)
             print(texts[-1], flush=True)
     text = "\n".join(texts)
     Path(args.out).write_text(text)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import sys
 import threading
 import time
@@ -98,6 +99,69 @@ class SyncWarnings:
         return "\n".join(lines) + "\n"
 
 
+# Engine-thread calls whose host time each step reports (module, attribute path).
+TIMED = (
+    ("vlmdeploy.engine.scheduler", "Scheduler.schedule"),
+    ("vlmdeploy.engine.vision", "VisionStage.run"),
+    ("vlmdeploy.engine.vision", "_one_batch"),
+    ("vlmdeploy.engine.model_runner", "ModelRunner.run"),
+    ("vlmdeploy.engine.model_runner", "ModelRunner._image_rows"),
+    ("vlmdeploy.engine.model_runner", "ModelRunner._forward"),
+    ("vlmdeploy.engine.llm_engine", "sample_async"),
+    ("vlmdeploy.engine.llm_engine", "LLMEngine._resolve"),
+)
+
+
+class CallTimer:
+    """Wraps the callables of ``TIMED`` so that each call made on ``thread`` records (name, start,
+    seconds, seconds of the thread's own CPU time: far less than the wall means it waited, for
+    the GIL, a lock or the GPU); restores them on exit."""
+
+    def __init__(self, thread: threading.Thread, targets=TIMED):
+        self.target, self.targets = thread.ident, targets
+        self.calls: list[tuple[str, float, float, float]] = []
+        self._saved: list[tuple[object, str, object]] = []
+
+    def _wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            if threading.get_ident() != self.target:
+                return fn(*args, **kwargs)
+            t, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                end = time.perf_counter()
+                self.calls.append((name, t, end - t, time.thread_time() - cpu))
+        return timed
+
+    def __enter__(self) -> CallTimer:
+        for module, path in self.targets:
+            owner = importlib.import_module(module)
+            *parents, attr = path.split(".")
+            for p in parents:
+                owner = getattr(owner, p)
+            fn = owner.__dict__[attr]
+            self._saved.append((owner, attr, fn))
+            setattr(owner, attr, self._wrap(path, fn))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, attr, fn in reversed(self._saved):
+            setattr(owner, attr, fn)
+
+    def names(self) -> list[str]:
+        return [path for _, path in self.targets]
+
+    def per_step(self, start: float, end: float) -> dict[str, tuple[float, float]]:
+        """(wall ms, CPU ms) of each timed call that started within [start, end)."""
+        out = {n: (0.0, 0.0) for n in self.names()}
+        for name, t, dt, cpu in self.calls:
+            if start <= t < end:
+                wall, own = out[name]
+                out[name] = (wall + dt * 1e3, own + cpu * 1e3)
+        return out
+
+
 def where(frame: tuple[str, int, str]) -> str:
     path, line, name = frame
     short = path[len(ROOT) - len("vlmdeploy"):] if path.startswith(ROOT) else Path(path).name
@@ -141,8 +205,12 @@ def main(argv: list[str] | None = None) -> str:
                     "pipeline's own choice)")
     ap.add_argument("--sync-debug", action="store_true", help="also count the operations that "
                     "make the host wait for the GPU (torch.cuda.set_sync_debug_mode), by place")
+    ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval, seconds (how "
+                    "long a thread waiting for the GIL waits before asking for it)")
     ap.add_argument("--out", help="also write the report here")
     args = ap.parse_args(argv)
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     model, load_format = model_source(args.model, args.preset)
     extra = {"device_type": args.device_type} if args.device_type else {}
     cfg = PytorchEngineConfig(session_len=8192, load_format=load_format, **extra)
@@ -157,20 +225,25 @@ def main(argv: list[str] | None = None) -> str:
         sync()
         pipe.engine.trace = []
         with StackSampler(engine_thread, args.interval, args.seconds) as sampler, \
-                SyncWarnings(args.sync_debug) as syncs:
+                SyncWarnings(args.sync_debug) as syncs, CallTimer(engine_thread) as timer:
             t0 = time.perf_counter()
             pipe(prompts, gen_config=gen(args.n_out))
             wall = time.perf_counter() - t0
         trace, pipe.engine.trace = pipe.engine.trace, None
         workers = pipe._pool._max_workers
-    steps = ["| start ms | step ms | launch ms | decode rows | prefill tokens | tiles |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    names = timer.names()
+    steps = ["| start ms | step ms | launch ms | decode rows | prefill tokens | tiles | "
+             + " | ".join(f"{n} ms (wall/CPU)" for n in names) + " |",
+             "|---:|---:|---:|---:|---:|---:|" + "---:|" * len(names)]
     for r in trace[: args.steps]:
+        spent = timer.per_step(r.start, r.end)
         steps.append(f"| {(r.start - t0) * 1e3:.1f} | {(r.end - r.start) * 1e3:.1f} | "
                      f"{(r.launched - r.start) * 1e3:.1f} | {r.num_decode} | "
-                     f"{r.num_prefill_tokens} | {r.num_tiles} |")
+                     f"{r.num_prefill_tokens} | {r.num_tiles} | "
+                     + " | ".join(f"{spent[n][0]:.1f}/{spent[n][1]:.1f}" for n in names) + " |")
     text = (f"### {args.n} requests, {args.side}² JPEG + {args.n_text} text tokens, {args.n_out} "
-            f"out, {workers} preparation threads: wall {wall:.2f} s; engine thread sampled for "
+            f"out, {workers} preparation threads, switch interval "
+            f"{sys.getswitchinterval() * 1e3:g} ms: wall {wall:.2f} s; engine thread sampled for "
             f"the first {args.seconds} s\n\n"
             + "\n".join(steps) + "\n\n" + report(sampler.samples) + syncs.report())
     print(text, flush=True)

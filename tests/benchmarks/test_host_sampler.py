@@ -20,5 +20,16 @@ def test_host_sampler_reports_steps_and_stacks(tiny_ckpts, tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ") and "ms |" not in line]
     steps = [r for r in rows if r.split("|")[1].strip().replace(".", "").isdigit()]
     assert steps and all(float(r.split("|")[3]) <= float(r.split("|")[2]) for r in steps)
+    header = next(line for line in text.splitlines() if line.startswith("| start ms"))
+    cols = [c.strip() for c in header.split("|")[1:-1]]
+    run = cols.index("ModelRunner.run ms (wall/CPU)")
+    vision = cols.index("VisionStage.run ms (wall/CPU)")
+    cells = [[float(c.split("/")[0]) for c in r.split("|")[1:-1]] for r in steps]
+    cpu = [[float(c.split("/")[-1]) for c in r.split("|")[1:-1]] for r in steps]
+    assert all(c[run] <= w[run] + 1.0 for c, w in zip(cpu, cells))  # CPU time within the wall
+    # each step with work ran a forward, timed within the step's launch time
+    worked = [c for c in cells if c[3] + c[4] > 0]
+    assert worked and all(0 < c[run] <= c[2] for c in worked)
+    assert all(c[vision] <= c[2] for c in cells) and any(c[vision] > 0 for c in cells)
     assert "| vlmdeploy/engine/engine_loop.py _run | 100.0% |" in text  # every sample: the loop
     assert "vlmdeploy/engine/llm_engine.py _launch" in text  # where a step's launch spends time
