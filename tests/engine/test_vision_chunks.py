@@ -8,7 +8,8 @@ import torch
 
 from vlmdeploy.engine.sampling import SamplingParams
 from vlmdeploy.engine.sequence import ImageInput, Sequence
-from vlmdeploy.engine.vision import TILE_STEP, VisionStage, chunk_sizes, warm_counts
+from vlmdeploy.engine.vision import TILE_STEP, VisionStage, _one_batch, chunk_sizes, warm_counts
+from vlmdeploy.vl.tiling import as_pixel_values
 
 
 @pytest.mark.parametrize("max_tiles", [64, 12, 5, 8, 1])
@@ -65,3 +66,34 @@ def test_warm_up_calls_every_count_once_on_host_tiles():
     VisionStage(encode, max_tiles=64).warm_up((4, 4, 3))
     assert calls == warm_counts(64)
     assert set(seen) == {(torch.uint8, "cpu", (4, 4, 3))}
+
+
+def test_raw_tiles_are_gathered_unchanged_and_mixed_batches_normalised():
+    gen = torch.Generator().manual_seed(1)
+    parts = [torch.randint(0, 256, (n, 4, 4, 3), dtype=torch.uint8, generator=gen) for n in (3, 1)]
+    strided = torch.randint(0, 256, (2, 4, 3, 4), dtype=torch.uint8, generator=gen).transpose(2, 3)
+    out = _one_batch([*parts, strided])
+    assert out.dtype == torch.uint8 and out.is_contiguous()
+    assert torch.equal(out, torch.cat([*parts, strided]))
+    normed = torch.rand(1, 3, 4, 4, generator=gen)  # an image that came normalised already
+    mixed = _one_batch([parts[0], normed])
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, torch.cat([as_pixel_values(parts[0]), normed]))
+
+
+@pytest.mark.gpu
+def test_pinned_gather_hands_the_encoder_page_locked_tiles():
+    calls: list[int] = []
+    pinned: list[bool] = []
+
+    def encode(tiles):
+        pinned.append(tiles.is_pinned())
+        return _fake_encoder(calls)(tiles)
+
+    gen = torch.Generator().manual_seed(2)
+    seqs = [_seq(i, n, gen) for i, n in enumerate([3, 5])]
+    VisionStage(encode, max_tiles=16, pin_memory=True).run(seqs)
+    assert calls == [8] and pinned == [True]
+    for seq in seqs:
+        want = _fake_encoder([])(seq.images[0].pixels()).flatten(0, 1)
+        assert torch.equal(seq.image_embeds, want)

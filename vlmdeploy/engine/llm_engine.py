@@ -169,7 +169,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, self.max_batch_size, cfg.max_prefill_token_num)
         cache_bytes = (1 << 30) if self.device.type == "cuda" else (256 << 20)
         self.vision = VisionStage(
-            self.runner.encode_images, max_tiles=MAX_VISION_TILES, cache_bytes=cache_bytes
+            self.runner.encode_images,
+            max_tiles=MAX_VISION_TILES,
+            cache_bytes=cache_bytes,
+            pin_memory=self.device.type == "cuda",
         )
         if self.device.type == "cuda":
             size = self.model_cfg.vision.image_size

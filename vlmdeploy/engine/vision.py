@@ -16,6 +16,7 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from vlmdeploy.engine.sequence import ImageInput, Sequence
@@ -88,10 +89,15 @@ def warm_counts(max_tiles: int) -> list[int]:
 
 class VisionStage:
     def __init__(
-        self, encode: Callable[[torch.Tensor], torch.Tensor], max_tiles: int, cache_bytes: int = 0
+        self,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        max_tiles: int,
+        cache_bytes: int = 0,
+        pin_memory: bool = False,
     ):
         self.encode = encode  # (tiles, 3, 448, 448) → (tiles, 256, H)
         self.max_tiles = max_tiles
+        self.pin_memory = pin_memory  # gather raw tiles straight into page-locked memory
         self.cache = EmbeddingCache(cache_bytes)
         self.tiles_encoded = 0  # every tile that went through the encoder
 
@@ -114,7 +120,8 @@ class VisionStage:
             elif all(im is not m for m in misses):
                 misses.append(im)
         if misses:
-            tiles = _one_batch([im.pixels() for im in misses])  # deferred tiles are made here
+            # pixels() makes deferred tiles now
+            tiles = _one_batch([im.pixels() for im in misses], self.pin_memory)
             self.tiles_encoded += len(tiles)
             bounds = itertools.accumulate(chunk_sizes(len(tiles), self.max_tiles), initial=0)
             starts = list(bounds)
@@ -129,9 +136,18 @@ class VisionStage:
             seq.image_embeds = torch.cat([found[id(im)] for im in seq.images]).flatten(0, 1)
 
 
-def _one_batch(parts: list[torch.Tensor]) -> torch.Tensor:
+def _one_batch(parts: list[torch.Tensor], pin_memory: bool = False) -> torch.Tensor:
     """Concatenate images' tiles: raw uint8 ones as they are, unless some image came already
-    normalised (float32), in which case the raw ones are normalised here too."""
+    normalised (float32), in which case the raw ones are normalised here too.
+
+    Raw tiles are gathered by one plain copy each (numpy), into page-locked memory from PyTorch's
+    host cache with ``pin_memory``, which the copy to the device then reads directly. ``torch.cat``
+    splits such a copy over its intra-op threads, and while request preparation keeps cores busy
+    the engine thread spun at their barriers: 200+ ms of CPU for 28 tiles (16.8 MB), a step at a
+    time, with the GPU idle."""
     if any(p.dtype != torch.uint8 for p in parts):
-        parts = [as_pixel_values(p) for p in parts]
-    return torch.cat(parts)
+        return torch.cat([as_pixel_values(p) for p in parts])
+    shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
+    out = torch.empty(shape, dtype=torch.uint8, pin_memory=pin_memory)
+    np.concatenate([p.numpy() for p in parts], out=out.numpy())
+    return out
