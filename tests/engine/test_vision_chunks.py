@@ -75,6 +75,8 @@ def test_raw_tiles_are_gathered_unchanged_and_mixed_batches_normalised():
     out = _one_batch([*parts, strided])
     assert out.dtype == torch.uint8 and out.is_contiguous()
     assert torch.equal(out, torch.cat([*parts, strided]))
+    off_host = _one_batch([torch.empty(2, 4, 4, 3, dtype=torch.uint8, device="meta")] * 2)
+    assert off_host.device.type == "meta" and off_host.shape == (4, 4, 4, 3)
     normed = torch.rand(1, 3, 4, 4, generator=gen)  # an image that came normalised already
     mixed = _one_batch([parts[0], normed])
     assert mixed.dtype == torch.float32

@@ -147,6 +147,8 @@ def _one_batch(parts: list[torch.Tensor], pin_memory: bool = False) -> torch.Ten
     time, with the GPU idle."""
     if any(p.dtype != torch.uint8 for p in parts):
         return torch.cat([as_pixel_values(p) for p in parts])
+    if any(p.device.type != "cpu" for p in parts):  # tiles already off the host
+        return torch.cat(parts)
     shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
     out = torch.empty(shape, dtype=torch.uint8, pin_memory=pin_memory)
     np.concatenate([p.numpy() for p in parts], out=out.numpy())
