@@ -57,6 +57,18 @@ def gaps_of(events: list[tuple[float, float, str]]) -> tuple[float, list[Gap]]:
     return busy, gaps
 
 
+def idle_per_bucket(gaps: list[Gap], bucket_us: float, n: int) -> list[float]:
+    """Idle ms in each of ``n`` consecutive buckets of ``bucket_us`` from the first event, a gap
+    split over the buckets it spans (its part past the last bucket is left out)."""
+    out = [0.0] * n
+    for length, _, _, at in gaps:
+        end = at + length
+        for i in range(int(at // bucket_us), min(n, int(end // bucket_us) + 1)):
+            lo, hi = max(at, i * bucket_us), min(end, (i + 1) * bucket_us)
+            out[i] += max(0.0, hi - lo) / 1e3
+    return out
+
+
 def short(name: str, width: int = 48) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
 
@@ -67,9 +79,7 @@ def early(events, seconds: float, top: int = 15) -> str:
     end = events[0][0] + seconds * 1e6
     first = [e for e in events if e[0] < end]
     _, gaps = gaps_of(first)
-    per = [0.0] * int(seconds * 10 + 0.999)
-    for g, _, _, at in gaps:
-        per[min(int(at // 1e5), len(per) - 1)] += g / 1e3
+    per = idle_per_bucket(gaps, 1e5, int(seconds * 10 + 0.999))
     lines = [f"First {seconds:g} s: idle ms in each 0.1 s: " + ", ".join(f"{v:.0f}" for v in per),
              "", f"GPU time by kernel in the first {seconds:g} s:", "",
              "| kernel | calls | ms | mean µs |", "|---|---:|---:|---:|"]
@@ -92,9 +102,7 @@ def report(events, wall_s: float, label: str) -> str:
     for lo, hi in zip(edges, edges[1:]):
         sel = [g[0] for g in gaps if lo <= g[0] < hi]
         lines.append(f"| {lo}–{hi} µs | {len(sel)} | {sum(sel) / 1e6:.3f} |")
-    per_s = [0.0] * (int(span // 1e6) + 1)  # idle ms in each second of the run
-    for g, _, _, at in gaps:
-        per_s[int(at // 1e6)] += g / 1e3
+    per_s = idle_per_bucket(gaps, 1e6, int(span // 1e6) + 1)  # idle ms in each second
     lines += ["", "Idle ms in each second of the run: " + ", ".join(f"{v:.0f}" for v in per_s)]
     lines += ["", "Longest gaps:", "", "| at s | gap ms | after | before |", "|---:|---:|---|---|"]
     for g, before, after, at in sorted(gaps, reverse=True)[:25]:
