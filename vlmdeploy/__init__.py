@@ -1,15 +1,23 @@
 """vlmdeploy: fast, correct and safe deployment of InternVL3.5 vision-language models.
 
 ``from vlmdeploy import pipeline, PytorchEngineConfig, GenerationConfig`` is a drop-in for
-LMDeploy's API.
+LMDeploy's API. ``pipeline`` (in :mod:`vlmdeploy.frontend.pipeline`) is imported on first use, so
+the configuration classes, the server's request handling and the CLI's argument parsing load
+without the engine.
 """
 
-# The submodule vlmdeploy.pipeline (the Pipeline class) is imported first on purpose: importing a
-# submodule binds its name on the package, so a later first import would replace the pipeline()
-# function below with the module.
-import vlmdeploy.pipeline  # noqa: F401  isort: skip
-from vlmdeploy.api import pipeline
+from typing import Any
+
 from vlmdeploy.messages import GenerationConfig, PytorchEngineConfig, Response, VisionConfig
 
 __all__ = ["pipeline", "GenerationConfig", "PytorchEngineConfig", "Response", "VisionConfig"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "pipeline":
+        from vlmdeploy.frontend.pipeline import pipeline
+
+        globals()["pipeline"] = pipeline  # a plain attribute from now on
+        return pipeline
+    raise AttributeError(f"module 'vlmdeploy' has no attribute {name!r}")

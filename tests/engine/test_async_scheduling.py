@@ -10,9 +10,11 @@ import dataclasses
 import pytest
 
 from vlmdeploy import PytorchEngineConfig
-from vlmdeploy.engine.llm_engine import LLMEngine
+from vlmdeploy.config import ModelConfig
+from vlmdeploy.engine import EngineConfig, LLMEngine
+from vlmdeploy.engine.io import EngineRequest
 from vlmdeploy.engine.sampling import SamplingParams
-from vlmdeploy.engine.sequence import PENDING, Sequence
+from vlmdeploy.engine.sequence import PENDING
 
 IMAGE_TOKEN = 7  # text-only prompts here; any id the prompts do not use
 
@@ -26,7 +28,7 @@ def make_engine(ckpt: str, async_scheduling: bool, **kw) -> LLMEngine:
         async_scheduling=async_scheduling,
         **kw,
     )
-    return LLMEngine(ckpt, cfg, IMAGE_TOKEN)
+    return LLMEngine(EngineConfig.build(cfg, ModelConfig.from_pretrained(ckpt), ckpt, IMAGE_TOKEN))
 
 
 def prompt(i: int, n: int = 20) -> list[int]:
@@ -38,7 +40,7 @@ def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], abo
     steps, and the largest number of pending tokens seen on one sequence."""
     outs: dict[int, list] = {i: [] for i in range(len(requests))}
     for i, (ids, p) in enumerate(requests):
-        engine.add(Sequence(i, list(ids), dataclasses.replace(p)))
+        engine.add(EngineRequest(i, list(ids), dataclasses.replace(p)))
     steps = most_pending = 0
     while engine.has_work():
         for o in engine.step():
@@ -146,19 +148,19 @@ def test_prefix_cache_registers_blocks_with_the_sampled_tokens(tiny_ckpts):
     outs, _, _ = run(engine, [(first, SamplingParams(max_new_tokens=32))])
     answer = tokens_of(outs[0])
     follow = first + answer + [3, 4, 5]  # 51 tokens: blocks 0-2 hold prompt + answer
-    seq = Sequence(9, follow, SamplingParams(max_new_tokens=1))
-    engine.add(seq)
+    engine.add(EngineRequest(9, follow, SamplingParams(max_new_tokens=1)))
+    seq = engine.seqs[9]
     engine.step()
     assert seq.num_cached == 32  # the last answer token never had KV: blocks 0 and 1 are reused
     while engine.has_work():
         engine.step()
-    assert PENDING not in follow
+    assert PENDING not in seq.token_ids
 
 
 def test_pending_token_is_not_read_on_the_host(tiny_ckpts):
     """After a launch the new token is a placeholder on the host; the next step fills it."""
     engine = make_engine(tiny_ckpts["original"], True)
-    engine.add(Sequence(1, prompt(6), SamplingParams(max_new_tokens=5)))
+    engine.add(EngineRequest(1, prompt(6), SamplingParams(max_new_tokens=5)))
     assert engine.step() == []  # the prefill is launched; its token is not read yet
     seq = engine.seqs[1]
     assert seq.token_ids[-1] == PENDING and seq.num_pending == 1

@@ -77,8 +77,8 @@ def run_batch(path, images, reference, **engine_kwargs):
             assert resp.generate_token_len == NEW and resp.finish_reason == "length"
         stats = pipe.stats()
         assert stats["num_running"] == 0 and stats["num_waiting"] == 0
-        assert pipe.engine.blocks.num_free == pipe.engine.num_blocks  # nothing leaked
-        return pipe.engine.scheduler.num_preemptions, [r.input_token_len for r in responses]
+        assert pipe.engine.core.blocks.num_free == pipe.engine.core.num_blocks  # nothing leaked
+        return pipe.engine.core.scheduler.num_preemptions, [r.input_token_len for r in responses]
 
 
 def test_mixed_batch_matches_transformers(tiny_ckpts, images, reference):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
-from vlmdeploy.engine.cuda_graph import DecodeGraphs, bucket_sizes
+from vlmdeploy.engine.graphs.decode import DecodeGraphs, bucket_sizes
 
 
 def test_buckets_cover_every_batch_size():
@@ -24,7 +24,7 @@ def test_padded_decode_matches_eager(tiny_ckpts, images):
     cfg = PytorchEngineConfig(session_len=2048, block_size=16, max_batch_size=8)
     with pipeline(tiny_ckpts["original"], cfg) as pipe:
         eager = [r.token_ids for r in pipe(prompts, gen_config=gen)]
-        runner = pipe.engine.runner
+        runner = pipe.engine.core.runner
         graphs = DecodeGraphs(
             runner.model,
             8,
@@ -36,9 +36,9 @@ def test_padded_decode_matches_eager(tiny_ckpts, images):
             capture=False,
         )
         calls = []
-        run = graphs.run
-        graphs.run = lambda *a: calls.append(len(a[0])) or run(*a)
-        runner.graphs = graphs
+        run = graphs.replay
+        graphs.replay = lambda inputs: calls.append(len(inputs.ids)) or run(inputs)
+        runner.decode_graphs = graphs
         padded = [r.token_ids for r in pipe(prompts, gen_config=gen)]
         single = pipe("x", gen_config=gen[3]).token_ids  # a batch of one after batches of five
     assert padded == eager

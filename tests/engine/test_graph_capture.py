@@ -9,9 +9,10 @@ import contextlib
 import torch
 
 from vlmdeploy import PytorchEngineConfig, pipeline
-from vlmdeploy.engine.cuda_graph import DecodeGraphs, capture_graphs
-from vlmdeploy.engine.prefill_graphs import PrefillGraphs
-from vlmdeploy.engine.vision_graphs import VisionGraphs
+from vlmdeploy.engine.graphs.capture import capture_graphs
+from vlmdeploy.engine.graphs.decode import DecodeGraphs
+from vlmdeploy.engine.graphs.prefill import PrefillGraphs
+from vlmdeploy.engine.graphs.vision import VisionGraphs
 
 CFG = PytorchEngineConfig(session_len=1024, block_size=16, max_batch_size=4)
 
@@ -62,8 +63,8 @@ def test_prefill_capture_gives_each_bucket_its_own_count(tiny_ckpts, monkeypatch
             return forward(self, size)
 
         monkeypatch.setattr(PrefillGraphs, "_forward", spy)
-        runner = pipe.engine.runner
-        PrefillGraphs(runner.model, pipe.model_cfg.text.hidden_size, pipe.engine.dtype, 64,
+        runner = pipe.engine.core.runner
+        PrefillGraphs(runner.model, pipe.model_cfg.text.hidden_size, pipe.engine.core.cfg.dtype, 64,
                       runner.scratch_block, 16, runner.device, buckets=(16, 48), capture=True)
     assert seen == [(48, [0, 48], [48])] * 2 + [(16, [0, 16], [16])] * 2
 
@@ -71,7 +72,7 @@ def test_prefill_capture_gives_each_bucket_its_own_count(tiny_ckpts, monkeypatch
 def test_decode_and_vision_graphs_capture_every_size(tiny_ckpts, monkeypatch):
     with pipeline(tiny_ckpts["original"], CFG) as pipe:
         events = fake_capture(monkeypatch)
-        runner = pipe.engine.runner
+        runner = pipe.engine.core.runner
         decode = DecodeGraphs(runner.model, 4, 64, runner.scratch_block, 16, 1024, runner.device)
         size = pipe.model_cfg.vision.image_size
         vision = VisionGraphs(runner.encode_raw, (size, size, 3), runner.device, counts=(1, 2))

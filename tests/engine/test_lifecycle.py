@@ -60,14 +60,14 @@ def test_a_duplicate_request_id_does_not_hijack_the_running_one(pipe):
 
 def test_requests_queued_during_a_failing_step_get_an_error(tiny_ckpts):
     with pipeline(tiny_ckpts["original"], PytorchEngineConfig(session_len=600)) as p:
-        started, step = threading.Event(), p.engine.step
+        started, step = threading.Event(), p.engine.core.step
 
         def failing_step():
             started.set()
             time.sleep(0.3)
             raise RuntimeError("injected fault")
 
-        p.engine.step = failing_step
+        p.engine.core.step = failing_step
         results = {}
 
         def run(name):
@@ -80,7 +80,7 @@ def test_requests_queued_during_a_failing_step_get_an_error(tiny_ckpts):
         b.start()
         a.join(10)
         b.join(10)
-        p.engine.step = step
+        p.engine.core.step = step
     assert not a.is_alive() and not b.is_alive(), "a request was left waiting forever"
     assert results["a"] == "error" and results.get("b", "error") == "error"
 
@@ -116,22 +116,22 @@ def test_seeded_draw_does_not_depend_on_tiny_numeric_differences():
 
 def test_image_embeddings_are_released_after_prefill(pipe, images):
     req = pipe.prepare_sync(("describe", images[0]), GEN)
-    assert pipe.engine.vision.cache.max_bytes > 0
+    assert pipe.engine.core.vision.cache.max_bytes > 0
     held = []
-    step = pipe.engine.step
+    step = pipe.engine.core.step
 
     def spy():
         outs = step()
-        held.extend(s.image_embeds is not None for s in pipe.engine.seqs.values() if s.images)
+        held.extend(s.image_embeds is not None for s in pipe.engine.core.seqs.values() if s.images)
         return outs
 
-    pipe.engine.step = spy
+    pipe.engine.core.step = spy
     try:
         assert pipe(("describe", images[0]), gen_config=GEN).generate_token_len == 4
     finally:
-        pipe.engine.step = step
+        pipe.engine.core.step = step
     assert held and not any(held)  # gone as soon as the prompt (and so every image) has KV
-    for entry in pipe.engine.vision.cache.entries.values():  # cache entries own their memory
+    for entry in pipe.engine.core.vision.cache.entries.values():  # cache entries own their memory
         assert entry.untyped_storage().nbytes() == entry.numel() * entry.element_size()
     assert req.images
 

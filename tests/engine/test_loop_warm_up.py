@@ -27,6 +27,9 @@ class StubEngine:
     def has_work(self) -> bool:
         return False
 
+    def release(self) -> None:
+        self.released = True
+
 
 def test_warm_up_runs_on_the_engine_thread_before_the_loop_is_returned():
     engine = StubEngine()
@@ -36,6 +39,7 @@ def test_warm_up_runs_on_the_engine_thread_before_the_loop_is_returned():
         assert loop.alive
     finally:
         loop.close()
+    assert engine.released  # closing the loop gives the engine's memory back
 
 
 def test_a_failed_warm_up_fails_the_constructor_and_leaves_no_loop():

@@ -11,29 +11,36 @@ import math
 import torch
 
 from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
-from vlmdeploy.engine.prefill_graphs import PREFILL_BUCKETS, PrefillGraphs
+from vlmdeploy.engine.graphs.prefill import PREFILL_BUCKETS, PrefillGraphs
+from vlmdeploy.engine.step_inputs import StepInputs
 
 GEN = GenerationConfig(max_new_tokens=6, min_new_tokens=6)
 
 
 def attach(pipe, buckets: tuple[int, ...]) -> tuple[PrefillGraphs, list[int]]:
-    runner, engine = pipe.engine.runner, pipe.engine
+    runner, cfg = pipe.engine.core.runner, pipe.engine.core.cfg
     graphs = PrefillGraphs(
         runner.model,
         pipe.model_cfg.text.hidden_size,
-        engine.dtype,
-        math.ceil(engine.session_len / engine.block_size),
+        cfg.dtype,
+        math.ceil(cfg.session_len / cfg.block_size),
         runner.scratch_block,
-        engine.block_size,
+        cfg.block_size,
         runner.device,
         buckets=buckets,
         capture=False,
     )
     calls: list[int] = []
-    run = graphs.run
-    graphs.run = lambda *a: calls.append(len(a[0])) or run(*a)
+    run = graphs.replay
+    graphs.replay = lambda inputs: calls.append(len(inputs.ids)) or run(inputs)
     runner.prefill_graphs = graphs
     return graphs, calls
+
+
+def one_seq(ids, positions, slots, kv_len, table, image, mask) -> StepInputs:
+    """A one-sequence step as the runner packs it."""
+    cu = [0, len(ids)]
+    return StepInputs(ids, positions, slots, cu, [kv_len], [table], [image], [mask], None, [0])
 
 
 def chat(images):
@@ -76,9 +83,10 @@ def test_padding_rows_point_at_the_scratch_block(tiny_ckpts):
         graphs, _ = attach(pipe, (8, 32))
         scratch = graphs.scratch_slot
         table = [0, 1]
-        graphs.run(list(range(20)), list(range(20)), list(range(20)), 20, table, None, None)
+        first = list(range(20))
+        graphs.replay(one_seq(first, first, first, 20, table, None, None))
         assert graphs.slot_mapping[:20].tolist() == list(range(20))
-        graphs.run([1, 2, 3], [0, 1, 2], [5, 6, 7], 3, table, None, None)
+        graphs.replay(one_seq([1, 2, 3], [0, 1, 2], [5, 6, 7], 3, table, None, None))
         assert graphs.slot_mapping[:3].tolist() == [5, 6, 7]
         assert (graphs.slot_mapping[3:] == scratch).all()
         assert graphs.cu_seqlens.tolist() == [0, 3] and graphs.kv_lens.tolist() == [3]
@@ -91,18 +99,18 @@ def test_image_rows_reach_the_graph(tiny_ckpts):
         h = pipe.model_cfg.text.hidden_size
         image = torch.randn(2, h)
         mask = torch.tensor([False, True, False, True, False])
-        graphs.run([1] * 5, list(range(5)), list(range(5)), 5, [0], image, mask)
+        graphs.replay(one_seq([1] * 5, list(range(5)), list(range(5)), 5, [0], image, mask))
         assert graphs.image_mask[:5].tolist() == mask.tolist()
         torch.testing.assert_close(graphs.image_rows[[1, 3]], image.to(graphs.image_rows.dtype))
-        graphs.run([1] * 4, list(range(4)), list(range(4)), 4, [0], None, None)
+        graphs.replay(one_seq([1] * 4, list(range(4)), list(range(4)), 4, [0], None, None))
         assert not graphs.image_mask[:4].any()
 
 
 def test_buckets_stay_within_the_context_and_the_step_budget(tiny_ckpts):
     cfg = PytorchEngineConfig(session_len=200, block_size=16, max_batch_size=4)
     with pipeline(tiny_ckpts["original"], cfg) as pipe:
-        runner = pipe.engine.runner
-        args = (runner.model, pipe.model_cfg.text.hidden_size, pipe.engine.dtype,
+        runner = pipe.engine.core.runner
+        args = (runner.model, pipe.model_cfg.text.hidden_size, pipe.engine.core.cfg.dtype,
                 math.ceil(200 / 16), runner.scratch_block, 16, runner.device)
         assert PrefillGraphs(*args, capture=False).buckets[-1] == 192  # 13 blocks: 208 tokens
         small = PrefillGraphs(*args, max_tokens=100, capture=False)

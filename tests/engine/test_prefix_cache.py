@@ -7,8 +7,9 @@ import pytest
 
 from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
 from vlmdeploy.engine.block_manager import BlockManager
+from vlmdeploy.engine.io import ImageInput
 from vlmdeploy.engine.sampling import SamplingParams
-from vlmdeploy.engine.sequence import ImageInput, Sequence
+from vlmdeploy.engine.sequence import Sequence
 
 BS = 4
 
@@ -119,15 +120,15 @@ def test_different_image_same_size_is_not_reused(pipes, images):
 def test_repeated_image_skips_the_encoder(pipes, images):
     plain, _ = pipes
     calls = []
-    encode = plain.engine.vision.encode
-    plain.engine.vision.encode = lambda tiles: calls.append(len(tiles)) or encode(tiles)
+    encode = plain.engine.core.vision.encode
+    plain.engine.core.vision.encode = lambda tiles: calls.append(len(tiles)) or encode(tiles)
     try:
         img = images[1]
         first = plain(("one", img), gen_config=GEN)
         second = plain(("two", img), gen_config=GEN)
         batch = plain([("three", img), ("four", images[0])], gen_config=GEN)
     finally:
-        plain.engine.vision.encode = encode
+        plain.engine.core.vision.encode = encode
     assert first.token_ids and second.token_ids and len(batch) == 2
     tiles_img, tiles_other = 3, 1
     assert sum(calls) in (tiles_img + tiles_other, tiles_other)  # images[1] encoded at most once

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlmdeploy.engine.io import ImageInput
 from vlmdeploy.engine.sampling import SamplingParams
-from vlmdeploy.engine.sequence import ImageInput, Sequence
+from vlmdeploy.engine.sequence import Sequence
 from vlmdeploy.engine.vision import TILE_STEP, VisionStage, _one_batch, chunk_sizes, warm_counts
 from vlmdeploy.vl.tiling import as_pixel_values
 
@@ -47,7 +48,7 @@ def test_a_batch_is_encoded_in_warmed_counts_with_the_same_rows():
     calls: list[int] = []
     stage = VisionStage(_fake_encoder(calls), max_tiles=16)
     seqs = [_seq(i, n, gen) for i, n in enumerate([10, 7, 13, 1, 9, 5])]  # 45 tiles
-    stage.run(seqs)
+    stage.attach_embeddings(seqs)
     assert calls == [16, 16, 8, 5]
     assert set(calls) <= set(warm_counts(16))
     for seq in seqs:
@@ -94,7 +95,7 @@ def test_pinned_gather_hands_the_encoder_page_locked_tiles():
 
     gen = torch.Generator().manual_seed(2)
     seqs = [_seq(i, n, gen) for i, n in enumerate([3, 5])]
-    VisionStage(encode, max_tiles=16, pin_memory=True).run(seqs)
+    VisionStage(encode, max_tiles=16, pin_memory=True).attach_embeddings(seqs)
     assert calls == [8] and pinned == [True]
     for seq in seqs:
         want = _fake_encoder([])(seq.images[0].pixels()).flatten(0, 1)

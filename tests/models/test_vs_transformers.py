@@ -39,20 +39,21 @@ def reference_greedy(model, input_ids: list[int], pixel_values: torch.Tensor | N
 def run_ours(pipe, prompt, steps: int):
     """Greedy tokens and per-step logits from our engine, recorded at the model runner."""
     seen: list[torch.Tensor] = []
-    run = pipe.engine.runner.run
+    runner = pipe.engine.core.runner
+    run = runner.forward
 
     def spy(batch, rows, *args):
         logits = run(batch, rows, *args)
         seen.append(logits[0].clone())
         return logits
 
-    pipe.engine.runner.run = spy
+    runner.forward = spy
     try:
         gen = GenerationConfig(max_new_tokens=steps, min_new_tokens=steps)
         req = pipe.prepare_sync(prompt, gen)
         resp = pipe(prompt, gen_config=gen)
     finally:
-        pipe.engine.runner.run = run
+        runner.forward = run
     return req, resp.token_ids, seen
 
 
@@ -102,7 +103,7 @@ def test_logits_and_tokens_match_transformers(tiny_ckpts, hf_models, images, our
 
 def test_legacy_hf_layout_loads_the_same_weights(tiny_ckpts):
     from vlmdeploy.config import ModelConfig
-    from vlmdeploy.engine.llm_engine import build_model
+    from vlmdeploy.models.build import build_model
 
     models = [
         build_model(

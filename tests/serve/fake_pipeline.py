@@ -1,4 +1,5 @@
-"""FakePipeline: a test double of the pipeline contract the server is written against.
+"""FakePipeline: a test double of the pipeline contract the server is written against
+(`vlmdeploy.serve.contract.ServedPipeline`, every member of it).
 
 It scripts the model's output (a fixed list of token strings), so tests can assert exact text, stop
 strings, reasoning splits and token counts, and it records what the server asked of it (prepare
@@ -10,6 +11,8 @@ the fake.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,20 +88,35 @@ class FakePipeline:
         self.aborted: list[int] = []
         self.live: set[int] = set()
         self.closed = False
+        self._ids = itertools.count(1)
 
-    async def prepare(self, prompt: Any, gen_config: GenerationConfig, media_policy: Any = None,
+    async def prepare(self, prompt: Any, gen_config: GenerationConfig | None = None,
+                      media_policy: Any = None,
                       chat_template_kwargs: dict[str, Any] | None = None,
-                      do_preprocess: bool = True, **extra: Any) -> FakePrepared:
+                      do_preprocess: bool = True) -> FakePrepared:
+        gen_config = gen_config or GenerationConfig()
         text, urls = _texts(prompt)
         for url in urls:
             await asyncio.to_thread(load_image, url, media_policy)
         tokens = max(1, len(text.split())) + TOKENS_PER_IMAGE * len(urls)
-        if tokens + (gen_config.max_new_tokens or 0) > self.session_len:
-            raise ContextLengthExceeded("The prompt and max_tokens exceed the context length.")
+        self._check_fits(tokens, gen_config)
         item = FakePrepared(prompt, gen_config, tokens, media_policy, chat_template_kwargs,
-                            {**extra, "do_preprocess": do_preprocess})
+                            {"do_preprocess": do_preprocess})
         self.prepared.append(item)
         return item
+
+    def reconfigure(self, req: FakePrepared, gen_config: GenerationConfig) -> FakePrepared:
+        self._check_fits(req.input_token_len, gen_config)
+        item = dataclasses.replace(req, gen_config=gen_config)
+        self.prepared.append(item)
+        return item
+
+    def _check_fits(self, tokens: int, gen_config: GenerationConfig) -> None:
+        if tokens + (gen_config.max_new_tokens or 0) > self.session_len:
+            raise ContextLengthExceeded("The prompt and max_tokens exceed the context length.")
+
+    def new_session_id(self) -> int:
+        return next(self._ids)
 
     def _token(self, step: int) -> int:
         return self.vocab.index(self.reply[step % len(self.reply)])

@@ -12,6 +12,8 @@ from PIL import Image
 from serve_helpers import assert_error, chat
 
 from vlmdeploy import PytorchEngineConfig, pipeline
+from vlmdeploy.frontend import images as images_module
+from vlmdeploy.frontend.images import ImagePreparer
 from vlmdeploy.serve import ServerConfig, create_app
 
 
@@ -26,12 +28,9 @@ def image_part(url: str, **extra) -> dict:
 
 
 def test_images_that_cannot_fit_are_refused_before_tiling(real_pipe, monkeypatch):
-    import sys
-
-    pipeline_module = sys.modules["vlmdeploy.pipeline"]  # the package attribute is the function
     tiled = []
-    real_tile = pipeline_module.raw_tiles
-    monkeypatch.setattr(pipeline_module, "raw_tiles",
+    real_tile = images_module.raw_tiles
+    monkeypatch.setattr(images_module, "raw_tiles",
                         lambda *a, **k: tiled.append(1) or real_tile(*a, **k))
     client = TestClient(create_app(real_pipe, ServerConfig()))
     big = png_url(3584, 3584)
@@ -44,8 +43,8 @@ def test_images_that_cannot_fit_are_refused_before_tiling(real_pipe, monkeypatch
 
 def test_seeded_choices_load_their_images_once(real_pipe, monkeypatch):
     loads = []
-    real_load = type(real_pipe)._load
-    monkeypatch.setattr(type(real_pipe), "_load",
+    real_load = ImagePreparer._load
+    monkeypatch.setattr(ImagePreparer, "_load",
                         lambda self, *a: loads.append(1) or real_load(self, *a))
     client = TestClient(create_app(real_pipe, ServerConfig()))
     body = chat([image_part(png_url(300, 300)), {"type": "text", "text": "hi"}], n=4, seed=7,
@@ -60,7 +59,7 @@ def test_engine_death_during_a_request_is_503_and_marks_the_server_dead(tiny_ckp
         def broken():
             raise RuntimeError("injected fault")
 
-        pipe.engine.step = broken
+        pipe.engine.core.step = broken
         client = TestClient(create_app(pipe, ServerConfig()))
         r = client.post("/v1/chat/completions", json=chat("hi", max_tokens=3))
         assert_error(r, 503)

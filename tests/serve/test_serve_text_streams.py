@@ -7,8 +7,8 @@ import random
 
 import pytest
 
+from vlmdeploy.frontend.stop_words import StopMatcher
 from vlmdeploy.serve.reasoning import REASONING_PARSERS, ReasoningSplitter, split_all
-from vlmdeploy.stop_words import StopMatcher
 
 
 def random_cuts(text: str, rng: random.Random) -> list[str]:

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from vlmdeploy.testing import checkpoint as ck
+from vlmdeploy.testing import weights
 from vlmdeploy.testing.presets import get_preset
 
 
@@ -146,11 +147,12 @@ def test_value_distributions(tiny_checkpoint):
 
 def test_plain_presets_have_unit_norms_and_zero_norm_biases():
     plain = dataclasses.replace(get_preset('tiny'), noisy=False)
-    specs = {s.name: s for s in ck.canonical_specs(plain)}
-    norm = ck.make_tensor(specs['model.vision_tower.encoder.layer.0.layernorm_before.weight'],
-                          noisy=plain.noisy)
-    bias = ck.make_tensor(specs['model.multi_modal_projector.layer_norm.bias'], noisy=plain.noisy)
-    scale = ck.make_tensor(specs['model.vision_tower.encoder.layer.0.lambda_2'], noisy=plain.noisy)
+    specs = {s.name: s for s in weights.canonical_specs(plain)}
+    make = weights.make_tensor
+    norm = make(specs['model.vision_tower.encoder.layer.0.layernorm_before.weight'],
+                noisy=plain.noisy)
+    bias = make(specs['model.multi_modal_projector.layer_norm.bias'], noisy=plain.noisy)
+    scale = make(specs['model.vision_tower.encoder.layer.0.lambda_2'], noisy=plain.noisy)
     assert torch.equal(norm, torch.ones_like(norm)) and torch.equal(bias, torch.zeros_like(bias))
     assert torch.equal(scale, torch.full_like(scale, 0.1))
 
@@ -198,14 +200,14 @@ def test_sharded_hf_checkpoint_loads(tmp_path):
 
 def test_writer_holds_one_tensor_at_a_time(tmp_path):
     preset = get_preset('tiny', text_overrides={'vocab_size': 1000})
-    tensors = ck.file_tensors(preset, 'original')
+    tensors = weights.file_tensors(preset, 'original')
     alive: list[weakref.ref] = []
     peak = 0
 
-    def produce(ft: ck.FileTensor) -> torch.Tensor:
+    def produce(ft: weights.FileTensor) -> torch.Tensor:
         nonlocal peak  # tensors die by refcount, so a dead weakref means freed
         peak = max(peak, sum(r() is not None for r in alive))
-        t = ck._make_file_tensor(ft, 0, True, torch.float32, 'cpu')
+        t = weights.make_file_tensor(ft, 0, True, torch.float32, 'cpu')
         alive.append(weakref.ref(t))
         return t
 

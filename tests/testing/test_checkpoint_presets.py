@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmdeploy.testing import checkpoint as ck
+from vlmdeploy.testing import configs, weights
 from vlmdeploy.testing.presets import PRESETS, get_preset
 
 REAL = ['1b', '2b', '4b', '8b', '14b', '38b']
@@ -27,13 +27,13 @@ def test_counts_and_names_agree_with_transformers_on_meta(name):
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     preset = PRESETS[name]
-    ck.check_against_transformers(preset)  # raises on any name/shape difference
-    cfg = ck.hf_config(preset, torch.bfloat16)
+    configs.check_against_transformers(preset)  # raises on any name/shape difference
+    cfg = configs.hf_config(preset, torch.bfloat16)
     kwargs = {k: v for k, v in cfg.items() if k not in ('architectures', 'model_type')}
     with torch.device('meta'):
         model = InternVLForConditionalGeneration(InternVLConfig(**kwargs))
     assert sum(p.numel() for p in model.parameters()) == preset.param_counts()['total']
-    assert sum(s.numel for s in ck.canonical_specs(preset)) == preset.param_counts()['total']
+    assert sum(s.numel for s in weights.canonical_specs(preset)) == preset.param_counts()['total']
 
 
 def test_known_shapes():

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 from vlmdeploy.errors import ImageError
-from vlmdeploy.vl import MediaPolicy, load_image
-from vlmdeploy.vl import media as media_module
+from vlmdeploy.vl import MediaPolicy, fetch, load_image, media_policy, ssrf
 
 PUBLIC_IP = "93.184.216.34"  # a globally routable address; never actually dialled here
 
@@ -48,7 +47,7 @@ def dialled(monkeypatch):
     at ``reroute[0]`` (a test sets it to its server's port)."""
     log: list[tuple[str, int]] = []
     reroute = [0]
-    real = media_module._open_socket
+    real = fetch._open_socket
 
     def open_socket(ip: str, port: int, timeout: float) -> socket.socket:
         log.append((ip, port))
@@ -56,7 +55,7 @@ def dialled(monkeypatch):
             return real("127.0.0.1", reroute[0], timeout)
         return real(ip, port, timeout)
 
-    monkeypatch.setattr(media_module, "_open_socket", open_socket)
+    monkeypatch.setattr(fetch, "_open_socket", open_socket)
     return log, reroute
 
 
@@ -108,7 +107,7 @@ def test_private_targets_make_no_connection(template, listener, dialled):
         "public-and-private.test": [PUBLIC_IP, "127.0.0.1"],
     })  # fmt: skip
     err = refused(template.format(port=listener.port), MediaPolicy(resolver=dns, timeout_s=2))
-    assert err.message == media_module._MSG_URL
+    assert err.message == media_policy.MSG_URL
     assert log == [] and listener.connections() == 0
 
 
@@ -191,7 +190,7 @@ def test_parser_differentials_refused(template, listener, dialled):
     ],
 )
 def test_url_host_normalisation(url, host, port):
-    target = media_module._parse_http_url(url)
+    target = ssrf.parse_http_url(url)
     assert (target.host, target.port) == (host, port)
 
 
@@ -203,7 +202,7 @@ def test_url_host_normalisation(url, host, port):
 )  # fmt: skip
 def test_url_parser_rejects(url):
     with pytest.raises(ImageError):
-        media_module._parse_http_url(url)
+        ssrf.parse_http_url(url)
 
 
 def test_fragment_does_not_move_the_host(listener, dialled):
@@ -348,7 +347,7 @@ def test_connection_refused_is_a_fetch_error(listener):
     port = listener.port
     listener.sock.close()
     err = refused(f"http://127.0.0.1:{port}/", MediaPolicy(allow_private_networks=True))
-    assert err.message == media_module._MSG_FETCH
+    assert err.message == media_policy.MSG_FETCH
 
 
 # ------------------------------------------------------------------------------------------ TLS
@@ -381,7 +380,7 @@ def test_https_pins_address_and_verifies_the_name(tls_server, dialled, monkeypat
     log, reroute = dialled
     reroute[0] = server.server_address[1]
     client_ctx = ssl.create_default_context(cafile=str(cert))
-    monkeypatch.setattr(media_module, "_tls_context", lambda: client_ctx)
+    monkeypatch.setattr(fetch, "_tls_context", lambda: client_ctx)
     dns = fake_dns({"img.example.com": [PUBLIC_IP], "other.example.com": [PUBLIC_IP]})
     policy = MediaPolicy(resolver=dns, timeout_s=3)
     assert load_image("https://img.example.com/img.png", policy).size == (8, 6)

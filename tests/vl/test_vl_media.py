@@ -16,7 +16,14 @@ import pytest
 from PIL import Image, ImageFile
 
 from vlmdeploy.errors import ImageError, InvalidRequestError
-from vlmdeploy.vl import MediaPolicy, encode_image_base64, load_image, num_tiles, pixel_values
+from vlmdeploy.vl import (
+    MediaPolicy,
+    encode_image_base64,
+    load_image,
+    media_policy,
+    num_tiles,
+    pixel_values,
+)
 from vlmdeploy.vl import media as media_module
 
 SERVER = MediaPolicy.server_default()
@@ -208,7 +215,7 @@ def test_truncated_and_corrupt(sample, encode_image, tmp_path):
             except ImageError as err:  # I5: fixed message, never the path or PIL's text
                 assert err.code == "invalid_image_format"
                 assert "secret" not in err.message and "PIL" not in err.message
-                assert err.message == media_module._MSG_FORMAT
+                assert err.message == media_policy.MSG_FORMAT
             else:
                 # A damaged JPEG scan may still decode (the codec conceals errors); then it is an
                 # image of the right size, never a crash.
@@ -338,7 +345,7 @@ def test_local_files_refused_by_server_policy(sample, tmp_path):
     for source in [str(path), f"file://{path}", "/etc/passwd", "file:///etc/passwd", "../../x.png",
                    "file:///root/%2e%2e/etc/passwd", Path(path)]:  # fmt: skip
         err = fails("invalid_image_url", source, SERVER)
-        assert err.message == media_module._MSG_LOCAL_DENIED
+        assert err.message == media_policy.MSG_LOCAL_DENIED
 
 
 def test_file_url_with_host_refused(sample, tmp_path):

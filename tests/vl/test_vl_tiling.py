@@ -10,6 +10,7 @@ from PIL import Image
 
 from vlmdeploy.vl import tiling
 from vlmdeploy.vl.tiling import (
+    TilingParams,
     detail_to_max_num,
     dynamic_tiles,
     num_image_tokens,
@@ -154,6 +155,24 @@ def test_candidate_order_decides_ties_when_min_above_one():
 )
 def test_grid_hand_derived(size, grid):
     assert target_grid(*size) == grid
+
+
+@pytest.mark.parametrize("params", [TilingParams(), TilingParams(6, 1, 448, False),
+                                    TilingParams(24, 2, 224, True)])
+def test_tiling_params_count_like_the_functions(params):
+    for w, h in [(300, 300), (600, 300), (200, 640), (1920, 1080), (3, 2000)]:
+        assert params.num_tiles(w, h) == num_tiles(
+            w, h, max_num=params.max_num, min_num=params.min_num,
+            use_thumbnail=params.use_thumbnail, image_size=params.image_size)
+    assert params.key == (params.max_num, params.min_num, params.image_size,
+                          params.use_thumbnail)
+
+
+def test_tiling_params_are_frozen_and_hashable():
+    params = TilingParams()
+    assert params == TilingParams(12, 1, S, True) and hash(params) == hash(TilingParams())
+    with pytest.raises(AttributeError):
+        params.max_num = 6
 
 
 def test_argument_checks():

@@ -24,8 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from vlmdeploy.engine.llm_engine import LLMEngine, StepOutput
-from vlmdeploy.engine.sequence import Sequence
+from vlmdeploy.engine.io import EngineRequest, StepOutput
+from vlmdeploy.engine.llm_engine import LLMEngine
+from vlmdeploy.engine.observer import EngineObserver
 from vlmdeploy.errors import EngineDeadError
 
 logger = logging.getLogger("vlmdeploy")
@@ -51,8 +52,11 @@ Callback = Callable[[StepOutput], None] | Subscription
 
 
 class EngineLoop:
+    """The engine's client: what a front end holds. ``core`` is the engine itself, for in-process
+    inspection (tests, benchmarks); front ends use only the methods below."""
+
     def __init__(self, engine: LLMEngine):
-        self.engine = engine
+        self.core = engine
         self.error: BaseException | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._callbacks: dict[int, Callback] = {}
@@ -62,7 +66,7 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._closed: str | None = None  # None while serving; then "error" or "closed"
         self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vlmdeploy-engine", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="vlmdeploy-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
         if self.error is not None:
@@ -78,7 +82,30 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._closed is None and self._thread.is_alive()
 
-    def add(self, seq: Sequence, callback: Callback) -> None:
+    @property
+    def observer(self) -> EngineObserver:
+        return self.core.observer
+
+    @property
+    def session_len(self) -> int:
+        return self.core.cfg.session_len
+
+    def check_fits(self, num_prompt_tokens: int, max_new_tokens: int) -> str | None:
+        """Why a request of this size can never run (None if it can)."""
+        return self.core.check_fits(num_prompt_tokens, max_new_tokens)
+
+    def has_cached_image(self, content_hash: str) -> bool:
+        """A hint: the engine holds this image's embedding now (it may be gone when the request
+        arrives, so an image sent without tiles must carry a way to make them)."""
+        return self.core.has_cached_image(content_hash)
+
+    def stats(self) -> dict[str, float | int]:
+        """Engine load; raises :class:`EngineDeadError` once the engine has failed."""
+        if not self.alive:
+            raise EngineDeadError("the engine has stopped after an internal error")
+        return self.core.stats()
+
+    def add(self, request: EngineRequest, callback: Callback) -> None:
         with self._lock:
             if self._closed == "error":
                 raise EngineDeadError("the engine has stopped after an internal error") from (
@@ -86,7 +113,7 @@ class EngineLoop:
                 )
             if self._closed == "closed":
                 raise EngineDeadError("the pipeline has been closed")
-            self._inbox.put(("add", seq, callback))
+            self._inbox.put(("add", request, callback))
         self._wake.set()
 
     def abort(self, seq_id: int) -> None:
@@ -94,12 +121,15 @@ class EngineLoop:
         self._wake.set()
 
     def close(self) -> None:
-        """Stop the loop; every request still in flight gets a final ``abort`` output."""
+        """Stop the loop (every request still in flight gets a final ``abort`` output) and give the
+        engine's memory back."""
         with self._lock:
             if self._closed is None:
                 self._closed = "closed"
         self._wake.set()
         self._thread.join(timeout=60)
+        if not self._thread.is_alive():  # never pull the model from under a step in progress
+            self.core.release()
 
     def _drain(self) -> None:
         while True:
@@ -109,26 +139,27 @@ class EngineLoop:
                 return
             if kind == "add":
                 self._admit(item, callback)
-            elif (out := self.engine.abort(item)) is not None:
+            elif (out := self.core.abort(item)) is not None:
                 self._deliver(out)
 
-    def _admit(self, seq: Sequence, callback: Callback) -> None:
-        if seq.seq_id in self._callbacks:  # never hijack the running request's stream
-            _call(callback, _final(seq.seq_id, "error", f"request id {seq.seq_id} is in use"))
+    def _admit(self, request: EngineRequest, callback: Callback) -> None:
+        rid = request.request_id
+        if rid in self._callbacks:  # never hijack the running request's stream
+            _call(callback, _final(rid, "error", f"request id {rid} is in use"))
             return
-        self._callbacks[seq.seq_id] = callback
+        self._callbacks[rid] = callback
         try:
-            self.engine.add(seq)
+            self.core.add(request)
         except ValueError as exc:  # validated by the front end; kept as a last line of defence
-            logger.warning("request %d refused: %s", seq.seq_id, exc)
-            self._deliver(_final(seq.seq_id, "error", str(exc)))
+            logger.warning("request %d refused: %s", rid, exc)
+            self._deliver(_final(rid, "error", str(exc)))
 
     def _deliver(self, out: StepOutput) -> None:
         self._deliver_step([out])
 
-    def _run(self) -> None:
+    def _serve(self) -> None:
         try:
-            self.engine.warm_up()
+            self.core.warm_up()
         except BaseException as exc:  # noqa: BLE001 — handed to the constructor, which raises it
             self.error = exc
             self._closed = "error"
@@ -137,12 +168,12 @@ class EngineLoop:
             self._ready.set()
         while self._closed is None:
             self._drain()
-            if not self.engine.has_work():
+            if not self.core.has_work():
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             try:
-                outputs = self.engine.step()
+                outputs = self.core.step()
             except BaseException as exc:  # noqa: BLE001 — any failure here leaves KV state unknown
                 logger.exception("engine step failed; failing all requests")
                 self.error = exc
@@ -180,7 +211,7 @@ class EngineLoop:
             except queue.Empty:
                 break
             if kind == "add":
-                _call(callback, _final(item.seq_id, reason, message))
+                _call(callback, _final(item.request_id, reason, message))
         self._deliver_step([_final(seq_id, reason, message) for seq_id in list(self._callbacks)])
 
 

@@ -4,11 +4,11 @@ has got."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from vlmdeploy.engine.io import ImageInput
 from vlmdeploy.engine.sampling import SamplingParams
 
 PENDING = -1  # a sampled token still on its way from the device (see LLMEngine.step)
@@ -18,29 +18,6 @@ class Status(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
     FINISHED = enum.auto()
-
-
-@dataclass
-class ImageInput:
-    """One image of a prompt: its preprocessed tiles and where its context tokens start in the
-    prompt. An image whose embedding was already cached when the request was prepared carries no
-    tiles, only ``tile`` to make them should the cache have dropped it by the time it is needed."""
-
-    # uint8 (tiles, 448, 448, 3) as tiled, normalised when encoded; or float32 (tiles, 3, 448, 448)
-    # already normalised; or None until ``tile`` makes them
-    pixel_values: torch.Tensor | None
-    offset: int  # index of the first <IMG_CONTEXT> token of this image in the prompt
-    num_tokens: int  # 256 * tiles
-    content_hash: str = ""
-    tile: Callable[[], torch.Tensor] | None = None
-
-    def pixels(self) -> torch.Tensor:
-        """The tiles, made now if they were deferred."""
-        if self.pixel_values is None:
-            if self.tile is None:
-                raise ValueError("an image has neither tiles nor a way to make them")
-            self.pixel_values, self.tile = self.tile(), None
-        return self.pixel_values
 
 
 @dataclass

@@ -19,7 +19,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from vlmdeploy.engine.sequence import ImageInput, Sequence
+from vlmdeploy.engine.io import ImageInput
+from vlmdeploy.engine.observer import EngineObserver
+from vlmdeploy.engine.sequence import Sequence
 from vlmdeploy.vl.tiling import as_pixel_values
 
 
@@ -63,7 +65,7 @@ class EmbeddingCache:
 
 # Encoder calls take tile counts of a small fixed set: ``max_tiles``, the multiples of TILE_STEP
 # below it and 1 … TILE_STEP - 1. Each new count costs set-up the first time it is seen (cuDNN's
-# attention plan, GEMM heuristics: 40-65 ms a count on an H200), which the engine pays at start-up
+# attention plan, GEMM heuristics: tens of ms a count), which the engine pays at start-up
 # for this set (:meth:`VisionStage.warm_up`, on the engine thread: cuDNN's plans are per thread)
 # rather than mid-batch for any of 64 counts.
 TILE_STEP = 8
@@ -94,12 +96,13 @@ class VisionStage:
         max_tiles: int,
         cache_bytes: int = 0,
         pin_memory: bool = False,
+        observer: EngineObserver | None = None,
     ):
         self.encode = encode  # (tiles, 3, 448, 448) → (tiles, 256, H)
         self.max_tiles = max_tiles
         self.pin_memory = pin_memory  # gather raw tiles straight into page-locked memory
         self.cache = EmbeddingCache(cache_bytes)
-        self.tiles_encoded = 0  # every tile that went through the encoder
+        self.observer = observer or EngineObserver()
 
     def warm_up(self, tile_shape: tuple[int, ...]) -> None:
         """One encoder call at every size of :func:`warm_counts`, on blank raw (uint8, host)
@@ -107,7 +110,9 @@ class VisionStage:
         for n in warm_counts(self.max_tiles):
             self.encode(torch.zeros(n, *tile_shape, dtype=torch.uint8))
 
-    def run(self, seqs: list[Sequence]) -> None:
+    def attach_embeddings(self, seqs: list[Sequence]) -> None:
+        """Give every sequence that needs them its image embeddings: from the cache, or from one
+        batched pass of the missing images through the encoder."""
         pending = [s for s in seqs if s.needs_vision]
         if not pending:
             return
@@ -122,7 +127,7 @@ class VisionStage:
         if misses:
             # pixels() makes deferred tiles now
             tiles = _one_batch([im.pixels() for im in misses], self.pin_memory)
-            self.tiles_encoded += len(tiles)
+            self.observer.tiles_encoded += len(tiles)
             bounds = itertools.accumulate(chunk_sizes(len(tiles), self.max_tiles), initial=0)
             starts = list(bounds)
             out = torch.cat([self.encode(tiles[a:b]) for a, b in zip(starts, starts[1:])])

@@ -10,10 +10,11 @@ GPU).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 import torch
+
+from vlmdeploy import env
 
 from . import reference
 
@@ -23,7 +24,7 @@ _LOADED = False
 
 def _triton_impl(name: str, x: torch.Tensor) -> Callable | None:
     global _LOADED
-    if not x.is_cuda or os.environ.get("VLMDEPLOY_KERNELS", "triton") == "reference":
+    if not x.is_cuda or env.reference_kernels():
         return None
     if not _LOADED:
         _LOADED = True

@@ -12,19 +12,19 @@ once every program of this kernel is past its wait, that is, once the kernel bef
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from vlmdeploy import env
 
 
 @functools.cache
 def pdl_enabled(device: torch.device) -> bool:
     """PDL on ``device``: a Hopper or newer GPU, compiled kernels (not Triton's interpreter), not
     turned off with ``VLMDEPLOY_PDL=0``."""
-    return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-            and os.environ.get("VLMDEPLOY_PDL", "1") != "0"
+    return (device.type == "cuda" and env.pdl_allowed()
             and hasattr(tl.extra.cuda, "gdc_wait")  # Triton 3.3 and newer
             and torch.cuda.get_device_capability(device)[0] >= 9)
 

@@ -82,3 +82,8 @@ class PagedAttention(nn.Module):
             )
         kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return kernels.paged_attention(q, self.k_cache, self.v_cache, *layout, **hints)
+
+
+def attention_layers(model: nn.Module) -> list[PagedAttention]:
+    """The model's attention layers in order: layer i reads and writes slice i of the KV cache."""
+    return [m for m in model.modules() if isinstance(m, PagedAttention)]

@@ -1,13 +1,14 @@
 """InternViT vision encoder (InternViT-300M and InternViT-6B), on fixed 448×448 tiles.
 
 Each tile is 32×32 patches of 14 px plus a CLS token (1025 tokens); attention is bidirectional with
-no mask, so it goes straight to SDPA (the flash path on GPU). Layers: ``h = x + attn(norm1 x)·ls1``;
-``out = h + mlp(norm2 h)·ls2``. InternViT-6B differs only in RMSNorm, q/k RMSNorm over the whole
-width and no qkv bias, all taken from the config.
+no mask, so it goes straight to SDPA (the flash path on GPU). A layer is
+``h = x + attn(norm1(x)) · ls1``; ``out = h + mlp(norm2(h)) · ls2``, with per-channel layer scales
+``ls1``/``ls2``. InternViT-6B differs only in RMSNorm, q/k RMSNorm over the whole width and no qkv
+bias, all taken from the config.
 
-Each residual update with its layer scale runs fused with the norm that follows it
-(:func:`vlmdeploy.kernels.scaled_add_norm`): ``norm2`` after the attention's, the next layer's
-``norm1`` after the MLP's.
+This file is the model as published. The engine runs it through
+:func:`vlmdeploy.models.fast_paths.apply_fast_paths`, which swaps the encoder's layer loop for one
+that fuses each residual update with the norm after it; both compute the same function.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmdeploy import kernels
 from vlmdeploy.config import VisionConfig
-from vlmdeploy.layers.norm import make_norm, norm_params
+from vlmdeploy.layers.norm import make_norm
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -43,9 +43,10 @@ class VisionEmbeddings(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: (N, 3, 448, 448) → (N, 1025, C).
 
-        The stride-14 14×14 convolution is a matrix product over non-overlapping patches, so it
-        runs as one: cuDNN's convolution picks an algorithm for every new tile count (tens of ms
-        at each first use, mid-batch) and ran at a few percent of the GEMM rate."""
+        The stride-14 14×14 convolution is a matrix product over non-overlapping patches (the
+        paper's linear patch projection), so it runs as one GEMM: cuDNN's convolution would plan
+        an algorithm for every new tile count at its first use, mid-batch, and its kernels for
+        this shape are far slower than the GEMM's."""
         w, b = self.patch_embedding.weight, self.patch_embedding.bias  # (C, 3, p, p), (C,)
         n, p = pixel_values.shape[0], w.shape[-1]
         g = pixel_values.shape[-1] // p
@@ -66,9 +67,7 @@ class VisionAttention(nn.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.fused = {
-            "qkv": [cfg.hidden_size] * 3
-        }  # loader's row split for split q/k/v checkpoints
+        self.fused = {"qkv": [cfg.hidden_size] * 3}  # loader's row split for split q/k/v
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = make_norm("rms_norm", cfg.hidden_size, cfg.norm_eps)
@@ -105,27 +104,21 @@ class VisionLayer(nn.Module):
         self.mlp = VisionMLP(cfg)
         self.ls2 = nn.Parameter(torch.ones(cfg.hidden_size))
 
-    def forward(self, x: torch.Tensor, normed: torch.Tensor, next_norm: nn.Module | None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``x``, the residual stream, and ``normed`` = ``norm1(x)`` → the stream after the layer
-        and ``next_norm`` of it (None without ``next_norm``)."""
-        h, normed = add_norm(x, self.attn(normed), self.ls1, self.norm2)
-        y = self.mlp(normed)
-        if next_norm is None:
-            return torch.addcmul(h, y, self.ls2), None  # x + y * ls: one pass, one rounding
-        return add_norm(h, y, self.ls2, next_norm)
-
-
-def add_norm(x: torch.Tensor, y: torch.Tensor | None, scale: torch.Tensor | None,
-             norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = x + y * scale`` (``x`` without ``y``) → ``(h, norm(h))``, in one fused op."""
-    return kernels.scaled_add_norm(x, y, scale, *norm_params(norm))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn(self.norm1(x)) * self.ls1
+        return h + self.mlp(self.norm2(h)) * self.ls2
 
 
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, x: torch.Tensor, num_layers: int) -> torch.Tensor:
+        """The residual stream (N, T, C) through the first ``num_layers`` layers."""
+        for layer in self.layers[:num_layers]:
+            x = layer(x)
+        return x
 
 
 class InternViT(nn.Module):
@@ -138,11 +131,4 @@ class InternViT(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, 448, 448) → (N, 1025, C): the selected layer's output, CLS included."""
-        x = self.embeddings(pixel_values)
-        layers = self.encoder.layers[: self.num_run]
-        if not len(layers):
-            return x
-        _, normed = add_norm(x, None, None, layers[0].norm1)
-        for i, layer in enumerate(layers):
-            x, normed = layer(x, normed, layers[i + 1].norm1 if i + 1 < len(layers) else None)
-        return x
+        return self.encoder(self.embeddings(pixel_values), self.num_run)

@@ -3,8 +3,9 @@ embedding.
 
 Image features replace the embeddings of the ``<IMG_CONTEXT>`` tokens, in order; everything else is
 the plain language model. The parameter tree mirrors the original checkpoint layout
-(``vision_model``, ``mlp1``,
-``language_model``), with q/k/v and gate/up fused; the loader maps every layout onto it.
+(``vision_model``, ``mlp1``, ``language_model``), with q/k/v and gate/up fused; the loader maps
+every layout onto it. :func:`vlmdeploy.models.build.build_model` builds it with the fast paths of
+:mod:`vlmdeploy.models.fast_paths` applied.
 """
 
 from __future__ import annotations

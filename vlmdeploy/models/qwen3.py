@@ -2,9 +2,13 @@
 
 Per layer: ``h = x + o_proj(attn(rope(qk_norm(q, k)), v))``; ``out = h + down(silu(gate) * up)``,
 both halves pre-normed with RMSNorm. q/k/v and gate/up are fused projections; the loader fills their
-row blocks. A batch of at most ``ROW_PATH_TOKENS`` tokens (small-batch decode) takes
-:meth:`Qwen3DecoderLayer.forward_row`, where each projection is one ``linear_row`` with the norm,
-the SiLU-and-mul or the residual add around it fused in.
+row blocks. The residual stream travels beside the layer outputs un-normed, so each RMSNorm adds it
+in the same op (``norm(x + residual)``, returning the sum as the next residual).
+
+This file is the model as published. The engine runs it through
+:func:`vlmdeploy.models.fast_paths.apply_fast_paths`, which gives steps of a few tokens a path
+where each projection is one ``linear_row`` with its neighbours fused; both compute the same
+function.
 """
 
 from __future__ import annotations
@@ -16,10 +20,6 @@ from vlmdeploy import kernels
 from vlmdeploy.config import TextConfig
 from vlmdeploy.layers.attention import PagedAttention
 from vlmdeploy.layers.norm import RMSNorm
-
-# Token counts up to this take the one-row path (linear_row: a matrix-vector kernel at one row, a
-# tensor-core kernel above); measured against cuBLAS on an H100 in docs/benchmarks.md.
-ROW_PATH_TOKENS = 16
 
 
 class Qwen3Attention(nn.Module):
@@ -80,9 +80,8 @@ class Qwen3DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # The residual stream is carried un-normed beside x so each norm can fuse the residual add.
-        if x.shape[0] <= ROW_PATH_TOKENS:  # the stream itself comes out, residual already added
-            return self.forward_row(x if residual is None else x + residual, cos, sin), None
+        """``x`` (T, H) and ``residual``, whose sum is the stream (``residual`` None: ``x`` is)
+        → the same pair after this layer. The sum is left to the next norm, which fuses it."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
@@ -90,18 +89,6 @@ class Qwen3DecoderLayer(nn.Module):
         x = self.self_attn(x, cos, sin)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
-
-    def forward_row(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """A few tokens (a small-batch decode step), h the residual stream (T, H). Every
-        projection is one :func:`kernels.linear_row` with the RMSNorm before it, the SiLU-and-mul
-        before ``down`` or the residual add after it: the weight reads bound this step, and the
-        small ops between the GEMMs would otherwise each cost a launch."""
-        attn, mlp = self.self_attn, self.mlp
-        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        qkv = kernels.linear_row(h, attn.qkv_proj.weight, norm1.weight, norm1.eps)
-        h = kernels.linear_row(attn.attend(qkv, cos, sin), attn.o_proj.weight, residual=h)
-        gate_up = kernels.linear_row(h, mlp.gate_up_proj.weight, norm2.weight, norm2.eps)
-        return kernels.linear_row(gate_up, mlp.down_proj.weight, silu_mul=True, residual=h)
 
 
 class Qwen3Model(nn.Module):
@@ -114,13 +101,17 @@ class Qwen3Model(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """inputs_embeds: (T, H); positions: (T,) → hidden states (T, H)."""
-        cos, sin = kernels.rope_cos_sin(
-            positions, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype
-        )
+        cos, sin = self.rope(positions, inputs_embeds.dtype)
         x, residual = inputs_embeds, None
         for layer in self.layers:
             x, residual = layer(x, residual, cos, sin)
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
+
+    def rope(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables (cos, sin) of ``positions``, shared by every layer of a step."""
+        return kernels.rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -130,6 +121,4 @@ class Qwen3ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[0] == 1:  # one row streams the 1.2 GB head faster through linear_row
-            return kernels.linear_row(hidden, self.lm_head.weight)
         return self.lm_head(hidden)

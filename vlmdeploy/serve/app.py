@@ -1,8 +1,7 @@
 """The FastAPI application: routes, middleware and error handlers around one pipeline.
 
-`create_app(pipe, config, media_policy)` needs only the pipeline contract (`model_name`,
-`session_len`, `tokenizer`, `prepare`, `generate_prepared`, `abort`, `stats`), so tests can drive it
-with a test double.
+`create_app(pipe, config, media_policy)` needs only the pipeline contract
+(:class:`~vlmdeploy.serve.contract.ServedPipeline`), so tests can drive it with a test double.
 
 Middleware, outermost first: CORS (answers browser preflights, which carry no key), API key (before
 routing, so no spelling of a path skips it), then the router.
@@ -29,6 +28,7 @@ from vlmdeploy.serve.auth import APIKeyMiddleware
 from vlmdeploy.serve.chat import create_chat_completion
 from vlmdeploy.serve.completions import create_completion
 from vlmdeploy.serve.config import ServerConfig
+from vlmdeploy.serve.contract import ServedPipeline
 from vlmdeploy.serve.errors import install_handlers
 from vlmdeploy.serve.metrics import ServerMetrics
 from vlmdeploy.serve.state import Admission, ServerState, get_state
@@ -122,7 +122,7 @@ def _no_telemetry() -> dict[str, Any]:
                           "operation_spans": False, "auto_configure": False}}
 
 
-def create_app(pipe: Any, config: ServerConfig | None = None, media_policy: Any = None,
+def create_app(pipe: ServedPipeline, config: ServerConfig | None = None, media_policy: Any = None,
                on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
     config = config or ServerConfig()
     media_policy = media_policy or media_policy_for(config)

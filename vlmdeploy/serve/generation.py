@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmdeploy.frontend.stop_words import StopMatcher
+from vlmdeploy.serve.contract import OutputDelta, ServedPipeline
 from vlmdeploy.serve.metrics import ServerMetrics
-from vlmdeploy.stop_words import StopMatcher
 
 logger = logging.getLogger("vlmdeploy.serve")
 
@@ -62,7 +63,7 @@ class ChoiceResult:
 
 
 async def run_choice(
-    pipe: Any,
+    pipe: ServedPipeline,
     prepared: Any,
     session_id: int,
     stops: list[str],
@@ -101,7 +102,7 @@ async def run_choice(
         await stream.aclose()
 
 
-def _delta(out: Any, text: str, reason: str | None, with_ids: bool = True) -> Delta:
+def _delta(out: OutputDelta, text: str, reason: str | None, with_ids: bool = True) -> Delta:
     ids = list(out.token_ids or []) if with_ids else []
     logprobs = out.logprobs if with_ids else None
     return Delta(
@@ -115,7 +116,7 @@ def _delta(out: Any, text: str, reason: str | None, with_ids: bool = True) -> De
     )
 
 
-def _abort(pipe: Any, session_id: int) -> None:
+def _abort(pipe: ServedPipeline, session_id: int) -> None:
     try:
         pipe.abort(session_id)
     except Exception:  # the request may already be gone; aborting must never fail a response

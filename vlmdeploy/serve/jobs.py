@@ -9,7 +9,6 @@ a 200 followed by an error frame, for anything wrong with its input.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 import uuid
@@ -25,6 +24,7 @@ from starlette.responses import Response
 
 from vlmdeploy.errors import EngineDeadError
 from vlmdeploy.serve.body import read_json_object
+from vlmdeploy.serve.contract import Prepared
 from vlmdeploy.serve.errors import from_exception, from_validation_errors
 from vlmdeploy.serve.generation import ChoiceResult, Delta, run_choice
 from vlmdeploy.serve.protocol import SamplingParams
@@ -39,7 +39,7 @@ M = TypeVar("M", bound=BaseModel)
 @dataclass
 class Job:
     req: Any  # ChatCompletionRequest | CompletionRequest
-    prepared: list[Any]  # one per choice; choices of one prompt share it unless seeded
+    prepared: list[Prepared]  # one per choice; choices of one prompt share it unless seeded
     prompt_tokens: int
     arrival: float
     id: str
@@ -61,36 +61,24 @@ async def read_request(request: Request, state: ServerState, model: type[M]) -> 
     return req
 
 
-def _accepts(fn: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 async def prepare_job(state: ServerState, req: SamplingParams, prompts: list[Any],
                       template_kwargs: dict[str, Any] | None, prefix: str,
                       raw: bool = False) -> Job:
     """`pipe.prepare` every prompt (once per choice only when seeded choices need distinct configs).
 
-    `raw` prompts (text completions) skip the chat template where the pipeline supports it
-    (`do_preprocess=False`, LMDeploy's name)."""
+    `raw` prompts (text completions) skip the chat template (`do_preprocess=False`, LMDeploy's
+    name)."""
     arrival = time.monotonic()
-    raw_ok = raw and _accepts(state.pipe.prepare, "do_preprocess")
-    extra = {"do_preprocess": False} if raw_ok else {}
     prepared, prompt_tokens = [], 0
     for prompt in prompts:
         configs = [generation_config(req, req.max_new_tokens, req.num_logprobs, i)
                    for i in range(req.n)]
         distinct = configs if req.seed is not None and req.n > 1 else configs[:1]
         first = await state.pipe.prepare(prompt, distinct[0], media_policy=state.media_policy,
-                                         chat_template_kwargs=template_kwargs, **extra)
-        items = [first]
-        for cfg in distinct[1:]:  # seeded choices: same prompt and images, another seed
-            reconfigure = getattr(state.pipe, "reconfigure", None)
-            items.append(reconfigure(first, cfg) if reconfigure is not None else
-                         await state.pipe.prepare(prompt, cfg, media_policy=state.media_policy,
-                                                  chat_template_kwargs=template_kwargs, **extra))
+                                         chat_template_kwargs=template_kwargs,
+                                         do_preprocess=not raw)
+        # seeded choices: the same prompt and images, another seed
+        items = [first, *(state.pipe.reconfigure(first, cfg) for cfg in distinct[1:])]
         prepared += items if len(items) == req.n else items * req.n
         prompt_tokens += items[0].input_token_len
     return Job(req=req, prepared=prepared, prompt_tokens=prompt_tokens, arrival=arrival,

@@ -14,6 +14,7 @@ import uvicorn
 
 from vlmdeploy.serve.app import create_app
 from vlmdeploy.serve.config import ServerConfig
+from vlmdeploy.serve.contract import ServedPipeline
 from vlmdeploy.serve.http import header_deadline_protocol
 
 logger = logging.getLogger("vlmdeploy.serve")
@@ -27,7 +28,7 @@ def uvicorn_config(app: Any, config: ServerConfig, port: int | None = None) -> u
         timeout_graceful_shutdown=30)
 
 
-def serve(pipe: Any, config: ServerConfig, media_policy: Any = None) -> int:
+def serve(pipe: ServedPipeline, config: ServerConfig, media_policy: Any = None) -> int:
     died = False
     server: uvicorn.Server | None = None
 

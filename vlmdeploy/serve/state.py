@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 
 from vlmdeploy.serve.config import ServerConfig
+from vlmdeploy.serve.contract import ServedPipeline
 from vlmdeploy.serve.errors import APIError
 from vlmdeploy.serve.metrics import ServerMetrics
 from vlmdeploy.serve.reasoning import ReasoningSplitter
@@ -48,24 +48,22 @@ class Admission:
 
 @dataclass
 class ServerState:
-    pipe: Any
+    pipe: ServedPipeline
     config: ServerConfig
     media_policy: Any
     metrics: ServerMetrics
     admission: Admission
     on_engine_dead: Callable[[], None] | None = None
     engine_dead: bool = False
-    _session_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     @property
     def model_name(self) -> str:
         return self.pipe.model_name
 
     def next_session_id(self) -> int:
-        # Ids come from the pipeline when it hands them out, so they never collide with requests
-        # made through its Python API in the same process.
-        new_id = getattr(self.pipe, "new_session_id", None)
-        return new_id() if new_id is not None else next(self._session_ids)
+        # Ids come from the pipeline, so they never collide with requests made through its Python
+        # API in the same process.
+        return self.pipe.new_session_id()
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:

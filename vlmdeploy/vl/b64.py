@@ -1,13 +1,13 @@
 """Strict base64 decoding that lets other threads run.
 
 Images sent as ``data:`` URLs are decoded on the preparation threads while the engine thread
-launches GPU work. CPython's decoder holds the GIL for the whole payload (about 2 ms for a
-1024 x 1024 JPEG), and every launch of the engine thread that falls in that time waits for it.
-numpy's array operations let the GIL go, so a decoder built from them leaves the engine thread
-free, and is faster besides (1.5 against 2.0 ms there). It accepts what Python 3.13's
-``base64.b64decode(text, validate=True)`` accepts (the standard alphabet, "=" only to complete the
-last group of four, no other characters) and returns the same bytes. Python 3.11 and 3.12 also
-accept "=" after a complete last group ("QUJD=="), which is not base64; this decoder does not.
+launches GPU work. CPython's decoder holds the GIL for the whole payload, milliseconds for a large
+image, and every launch of the engine thread that falls in that time waits for it. numpy's array
+operations let the GIL go, so a decoder built from them leaves the engine thread free, and it is
+no slower than CPython's besides. It accepts what Python 3.13's ``base64.b64decode(text,
+validate=True)`` accepts (the standard alphabet, "=" only to complete the last group of four, no
+other characters) and returns the same bytes. Python 3.11 and 3.12 also accept "=" after a
+complete last group ("QUJD=="), which is not base64; this decoder does not.
 """
 
 from __future__ import annotations

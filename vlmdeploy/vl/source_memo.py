@@ -1,8 +1,8 @@
 """What inline images decoded to, so a repeated one need not be decoded again to be recognised.
 
 A chat client re-sends the whole conversation every turn, its images included as base64 data URLs.
-Decoding and hashing a 1024×1024 JPEG takes 20-40 ms, most of a follow-up turn's time to first token
-once its prefix comes from the cache. An inline source (a ``data:`` URL or bytes) carries its whole
+Once the turn's prefix comes from the cache, decoding and hashing those images again would be most
+of its time to first token. An inline source (a ``data:`` URL or bytes) carries its whole
 content, so its own digest, taken with the limits it was checked against and the tiling parameters,
 identifies the decoded image exactly: the memo maps that digest to the image's content hash and
 tile count. Sources that name content elsewhere (paths, http URLs, PIL images) are never memoised:
@@ -17,9 +17,10 @@ from collections import OrderedDict
 from typing import Any
 
 from vlmdeploy.vl.media import MediaPolicy
+from vlmdeploy.vl.tiling import TilingParams
 
 
-def source_key(source: Any, policy: MediaPolicy, params: tuple) -> str | None:
+def source_key(source: Any, policy: MediaPolicy, params: TilingParams) -> str | None:
     """The memo key of an inline ``source`` loaded under ``policy`` and tiled with ``params``, or
     None for a source that is not inline."""
     if isinstance(source, str) and source[:5].lower() == "data:":
@@ -29,7 +30,7 @@ def source_key(source: Any, policy: MediaPolicy, params: tuple) -> str | None:
     else:
         return None
     key = hashlib.sha256(data)  # twice blake2b's speed where the CPU has SHA instructions
-    limits = (policy.max_bytes, policy.max_pixels, policy.allowed_formats, params, type(source))
+    limits = (policy.max_bytes, policy.max_pixels, policy.allowed_formats, params.key, type(source))
     key.update(repr(limits).encode())
     return key.hexdigest()[:32]
 

@@ -14,11 +14,13 @@ Contract (must match the InternVL reference preprocessing bit for bit):
 
 The tile count depends on the image size alone, so prompts can be sized (``num_image_tokens``)
 before any pixel is touched. Every function here is pure and safe to call from a thread pool.
+:class:`TilingParams` names the four numbers that decide an image's tiles.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -33,6 +35,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # LMDeploy's per-image `detail` levels for InternVL, as max tiles.
 DETAIL_MAX_NUM = {"low": 6, "medium": 12, "high": 24}
+
+
+@dataclass(frozen=True)
+class TilingParams:
+    """How one image is tiled: at most ``max_num`` and at least ``min_num`` grid tiles of
+    ``image_size`` pixels square, plus a thumbnail when the grid has more than one tile."""
+
+    max_num: int = 12
+    min_num: int = 1
+    image_size: int = IMAGE_SIZE
+    use_thumbnail: bool = True
+
+    @property
+    def key(self) -> tuple[int, int, int, bool]:
+        """The parameters as a plain tuple, whose ``repr`` content hashes and source keys take in.
+        A tuple's ``repr`` has no class or field names in it, so renaming this class or its fields
+        leaves every cache key as it is (tests pin the hashed bytes)."""
+        return (self.max_num, self.min_num, self.image_size, self.use_thumbnail)
+
+    def num_tiles(self, width: int, height: int) -> int:
+        """Tiles of a ``width x height`` image, thumbnail included."""
+        return num_tiles(width, height, self.max_num, self.min_num, self.use_thumbnail,
+                         self.image_size)
 
 
 @lru_cache(maxsize=64)
@@ -152,8 +177,8 @@ def tile_array(
     """The tiles as one uint8 array (tiles, image_size, image_size, 3), without per-tile images.
 
     The thumbnail is resized from the original on another thread while this one resizes the grid
-    (Pillow lets go of the GIL while it resamples): the same two resizes, one request's latency
-    shorter by the thumbnail's (about 9 ms of 41 at 1024 x 1024 on a 2-core machine)."""
+    (Pillow lets go of the GIL while it resamples): the same two resizes, and the request's latency
+    shorter by the thumbnail's."""
     image = _rgb(image)
     image.load()  # decode once, here, before two threads read it
     cols, rows = target_grid(image.width, image.height, min_num, max_num, image_size)
@@ -171,7 +196,8 @@ def tile_array(
 
 @lru_cache(maxsize=1)
 def _thumbnail_pool() -> ThreadPoolExecutor:
-    """Threads for thumbnails, as many as the pipeline prepares images with (its callers)."""
+    """Threads that resize thumbnails for the preparing threads, each of which waits for one
+    thumbnail at a time."""
     return ThreadPoolExecutor(max_workers=4, thread_name_prefix="vlmdeploy-thumb")
 
 

@@ -1,0 +1,117 @@
+"""The engine's one frozen configuration, built once at the boundary from the user's
+:class:`~vlmdeploy.messages.PytorchEngineConfig` and the checkpoint's :class:`ModelConfig`.
+
+Below the boundary nothing reads the user's config object: every default is resolved here (device,
+dtype, session length, batch size), and the engine's own constants live here as fields with their
+reasons, so a reader finds every knob of the engine in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vlmdeploy.config import ModelConfig
+from vlmdeploy.messages import PytorchEngineConfig
+
+logger = logging.getLogger("vlmdeploy")
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    model_path: str
+    image_token_id: int  # <IMG_CONTEXT>: rows that take image embeddings
+    device: torch.device
+    dtype: torch.dtype  # weights, activations and the KV cache
+    session_len: int  # prompt + output tokens of one request
+    max_batch_size: int  # sequences per step
+    block_size: int  # tokens per KV block
+    num_gpu_blocks: int  # 0: planned from free memory
+    cache_max_entry_count: float  # share of the memory left after weights and activations
+    max_prefill_token_num: int  # new tokens per step
+    enable_prefix_caching: bool
+    eager_mode: bool  # no CUDA graphs
+    async_scheduling: bool  # launch a step before reading the previous step's tokens
+    cudagraph_capture_batch_sizes: tuple[int, ...] | None
+    load_format: str  # "auto" (the checkpoint) or "dummy" (seeded random weights)
+    # Tiles per vision-encoder call; larger batches are split into calls of warmed sizes.
+    max_vision_tiles: int = 64
+    # Room left for the CUDA-graph pools (decode and prefill) when sizing the KV cache; the pools
+    # take a little under this at 8B (docs/benchmarks.md).
+    graph_pool_reserve: int = 1 << 30
+    # Image embeddings kept for repeated images (bytes): a few hundred 448-px images at 8B.
+    vision_cache_bytes: int = 1 << 30
+
+    @classmethod
+    def build(
+        cls,
+        user: PytorchEngineConfig,
+        model: ModelConfig,
+        model_path: str,
+        image_token_id: int,
+    ) -> EngineConfig:
+        device = _device(user.device_type)
+        cuda = device.type == "cuda"
+        return cls(
+            model=model,
+            model_path=str(model_path),
+            image_token_id=image_token_id,
+            device=device,
+            dtype=_dtype(user.dtype, model, device),
+            session_len=user.session_len or model.text.max_position_embeddings,
+            max_batch_size=user.max_batch_size or (256 if cuda else 16),
+            block_size=user.block_size,
+            num_gpu_blocks=user.num_gpu_blocks,
+            cache_max_entry_count=user.cache_max_entry_count,
+            max_prefill_token_num=user.max_prefill_token_num,
+            enable_prefix_caching=user.enable_prefix_caching,
+            eager_mode=user.eager_mode,
+            async_scheduling=user.async_scheduling,
+            cudagraph_capture_batch_sizes=(
+                tuple(user.cudagraph_capture_batch_sizes)
+                if user.cudagraph_capture_batch_sizes
+                else None
+            ),
+            load_format=user.load_format,
+            vision_cache_bytes=(1 << 30) if cuda else (256 << 20),
+        )
+
+    def replace(self, **changes) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return math.ceil(self.session_len / self.block_size)
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        return self.device.type == "cuda" and not self.eager_mode
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        t = self.model.text
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * t.num_layers * self.block_size * t.num_kv_heads * t.head_dim * elem
+
+
+def _device(device_type: str) -> torch.device:
+    if device_type == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if device_type == "cuda":
+        logger.warning("no CUDA device found: running on the CPU (fp32)")
+    return torch.device("cpu")
+
+
+def _dtype(name: str, model: ModelConfig, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.float16 if model.torch_dtype == "float16" else torch.bfloat16

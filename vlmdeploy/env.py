@@ -1,0 +1,33 @@
+"""Every environment switch vlmdeploy reads, in one place.
+
+Each is read when asked (not at import), so a test or a benchmark can flip it for one call.
+
+========================  =========  ============================================================
+variable                  default    meaning
+========================  =========  ============================================================
+``VLMDEPLOY_KERNELS``     triton     ``reference`` runs every fused op through its PyTorch
+                                     reference, on the GPU too (to compare the two)
+``VLMDEPLOY_PDL``         1          ``0`` launches decode kernels without programmatic
+                                     dependent launch (Hopper and newer)
+``TRITON_INTERPRET``      unset      ``1`` runs Triton kernels in Triton's CPU interpreter (tests);
+                                     read by Triton itself, and here to keep PDL off
+========================  =========  ============================================================
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def reference_kernels() -> bool:
+    """Fused ops run their PyTorch reference everywhere (``VLMDEPLOY_KERNELS=reference``)."""
+    return os.environ.get("VLMDEPLOY_KERNELS", "triton") == "reference"
+
+
+def pdl_allowed() -> bool:
+    """Programmatic dependent launch is neither turned off nor impossible (Triton's interpreter)."""
+    return os.environ.get("VLMDEPLOY_PDL", "1") != "0" and not triton_interpreted()
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"

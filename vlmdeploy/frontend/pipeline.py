@@ -1,0 +1,294 @@
+"""The LMDeploy-compatible Python API: ``pipeline(...)`` returns a :class:`Pipeline`.
+
+A request goes: prompt form → messages → chat template, images loaded and tiled → token ids with
+image blocks (:mod:`~vlmdeploy.frontend.prepare`, which also validates everything) → the engine
+(:class:`~vlmdeploy.engine.engine_loop.EngineLoop`, the only engine object the front end holds) →
+token stream (:mod:`~vlmdeploy.frontend.stream`) → incremental detokenization and stop words
+(:mod:`~vlmdeploy.frontend.output`) → :class:`~vlmdeploy.messages.Response` or ``GenOut`` deltas.
+The synchronous API (``__call__``, ``infer``, ``stream_infer``, ``chat``) and the asynchronous one
+the HTTP server uses (``prepare`` + ``generate_prepared``) share this path. This module is glue: it
+builds the parts and maps LMDeploy's call shapes onto them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmdeploy.config import ModelConfig
+from vlmdeploy.engine import start_engine
+from vlmdeploy.errors import InvalidRequestError
+from vlmdeploy.frontend.output import GenOut, merge_response
+from vlmdeploy.frontend.prepare import PreparedRequest, Preparer
+from vlmdeploy.frontend.prompt import to_messages
+from vlmdeploy.frontend.stream import Streamer
+from vlmdeploy.frontend.tokenizer import Tokenizer
+from vlmdeploy.messages import GenerationConfig, PytorchEngineConfig, Response, VisionConfig
+from vlmdeploy.vl.media import MediaPolicy
+
+logger = logging.getLogger("vlmdeploy")
+
+
+@dataclass
+class Session:
+    """A multi-turn conversation for :meth:`Pipeline.chat`; ``response`` is the last turn's
+    answer."""
+
+    session_id: int
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    response: Response | None = None
+    step: int = 0
+
+
+class Pipeline:
+    def __init__(
+        self,
+        model_path: str,
+        backend_config: PytorchEngineConfig | None = None,
+        model_name: str | None = None,
+        **kwargs: Any,
+    ):
+        if kwargs.pop("backend", "pytorch") not in ("pytorch", "turbomind"):
+            raise ValueError("backend must be 'pytorch'")
+        vision = kwargs.pop("vision_config", None)
+        if vision is not None and vision != VisionConfig():
+            raise NotImplementedError(
+                "vision_config is not supported yet: the vision stage batches up to 64 tiles of "
+                "many requests per encoder call on its own"
+            )
+        for name in ("chat_template_config", "log_level", "max_log_len"):  # handled by pipeline()
+            kwargs.pop(name, None)
+        if kwargs:
+            raise TypeError(f"pipeline() got unexpected arguments: {', '.join(sorted(kwargs))}")
+        self.model_path = str(model_path)
+        self.model_name = model_name or Path(self.model_path).name
+        self.backend_config = backend_config or PytorchEngineConfig()
+        self.model_cfg = ModelConfig.from_pretrained(self.model_path)
+        self.tokenizer = Tokenizer(self.model_path)
+        self.engine = start_engine(
+            self.model_path,
+            self.backend_config,
+            self.model_cfg,
+            self.tokenizer.image_ids["img_context"],
+        )
+        self.session_len = self.engine.session_len
+        self.preparer = Preparer(self.tokenizer, self.model_cfg, self.engine)
+        self.streamer = Streamer(self.engine, self.tokenizer, self.preparer)
+        # What is built by now (model, tokenizer, compiled kernels: some 10^5-10^6 objects) lives
+        # as long as the pipeline, and a full collection walks every tracked object with no thread
+        # running. Frozen, the start-up heap is left out of collections, which then walk only what
+        # serving creates.
+        gc.collect()
+        gc.freeze()
+
+    # ---- the server's interface (see vlmdeploy.serve.contract) -----------------------------------
+    def prepare_sync(
+        self,
+        prompt: Any,
+        gen_config: GenerationConfig | None = None,
+        media_policy: MediaPolicy | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        do_preprocess: bool = True,
+    ) -> PreparedRequest:
+        """Validate and preprocess one prompt on the calling thread (see :class:`Preparer`)."""
+        return self.preparer.prepare_sync(
+            prompt, gen_config, media_policy, chat_template_kwargs, do_preprocess
+        )
+
+    async def prepare(
+        self,
+        prompt: Any,
+        gen_config: GenerationConfig | None = None,
+        media_policy: MediaPolicy | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        do_preprocess: bool = True,
+    ) -> PreparedRequest:
+        """:meth:`prepare_sync` on the preparation pools; cancelling stops it between images."""
+        return await self.preparer.prepare(
+            prompt, gen_config, media_policy, chat_template_kwargs, do_preprocess
+        )
+
+    def reconfigure(self, req: PreparedRequest, gen_config: GenerationConfig) -> PreparedRequest:
+        """The same prepared prompt and images under another generation config (no re-fetch)."""
+        return self.preparer.reconfigure(req, gen_config)
+
+    def generate_prepared(self, req: PreparedRequest, session_id: int) -> AsyncIterator[GenOut]:
+        """Stream the deltas of a prepared request; leaving early (or being cancelled) aborts it."""
+        return self.streamer.generate(req, session_id)
+
+    def abort(self, session_id: int) -> None:
+        self.engine.abort(session_id)
+
+    def stats(self) -> dict[str, float | int]:
+        """Engine load; raises :class:`EngineDeadError` once the engine has failed."""
+        return self.engine.stats()
+
+    def new_session_id(self) -> int:
+        """A request id no other request of this pipeline uses (thread-safe)."""
+        return self.streamer.new_id()
+
+    # ---- the LMDeploy API ------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompts: Any,
+        gen_config: GenerationConfig | list | None = None,
+        use_tqdm: bool = False,
+        **kwargs: Any,
+    ) -> Response | list[Response]:
+        return self.infer(prompts, gen_config=gen_config, use_tqdm=use_tqdm, **kwargs)
+
+    def infer(
+        self,
+        prompts: Any,
+        gen_config: GenerationConfig | list | None = None,
+        use_tqdm: bool = False,
+        do_preprocess: bool = True,
+        **kwargs: Any,
+    ) -> Response | list[Response]:
+        _reject_kwargs(kwargs)
+        single, items = _as_batch(prompts)
+        responses: list[Response | None] = [None] * len(items)
+        bar = _progress(len(items)) if use_tqdm else None
+        gens = _per_prompt(gen_config, len(items))
+        for r in self.streamer.stream(items, gens, do_preprocess, incremental=False):
+            acc = responses[r.index]
+            responses[r.index] = r if acc is None else merge_response(acc, r)
+            if bar is not None and r.finish_reason is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return responses[0] if single else responses
+
+    def stream_infer(
+        self,
+        prompts: Any,
+        gen_config: GenerationConfig | list | None = None,
+        do_preprocess: bool = True,
+        **kwargs: Any,
+    ) -> Iterator[Response]:
+        """Yields incremental ``Response`` objects (``text`` is the new text, ``index`` the prompt's
+        position) for all prompts concurrently, in the order outputs arrive."""
+        _reject_kwargs(kwargs)
+        _, items = _as_batch(prompts)
+        gens = _per_prompt(gen_config, len(items))
+        yield from self.streamer.stream(items, gens, do_preprocess, incremental=True)
+
+    def chat(
+        self,
+        prompt: Any,
+        session: Session | None = None,
+        gen_config: GenerationConfig | None = None,
+        stream_response: bool = False,
+        **kwargs: Any,
+    ) -> Session | Iterator[Response]:
+        """One turn of a multi-turn conversation. Returns the session with ``response`` set, or,
+        with ``stream_response=True``, an iterator of ``Response`` deltas that updates the session
+        when it is exhausted (LMDeploy's behaviour). A turn that fails leaves the session as it
+        was."""
+        _reject_kwargs(kwargs)
+        session = session or self.session()
+        turn = self._chat_turn(session, [*session.messages, *to_messages(prompt)], gen_config)
+        if stream_response:
+            return turn
+        for _ in turn:
+            pass
+        return session
+
+    def _chat_turn(
+        self, session: Session, messages: list[dict[str, Any]], gen_config: GenerationConfig | None
+    ) -> Iterator[Response]:
+        response = None
+        for out in self.stream_infer(messages, gen_config=gen_config):
+            response = (
+                dataclasses.replace(out) if response is None else merge_response(response, out)
+            )
+            yield out
+        session.messages = [*messages, {"role": "assistant", "content": response.text}]
+        session.response, session.step = response, session.step + 1
+
+    def session(self) -> Session:
+        return Session(session_id=self.new_session_id())
+
+    def close(self) -> None:
+        """Stop the engine thread and release the model and KV cache (GPU memory included)."""
+        self.engine.close()
+        self.preparer.close()
+        gc.unfreeze()  # this pipeline's objects can be collected again once unreferenced
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def pipeline(
+    model_path: str | None = None,
+    backend_config: PytorchEngineConfig | None = None,
+    chat_template_config: Any = None,
+    log_level: str = "WARNING",
+    max_log_len: int | None = None,
+    **kwargs: Any,
+) -> Pipeline:
+    """Load a model and return a :class:`Pipeline` (LMDeploy's signature).
+
+    ``model_path`` is a local checkpoint directory (original or -HF InternVL3.5 format); when
+    omitted, the embedded default model shipped with the package is used.
+    """
+    from vlmdeploy.assets import resolve_model_path
+
+    logger.setLevel(log_level)
+    if chat_template_config is not None:
+        raise NotImplementedError(
+            "chat_template_config is not supported yet: the checkpoint's own chat template is used"
+        )
+    model_path = resolve_model_path(model_path)  # None or the default model's name: embedded
+    if backend_config is not None and not isinstance(backend_config, PytorchEngineConfig):
+        raise NotImplementedError(
+            f"{type(backend_config).__name__} is not supported: vlmdeploy runs its "
+            "PyTorch engine; pass a PytorchEngineConfig"
+        )
+    return Pipeline(model_path, backend_config=backend_config, **kwargs)
+
+
+def _as_batch(prompts: Any) -> tuple[bool, list[Any]]:
+    single = isinstance(prompts, (str, tuple)) or (
+        isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict)
+    )
+    if single:
+        return True, [prompts]
+    if not isinstance(prompts, list) or not prompts:
+        raise InvalidRequestError(
+            f"unsupported prompt form {type(prompts).__name__}: expected a str, a (text, image) "
+            "tuple, an OpenAI-style message list, or a non-empty list of those",
+            code="invalid_prompt",
+            param="prompts",
+        )
+    return False, prompts
+
+
+def _per_prompt(gen_config: Any, n: int) -> list[GenerationConfig | None]:
+    gens = gen_config if isinstance(gen_config, list) else [gen_config] * n
+    if len(gens) != n:
+        raise ValueError("gen_config list must have one entry per prompt")
+    return gens
+
+
+def _progress(total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="Generating", unit="prompt")
+
+
+def _reject_kwargs(kwargs: dict[str, Any]) -> None:
+    allowed = {"do_preprocess", "adapter_name", "sequence_start", "sequence_end"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise TypeError(f"unexpected arguments: {', '.join(sorted(unknown))}")
+    if kwargs.get("adapter_name") is not None:
+        raise NotImplementedError("adapter_name is not supported by vlmdeploy yet")

@@ -1,0 +1,206 @@
+"""Preparing a request: validation, media, template, tokens and sampling, before any engine work.
+
+:meth:`Preparer.prepare_sync` turns one prompt and its :class:`GenerationConfig` into a
+:class:`PreparedRequest` — token ids with each image's block in place, the images' tiles (or
+deferred :class:`~vlmdeploy.engine.io.TileSource`\\ s) and content hashes, and the engine's
+:class:`SamplingParams` — or raises :class:`InvalidRequestError` (``ContextLengthExceeded``,
+``ImageError``) naming what is wrong. Everything that can refuse a request happens here, so the
+HTTP server answers bad input with a plain error before its first byte.
+
+Preparation runs on thread pools: prompts with images on the media pool (``PREP_THREADS``), text
+prompts on their own pool, so a slow image host never delays a text request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from vlmdeploy.config import ModelConfig
+from vlmdeploy.engine.engine_loop import EngineLoop
+from vlmdeploy.engine.io import ImageInput
+from vlmdeploy.engine.sampling import SamplingParams
+from vlmdeploy.errors import ContextLengthExceeded, InvalidRequestError
+from vlmdeploy.frontend.images import ImagePreparer, PreparedImage
+from vlmdeploy.frontend.prompt import PromptEncoder, has_images, image_offsets
+from vlmdeploy.frontend.tokenizer import Tokenizer
+from vlmdeploy.messages import GenerationConfig
+from vlmdeploy.vl.media import MediaPolicy
+from vlmdeploy.vl.tiling import TilingParams
+
+# Threads that fetch, decode, hash and tile images. Two keep up with the GPU on every workload
+# measured (docs/benchmarks.md). More starve the engine thread: it gives the GIL up at every
+# Triton launch (an eager prefill step makes ~1,500 launches) and must win it back from them, so
+# the GPU idles while prompts are prepared. A slow image host holds a thread for at most its
+# request's media deadline.
+PREP_THREADS = 2
+# Text-only prompts: no I/O, a template and a tokenizer call each.
+TEXT_THREADS = 2
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request, ready for the engine. It is only read once made: the choices of one
+    prompt submit the same one."""
+
+    token_ids: list[int]
+    images: list[ImageInput]
+    sampling: SamplingParams
+    gen_config: GenerationConfig
+    prompt: str  # the rendered text, image markers included
+
+    @property
+    def input_token_len(self) -> int:
+        return len(self.token_ids)
+
+
+class Preparer:
+    """Prompts → :class:`PreparedRequest`, on the calling thread or on the preparation pools."""
+
+    def __init__(self, tokenizer: Tokenizer, model_cfg: ModelConfig, engine: EngineLoop):
+        self.tokenizer = tokenizer
+        self.prompts = PromptEncoder(tokenizer)
+        self.engine = engine
+        self.session_len = engine.session_len
+        self.tokens_per_tile = model_cfg.tokens_per_tile
+        tiling = TilingParams(
+            max_num=model_cfg.max_dynamic_patch,
+            min_num=model_cfg.min_dynamic_patch,
+            image_size=model_cfg.vision.image_size,
+            use_thumbnail=model_cfg.use_thumbnail,
+        )
+        self.images = ImagePreparer(
+            tiling, self.tokens_per_tile, self.session_len, engine.has_cached_image
+        )
+        self.pool = ThreadPoolExecutor(
+            max_workers=PREP_THREADS, thread_name_prefix="vlmdeploy-prep"
+        )
+        self.text_pool = ThreadPoolExecutor(
+            max_workers=TEXT_THREADS, thread_name_prefix="vlmdeploy-text"
+        )
+
+    def prepare_sync(
+        self,
+        prompt: Any,
+        gen_config: GenerationConfig | None = None,
+        media_policy: MediaPolicy | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        do_preprocess: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> PreparedRequest:
+        """Validate and preprocess one prompt; raises :class:`InvalidRequestError` on bad input.
+        With ``do_preprocess=False`` a string prompt is used as is, without the chat template."""
+        gen = gen_config or GenerationConfig()
+        text, refs = self.prompts.render(prompt, chat_template_kwargs, do_preprocess)
+        images = self.images.prepare(refs, media_policy, cancel)
+        sizes = [im.num_tiles * self.tokens_per_tile for im in images]
+        ids = self.prompts.token_ids(text, sizes)
+        inputs = _image_inputs(ids, images, sizes, self.tokenizer.image_ids["img_context"])
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", code="empty_prompt", param="prompt")
+        sampling = self.sampling(gen, len(ids))
+        if sampling.max_new_tokens < 1:
+            raise InvalidRequestError("max_new_tokens must be at least 1", param="max_new_tokens")
+        self._check_fits(len(ids), sampling)
+        return PreparedRequest(ids, inputs, sampling, gen, text)
+
+    async def prepare(
+        self,
+        prompt: Any,
+        gen_config: GenerationConfig | None = None,
+        media_policy: MediaPolicy | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        do_preprocess: bool = True,
+    ) -> PreparedRequest:
+        """:meth:`prepare_sync` off the caller's event loop. Prompts with images use the media
+        pool and text-only prompts their own, so slow image hosts never delay text requests; a
+        cancelled caller stops its job between images."""
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        pool = self.pool if has_images(prompt) else self.text_pool
+        job = loop.run_in_executor(
+            pool,
+            lambda: self.prepare_sync(
+                prompt, gen_config, media_policy, chat_template_kwargs, do_preprocess, cancel
+            ),
+        )
+        try:
+            return await job
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def submit(
+        self, prompt: Any, gen_config: GenerationConfig | None, do_preprocess: bool = True
+    ) -> Future[PreparedRequest]:
+        """:meth:`prepare_sync` on the media pool (the Python API's batches)."""
+        return self.pool.submit(self.prepare_sync, prompt, gen_config, None, None, do_preprocess)
+
+    def reconfigure(self, req: PreparedRequest, gen_config: GenerationConfig) -> PreparedRequest:
+        """The same prepared prompt and images under another generation config (no re-fetch)."""
+        sampling = self.sampling(gen_config, req.input_token_len)
+        self._check_fits(req.input_token_len, sampling)
+        return dataclasses.replace(req, sampling=sampling, gen_config=gen_config)
+
+    def sampling(self, gen: GenerationConfig, prompt_len: int) -> SamplingParams:
+        """The engine's sampling parameters for ``gen``; without ``max_new_tokens``, up to
+        ``session_len``."""
+        stop = set(gen.stop_token_ids or [])
+        if not gen.ignore_eos:
+            stop |= self.tokenizer.stop_ids
+        greedy = not gen.do_sample or gen.temperature == 0.0
+        max_new = (
+            gen.max_new_tokens if gen.max_new_tokens is not None else self.session_len - prompt_len
+        )
+        return SamplingParams(
+            greedy=greedy,
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            top_p=gen.top_p,
+            min_p=gen.min_p,
+            repetition_penalty=gen.repetition_penalty,
+            presence_penalty=gen.presence_penalty,
+            frequency_penalty=gen.frequency_penalty,
+            seed=gen.random_seed,
+            max_new_tokens=max_new,
+            min_new_tokens=gen.min_new_tokens or 0,
+            stop_token_ids=frozenset(stop),
+            bad_token_ids=tuple(self._bad_ids(gen)),
+            logprobs=gen.logprobs,
+        )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+        self.text_pool.shutdown(wait=False)
+
+    def _check_fits(self, num_prompt_tokens: int, sampling: SamplingParams) -> None:
+        reason = self.engine.check_fits(num_prompt_tokens, sampling.max_new_tokens)
+        if reason:
+            raise ContextLengthExceeded(reason)
+
+    def _bad_ids(self, gen: GenerationConfig) -> list[int]:
+        ids = list(gen.bad_token_ids or [])
+        for word in gen.bad_words or []:
+            enc = self.tokenizer.encode(word)
+            if len(enc) != 1:
+                raise InvalidRequestError(
+                    f"bad word {word!r} is not a single token",
+                    code="invalid_bad_words",
+                    param="bad_words",
+                )
+            ids += enc
+        return ids
+
+
+def _image_inputs(
+    ids: list[int], images: list[PreparedImage], sizes: list[int], ctx_id: int
+) -> list[ImageInput]:
+    offsets = image_offsets(ids, sizes, ctx_id)
+    return [
+        ImageInput(im.pixel_values, offset, n, im.content_hash, im.deferred)
+        for im, offset, n in zip(images, offsets, sizes, strict=True)
+    ]

@@ -1,0 +1,367 @@
+"""From user prompts to token ids: prompt forms → messages → chat template → tokens with image
+blocks.
+
+Accepted prompt forms (LMDeploy's): a string; a ``(text, image)`` or ``(text, [images])`` tuple (or
+the same with the image first); an OpenAI-style message list whose user contents may hold
+``text``, ``image_url`` and ``image`` parts. Placement rules:
+
+* if any user text contains ``IMAGE_TOKEN``, each occurrence takes the next image, in order, and
+  image parts only supply the images;
+* otherwise every image part becomes its own block followed by a newline, where the part stands;
+  the tuple forms put their images before the text, as the reference ``model.chat()`` does.
+
+The checkpoint's own chat template renders the conversation (ChatML when it has none), with
+``IMAGE_TOKEN`` left in the text; the rendered prompt is then split there and each image becomes
+``<img>`` + ``<IMG_CONTEXT>`` × (256 · tiles) + ``</img>``. Splitting at these special tokens
+tokenizes exactly like the expanded string would. Text that itself spells one of those three image
+tokens is refused: it would take embeddings meant for a real image.
+
+:class:`PromptEncoder` is the front end's use of all this: ``render`` (prompt → text with markers
+and the images to load) and ``token_ids`` (text + each image's token count → ids). With
+``do_preprocess=False`` a string prompt is taken as the model's raw input: no template, no images.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+import jinja2.sandbox
+
+from vlmdeploy.errors import InvalidRequestError
+from vlmdeploy.vl.constants import IMAGE_TOKEN
+
+if TYPE_CHECKING:
+    from vlmdeploy.frontend.tokenizer import Tokenizer
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# InternVL3.5's system prompt that switches on thinking mode (from its model card).
+THINKING_SYSTEM_PROMPT = (
+    "You are an AI assistant that rigorously follows this response protocol:\n\n"
+    "1. First, conduct a detailed analysis of the question. Consider different angles, "
+    "potential solutions, and reason through the problem step-by-step. Enclose this entire "
+    "thinking process within <think> and </think> tags.\n\n"
+    "2. After the thinking section, provide a clear, concise, and accurate answer to the "
+    "question.\n\n"
+    "3. Ensure the thinking process is thorough but remains focused on the query at hand.\n\n"
+    "4. The final answer should be standalone and not reference the thinking section."
+)
+
+_ROLES = ("system", "user", "assistant")
+
+# Upper bound on a request's per-image max_dynamic_patch (InternVL's "high" detail is 24): tiling
+# and encoding cost grow with it, so a request must not pick an arbitrary number.
+MAX_TILES_PER_IMAGE = 64
+
+
+@dataclass
+class ImageRef:
+    """An image as the user gave it (PIL image, path, URL, data URL, bytes) and its tiling limit."""
+
+    source: Any
+    max_dynamic_patch: int | None = None
+    param: str = "messages"
+
+
+@dataclass
+class Conversation:
+    """Messages with string contents (images replaced by ``IMAGE_TOKEN``) and the images in
+    order."""
+
+    messages: list[dict[str, str]]
+    images: list[ImageRef] = field(default_factory=list)
+
+
+def to_messages(prompt: Any) -> list[dict[str, Any]]:
+    """Normalise one prompt of any accepted form into an OpenAI-style message list."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, tuple) and len(prompt) == 2 and _text_first(*prompt) is not None:
+        text, images = prompt if _text_first(*prompt) else prompt[::-1]
+        images = images if isinstance(images, list) else [images]
+        parts = [{"type": "image", "image": im} for im in images]
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        return prompt
+    raise InvalidRequestError(
+        f"unsupported prompt form {type(prompt).__name__}: expected a str, a (text, image) or "
+        "(text, [images]) tuple, or a list of OpenAI-style message dicts",
+        code="invalid_prompt",
+        param="prompts",
+    )
+
+
+def _text_first(a: Any, b: Any) -> bool | None:
+    """Which element of a 2-tuple prompt is the text: True for ``(text, image)``, False for
+    ``(image, text)`` (LMDeploy accepts both), None when neither is."""
+    if isinstance(a, str) and isinstance(b, str):  # a URL or data URL is the image
+        return not _looks_like_image_url(a) or _looks_like_image_url(b)
+    if isinstance(a, str) or isinstance(b, str):
+        return isinstance(a, str)
+    return None
+
+
+def _looks_like_image_url(s: str) -> bool:
+    return s.startswith(("http://", "https://", "data:image", "file://"))
+
+
+def build_conversation(messages: list[dict[str, Any]]) -> Conversation:
+    """Flatten message contents to strings, collecting images and placing ``IMAGE_TOKEN``
+    markers."""
+    if not messages:
+        raise InvalidRequestError(
+            "messages must not be empty", code="empty_array", param="messages"
+        )
+    explicit = any(
+        IMAGE_TOKEN in _text_of(m.get("content"))
+        for m in messages
+        if isinstance(m, dict) and m.get("role") == "user"
+    )
+    conv = Conversation(messages=[])
+    for i, msg in enumerate(messages):
+        role = msg.get("role") if isinstance(msg, dict) else None
+        if role not in _ROLES:
+            raise InvalidRequestError(
+                f"messages[{i}].role must be one of {', '.join(_ROLES)}",
+                code="invalid_role",
+                param=f"messages[{i}].role",
+            )
+        text = _flatten(msg.get("content"), conv.images, explicit, f"messages[{i}].content")
+        conv.messages.append({"role": role, "content": text})
+    placed = sum(m["content"].count(IMAGE_TOKEN) for m in conv.messages)
+    if placed != len(conv.images):
+        raise InvalidRequestError(
+            f"the prompt has {placed} {IMAGE_TOKEN} placeholders but {len(conv.images)} images",
+            code="image_count_mismatch",
+            param="messages",
+        )
+    return conv
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return ""
+
+
+def _flatten(content: Any, images: list[ImageRef], explicit: bool, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequestError(
+            f"{param} must be a string or a list of content parts",
+            code="invalid_content",
+            param=param,
+        )
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            out.append(str(part.get("text", "")))
+        elif kind in ("image_url", "image"):
+            images.append(_image_ref(part, f"{param}[{j}]"))
+            if not explicit:
+                out.append(IMAGE_TOKEN + "\n")
+        else:
+            raise InvalidRequestError(
+                f"unsupported content part type {kind!r}",
+                code="unsupported_content_type",
+                param=f"{param}[{j}].type",
+            )
+    return "".join(out)
+
+
+def _image_ref(part: dict[str, Any], param: str) -> ImageRef:
+    if part["type"] == "image":
+        limit = _tile_limit(part.get("max_dynamic_patch"), f"{param}.max_dynamic_patch")
+        return ImageRef(part.get("image"), limit, param)
+    spec = part.get("image_url")
+    if isinstance(spec, str):
+        return ImageRef(spec, None, f"{param}.image_url")
+    if not isinstance(spec, dict) or "url" not in spec:
+        raise InvalidRequestError(
+            "image_url must be a string or an object with a 'url'",
+            code="invalid_image_url",
+            param=f"{param}.image_url",
+        )
+    limit = _tile_limit(spec.get("max_dynamic_patch"), f"{param}.image_url.max_dynamic_patch")
+    detail = spec.get("detail")
+    if limit is None and isinstance(detail, str):
+        from vlmdeploy.vl.tiling import DETAIL_MAX_NUM
+
+        # low/medium/high are fixed counts; anything else ("auto") keeps the checkpoint's limit
+        limit = DETAIL_MAX_NUM.get(detail)
+    return ImageRef(spec["url"], limit, f"{param}.image_url.url")
+
+
+def _tile_limit(value: Any, param: str) -> int | None:
+    """A per-image ``max_dynamic_patch``: None, or an int in [1, MAX_TILES_PER_IMAGE]."""
+    if value is None:
+        return None
+    if type(value) is not int or not 1 <= value <= MAX_TILES_PER_IMAGE:
+        raise InvalidRequestError(
+            f"max_dynamic_patch must be an integer from 1 to {MAX_TILES_PER_IMAGE}",
+            code="invalid_max_dynamic_patch",
+            param=param,
+        )
+    return value
+
+
+class ChatTemplate:
+    """Renders a conversation with the checkpoint's Jinja chat template, in a sandbox.
+
+    The environment offers what transformers' ``apply_chat_template`` offers templates (loop
+    controls, a ``tojson`` that does not HTML-escape, ``raise_exception``, ``strftime_now``, the
+    tokenizer's special tokens such as ``bos_token``), so both render the same text.
+    """
+
+    def __init__(self, template: str | None, special_tokens: dict[str, str] | None = None):
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.globals["raise_exception"] = _raise_template_error
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = _tojson
+        self.template = env.from_string(template or CHATML_TEMPLATE)
+        self.special_tokens = dict(special_tokens or {})
+
+    def render(
+        self,
+        messages: list[dict[str, str]],
+        enable_thinking: bool | None = None,
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """``enable_thinking=True`` adds InternVL3.5's thinking system prompt (unless the
+        conversation has a system message); like any template variable it reaches the template
+        only when given."""
+        if enable_thinking and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": THINKING_SYSTEM_PROMPT}, *messages]
+        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        return self.template.render(
+            **self.special_tokens,
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            **extra,
+        )
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _raise_template_error(message: str) -> None:
+    raise InvalidRequestError(
+        f"chat template error: {message}", code="invalid_prompt", param="messages"
+    )
+
+
+def tokenize_with_images(
+    prompt: str, image_tokens: list[int], encode: Callable[[str], list[int]], ids: dict[str, int]
+) -> list[int]:
+    """Token ids of ``prompt`` with the i-th ``IMAGE_TOKEN`` replaced by an image block of
+    ``image_tokens[i]`` context tokens. ``encode(text) -> list[int]`` must not add special
+    tokens."""
+    segments = prompt.split(IMAGE_TOKEN)
+    if len(segments) - 1 != len(image_tokens):  # e.g. a chat template that drops a message
+        raise InvalidRequestError(
+            f"the rendered prompt has {len(segments) - 1} {IMAGE_TOKEN} placeholders but "
+            f"{len(image_tokens)} images",
+            code="image_count_mismatch",
+            param="messages",
+        )
+    out: list[int] = []
+    for i, seg in enumerate(segments):
+        if i > 0:
+            out += [ids["img_start"], *[ids["img_context"]] * image_tokens[i - 1], ids["img_end"]]
+        if seg:
+            enc = encode(seg)
+            # A typed <IMG_CONTEXT> would take embeddings meant for the real image blocks (a typed
+            # <img> or </img> takes none, so text about HTML tags stays allowed).
+            if ids["img_context"] in enc:
+                raise InvalidRequestError(
+                    "the prompt text contains the reserved image token <IMG_CONTEXT>; place "
+                    f"images with image parts or {IMAGE_TOKEN}",
+                    code="invalid_prompt",
+                    param="messages",
+                )
+            out += enc
+    return out
+
+
+def image_offsets(ids: list[int], image_tokens: list[int], ctx_id: int) -> list[int]:
+    """Where each image's ``<IMG_CONTEXT>`` block starts in ``ids`` (``image_tokens[i]`` long)."""
+    offsets, pos = [], 0
+    for n in image_tokens:
+        pos = ids.index(ctx_id, pos)
+        offsets.append(pos)
+        pos += n
+    return offsets
+
+
+def raw_prompt(prompt: Any) -> str:
+    """A ``do_preprocess=False`` prompt: a string used as is, which cannot place images."""
+    if not isinstance(prompt, str):
+        raise InvalidRequestError(
+            "do_preprocess=False needs a string prompt", code="invalid_prompt", param="prompt"
+        )
+    if IMAGE_TOKEN in prompt:
+        raise InvalidRequestError(
+            f"a raw prompt cannot hold {IMAGE_TOKEN}", code="invalid_prompt", param="prompt"
+        )
+    return prompt
+
+
+def has_images(prompt: Any) -> bool:
+    """Whether the prompt carries images (a malformed prompt counts as none: preparing it reports
+    what is wrong)."""
+    try:
+        return bool(build_conversation(to_messages(prompt)).images)
+    except InvalidRequestError:
+        return False
+
+
+class PromptEncoder:
+    """The checkpoint's chat template and tokenizer applied to prompts."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.template = ChatTemplate(tokenizer.chat_template, tokenizer.hf.special_tokens_map)
+        self.encode = tokenizer.encode
+        self.image_ids = tokenizer.image_ids
+
+    def render(
+        self,
+        prompt: Any,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        do_preprocess: bool = True,
+    ) -> tuple[str, list[ImageRef]]:
+        """The prompt's text with one ``IMAGE_TOKEN`` per image, and its images in order."""
+        if not do_preprocess:
+            return raw_prompt(prompt), []
+        conv = build_conversation(to_messages(prompt))
+        return self.template.render(conv.messages, **(chat_template_kwargs or {})), conv.images
+
+    def token_ids(self, text: str, image_tokens: list[int]) -> list[int]:
+        """Ids of rendered ``text``, each marker expanded into an image block of its size."""
+        return tokenize_with_images(text, image_tokens, self.encode, self.image_ids)

@@ -1,0 +1,133 @@
+"""Speed applied from outside the model files: :func:`apply_fast_paths` rewires a built model in
+place so that it computes the same function through fused kernels.
+
+* **Vision encoder**: the layer loop becomes a chain in which each residual update with its layer
+  scale runs in one pass with the norm that follows it (:func:`kernels.scaled_add_norm`: ``norm2``
+  after the attention's update, the next layer's ``norm1`` after the MLP's). A layer takes the
+  stream and its ``norm1`` and hands on the stream and the next layer's ``norm1``; only the last
+  layer's update is a plain ``addcmul``. The norm needs the stream the update has just written:
+  in one pass it is still in registers, where separate kernels would read the (N, 1025, C)
+  stream back and pay a launch each.
+* **Steps of a few tokens** (at most :data:`ROW_PATH_TOKENS`: small-batch decode): each Qwen3
+  projection is one :func:`kernels.linear_row` with the RMSNorm before it, the SiLU-and-mul before
+  ``down`` or the residual add after it fused in. Such a step is bound by reading the weights, and
+  the small ops between the GEMMs would otherwise each cost a launch. The stream comes out of each
+  layer already summed, so no residual travels beside it.
+* **The lm_head of one row** is a ``linear_row`` too: a matrix-vector kernel that streams the head
+  once, with no split-K reduction after it.
+
+Each transform swaps a module's class for a subclass that overrides one method (as
+``torch.nn.utils.parametrize`` does): parameters, their names, the loader's ``fused`` declarations
+and the KV-cache views stay as they are, and no wrapper module adds a call. The overrides branch
+on shapes only, so CUDA graphs capture them like the plain model. On the CPU every fused op runs
+its PyTorch reference, which composes the unfused ops, so the plain and the transformed model
+agree to rounding (``tests/models/test_fast_paths.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmdeploy import kernels
+from vlmdeploy.layers.norm import norm_params
+from vlmdeploy.models.internvit import VisionEncoder, VisionLayer
+from vlmdeploy.models.internvl import InternVLForCausalLM
+from vlmdeploy.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3Model
+
+# Steps of up to this many tokens take the row path. Up to here linear_row (one row: a
+# matrix-vector kernel; more: a tensor-core kernel that reads each weight tile once for all rows)
+# beats cuBLAS and drops its split-K reductions; above it cuBLAS stays, where the two were not
+# compared (docs/benchmarks.md).
+ROW_PATH_TOKENS = 16
+
+
+def apply_fast_paths(model: InternVLForCausalLM) -> InternVLForCausalLM:
+    """Rewire ``model`` in place and return it; applying it again changes nothing."""
+    _swap(model.vision_model.encoder, VisionEncoder, FusedNormVisionEncoder)
+    _swap(model.language_model.model, Qwen3Model, RowPathQwen3Model)
+    _swap(model.language_model, Qwen3ForCausalLM, RowPathQwen3ForCausalLM)
+    return model
+
+
+def _swap(module: nn.Module, plain: type[nn.Module], fast: type[nn.Module]) -> None:
+    if type(module) is plain:
+        module.__class__ = fast
+    elif type(module) is not fast:
+        raise TypeError(f"no fast path for {type(module).__name__}")
+
+
+# ------------------------------------------------------------------------------ vision encoder
+
+
+class FusedNormVisionEncoder(VisionEncoder):
+    """InternViT's encoder with each residual update run in one pass with the norm after it."""
+
+    def forward(self, x: torch.Tensor, num_layers: int) -> torch.Tensor:
+        layers = self.layers[:num_layers]
+        if not len(layers):
+            return x
+        _, normed = add_norm(x, None, None, layers[0].norm1)
+        for i, layer in enumerate(layers):
+            next_norm = layers[i + 1].norm1 if i + 1 < len(layers) else None
+            x, normed = fused_vision_layer(layer, x, normed, next_norm)
+        return x
+
+
+def fused_vision_layer(
+    layer: VisionLayer, x: torch.Tensor, normed: torch.Tensor, next_norm: nn.Module | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x``, the stream (N, T, C), and ``normed`` = ``layer.norm1(x)`` → the stream after the
+    layer and ``next_norm`` of it (None without ``next_norm``)."""
+    h, normed = add_norm(x, layer.attn(normed), layer.ls1, layer.norm2)
+    y = layer.mlp(normed)
+    if next_norm is None:
+        return torch.addcmul(h, y, layer.ls2), None  # x + y * ls: one pass, one rounding
+    return add_norm(h, y, layer.ls2, next_norm)
+
+
+def add_norm(
+    x: torch.Tensor, y: torch.Tensor | None, scale: torch.Tensor | None, norm: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + y * scale`` (``x`` without ``y``) → ``(h, norm(h))``, in one fused op."""
+    return kernels.scaled_add_norm(x, y, scale, *norm_params(norm))
+
+
+# ------------------------------------------------------------------------------ language model
+
+
+class RowPathQwen3Model(Qwen3Model):
+    """Qwen3 whose steps of at most :data:`ROW_PATH_TOKENS` tokens take :func:`forward_row`."""
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # Every layer of a step sees the same token count, so the path is chosen once per step.
+        if inputs_embeds.shape[0] > ROW_PATH_TOKENS:
+            return super().forward(inputs_embeds, positions)
+        cos, sin = self.rope(positions, inputs_embeds.dtype)
+        h = inputs_embeds  # (T, H): the stream itself; each layer adds its updates to it
+        for layer in self.layers:
+            h = forward_row(layer, h, cos, sin)
+        return self.norm(h)
+
+
+def forward_row(
+    layer: Qwen3DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """One decoder layer over a few tokens: the stream ``h`` (T, H) → the stream after it. Every
+    projection is one :func:`kernels.linear_row` with the RMSNorm before it, the SiLU-and-mul
+    before ``down`` or the residual add after it."""
+    attn, mlp = layer.self_attn, layer.mlp
+    norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+    qkv = kernels.linear_row(h, attn.qkv_proj.weight, norm1.weight, norm1.eps)  # (T, q + 2 kv)
+    h = kernels.linear_row(attn.attend(qkv, cos, sin), attn.o_proj.weight, residual=h)
+    gate_up = kernels.linear_row(h, mlp.gate_up_proj.weight, norm2.weight, norm2.eps)
+    return kernels.linear_row(gate_up, mlp.down_proj.weight, silu_mul=True, residual=h)
+
+
+class RowPathQwen3ForCausalLM(Qwen3ForCausalLM):
+    """The lm_head of a single row through :func:`kernels.linear_row`."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[0] == 1:  # a matrix-vector kernel streams the (V, H) head once
+            return kernels.linear_row(hidden, self.lm_head.weight)
+        return super().compute_logits(hidden)

@@ -1,0 +1,191 @@
+"""The HTTP(S) transfer of an image, over connections to addresses :mod:`vlmdeploy.vl.ssrf` has
+checked (standard library only).
+
+The connection goes to a checked address, never to a fresh resolution of the name (pinning
+defeats DNS rebinding), with the URL's host in ``Host`` and in TLS SNI and certificate checks.
+Redirects are followed by hand, each hop parsed and checked from scratch, at most
+``max_redirects``. ``Content-Encoding`` is refused (no automatic decompression, so no
+decompression bombs); the body is read up to ``max_bytes`` whatever ``Content-Length`` says.
+``timeout_s`` bounds the whole fetch, DNS, connection, TLS handshake, headers and body together,
+not each read: a server trickling one byte at a time cannot stretch it.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import io
+import socket
+import ssl
+import time
+from urllib.parse import urljoin
+
+from vlmdeploy.errors import ImageError
+from vlmdeploy.vl.media_policy import (
+    MSG_FETCH,
+    MSG_TIMEOUT,
+    MSG_TOO_LARGE,
+    MSG_URL,
+    MediaPolicy,
+    fail,
+)
+from vlmdeploy.vl.ssrf import (
+    FetchTimeout,
+    Target,
+    check_host_allowed,
+    checked_addresses,
+    parse_http_url,
+    remaining,
+)
+
+
+def _open_socket(ip: str, port: int, timeout: float) -> socket.socket:
+    """TCP connection to an already checked address (tests substitute this to reroute)."""
+    return socket.create_connection((ip, port), timeout=timeout)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()  # verifies chains and hostnames, TLS >= 1.2
+
+
+def _tls_context() -> ssl.SSLContext:
+    return _default_tls_context()
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Socket reads that each wait at most until the fetch deadline: a server trickling one byte at
+    a time cannot stretch the fetch, whether in the headers or the body."""
+
+    def __init__(self, raw: io.RawIOBase, sock: socket.socket, deadline: float):
+        # `raw` is the socket's own file object: it keeps the socket open after the connection
+        # object lets go of it (http.client does that when the server will close).
+        self._raw, self._sock, self._deadline = raw, sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self._sock.settimeout(remaining(self._deadline))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock: socket.socket, *args, deadline: float, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline))
+
+
+class _PinnedConnection(http.client.HTTPConnection):
+    """HTTP(S) to the URL's host name, but over a socket to the checked addresses only."""
+
+    def __init__(self, target: Target, addresses: list[str], deadline: float):
+        super().__init__(target.host, target.port)
+        if target.scheme == "https":
+            self.default_port = 443  # Host header without ':443'
+        self._target, self._addresses, self._deadline = target, addresses, deadline
+        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
+
+    def connect(self) -> None:
+        sock = self._connect_any()
+        if self._target.scheme == "https":
+            sock.settimeout(remaining(self._deadline))  # the handshake as a whole gets this
+            sock = _tls_context().wrap_socket(sock, server_hostname=self._target.host)
+        self.sock = sock
+
+    def _connect_any(self) -> socket.socket:
+        error: OSError = OSError()
+        for ip in self._addresses:
+            try:
+                return _open_socket(ip, self._target.port, remaining(self._deadline))
+            except FetchTimeout:
+                raise
+            except OSError as exc:
+                error = exc
+        raise error
+
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+def fetch_http(url: str, policy: MediaPolicy) -> bytes:
+    """The body of ``url`` under ``policy``, every hop checked; any failure is an ImageError."""
+    deadline = time.monotonic() + policy.timeout_s
+    try:
+        for _ in range(policy.max_redirects + 1):
+            target = parse_http_url(url)
+            check_host_allowed(target, policy)
+            addresses = checked_addresses(target, policy, deadline)
+            body, location = _request(target, addresses, policy, deadline)
+            if location is None:
+                return body
+            url = urljoin(url, location)  # the next hop is parsed and checked from scratch
+    except ImageError:
+        raise
+    except TimeoutError:
+        raise fail("image_fetch_timeout", MSG_TIMEOUT) from None
+    except (OSError, http.client.HTTPException, ValueError):
+        raise fail("invalid_image_url", MSG_FETCH) from None
+    raise fail("invalid_image_url", MSG_URL)  # too many redirects
+
+
+def _request(
+    target: Target, addresses: list[str], policy: MediaPolicy, deadline: float
+) -> tuple[bytes, str | None]:
+    """One GET. Returns (body, None), or (b"", location) for a redirect."""
+    conn = _PinnedConnection(target, addresses, deadline)
+    try:
+        conn.putrequest("GET", target.path)  # also sends Host and 'Accept-Encoding: identity'
+        conn.putheader("User-Agent", "vlmdeploy")
+        conn.putheader("Accept", "image/*")
+        conn.putheader("Connection", "close")
+        conn.endheaders()
+        response = conn.getresponse()
+        if response.status in _REDIRECTS:
+            location = response.getheader("Location")
+            if not location:
+                raise fail("invalid_image_url", MSG_FETCH)
+            return b"", location
+        _check_response(response, policy)
+        return _read_capped(response, policy.max_bytes), None
+    finally:
+        conn.close()
+
+
+def _check_response(response: http.client.HTTPResponse, policy: MediaPolicy) -> None:
+    if not 200 <= response.status < 300:
+        raise fail("invalid_image_url", MSG_FETCH)
+    encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
+    transfer = (response.getheader("Transfer-Encoding") or "").strip().lower()
+    if encoding != "identity" or transfer not in ("", "chunked"):  # no decompression (bombs)
+        raise fail("invalid_image_url", MSG_FETCH)
+    ctype = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
+    if ctype and not ctype.startswith("image/") and ctype not in _OPAQUE_TYPES:
+        raise fail("invalid_image_url", MSG_FETCH)  # e.g. an HTML error page
+    length = response.getheader("Content-Length") or ""
+    if length.isdigit() and int(length) > policy.max_bytes:
+        raise fail("image_too_large", MSG_TOO_LARGE)
+
+
+# Hosts often serve images with a generic type; the magic bytes decide in the end.
+_OPAQUE_TYPES = ("application/octet-stream", "binary/octet-stream")
+
+
+def _read_capped(response: http.client.HTTPResponse, max_bytes: int) -> bytes:
+    """Read at most ``max_bytes`` (one more to detect overflow), whatever Content-Length claims."""
+    chunks, total = [], 0
+    while total <= max_bytes:
+        chunk = response.read(min(1 << 16, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    if total > max_bytes:
+        raise fail("image_too_large", MSG_TOO_LARGE)
+    if response.length:  # the server closed before sending all it announced
+        raise fail("invalid_image_url", MSG_FETCH)
+    return b"".join(chunks)
