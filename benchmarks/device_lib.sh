@@ -11,13 +11,14 @@ say() { echo "=== [+$(elapsed)s] $*"; }
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
+# The same line as benchmarks/engine.py's device_line(): the results CSV groups a call's rows by it.
 device_line() {
   local torch_v
   torch_v=$(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null)
   if has_gpu; then
-    echo "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1), torch $torch_v"
+    echo "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1); torch $torch_v"
   else
-    echo "CPU only ($(nproc) cores), torch $torch_v"
+    echo "CPU; torch $torch_v"
   fi
 }
 

@@ -1,25 +1,28 @@
 #!/bin/bash
-# One device call (about 6-8 min on one H100, capped by BUDGET): S1 through the HTTP server, then
-# W1, chat2, W2, W3 and the transformers W1 baseline through benchmarks/engine.py, all on ONE random
-# InternVL3.5-8B-shape checkpoint in the -HF format (which both vlmdeploy and transformers load).
+# The benchmark suite in one device call (about 6-8 min on one H100, capped by BUDGET): S1 through
+# the HTTP server, then W1, chat2, W2, W3 and the transformers W1 baseline through
+# benchmarks/engine.py, all on ONE random InternVL3.5-8B-shape checkpoint in the -HF format (which
+# both vlmdeploy and transformers load). Run it from the project root.
 #
-#   device call, carry [".whl"]:  bash benchmarks/device_run.sh
+#   device call, carry [".whl"]:  BENCH_COMMIT=<short hash> bash benchmarks/device_run.sh
 #   CPU dry run:  OUT=/tmp/dry PRESET=tiny N2=4 N3=4 S1_ARGS="--num-requests 8 --concurrency 4" \
 #                 bash benchmarks/device_run.sh
 #
-# Results in $OUT: benchmarks.md (the S1 row, then the engine table), engine.json, s1.json, step_profile.md, logs.tgz (every log),
-# device.txt. Every stage runs under `timeout`; a failed stage is reported and the next one runs.
+# Results in $OUT: results.csv (the call's rows for docs/results.csv: python -m benchmarks.results
+# merge results.csv), engine.md (the table against the targets and the baselines), engine.json,
+# s1.json, logs.tgz (every log, device.txt). Every stage runs under `timeout`; a failed stage is
+# reported and the next one runs. BENCH_COMMIT stamps the rows (the device's checkout has no git).
 # Env (defaults in brackets): PRESET [8b], CKPT [/tmp/ivl$PRESET-hf], DTYPE [bfloat16], DEVICE
-# [cuda if there is a GPU, else cpu], N2/N3 [256], S1_ARGS (extra serving.py flags), SKIP_S1=1,
-# ENGINE_ARGS (extra engine.py flags), BUDGET [540 s for the whole script], LMDEPLOY_NOTE,
-# PROFILE [1: benchmarks/step_profile.py last, into step_profile.md, when 120 s are left],
-# PROFILE_BATCH [1,256], PROFILE_PREFILL [1:448,8:1024], KERNEL_TESTS [1: the GPU kernel tests
-# first, into kernel_tests.log].
+# [cuda if there is a GPU, else cpu], N2/N3 [256], REPEATS [3], S1_ARGS (extra serving.py flags),
+# SKIP_S1=1, ENGINE_ARGS (extra engine.py flags), BUDGET [540 s for the whole script],
+# LMDEPLOY_NOTE, KERNEL_TESTS [1: the GPU kernel tests first, into kernel_tests.log], PROFILE [0;
+# 1: tools/diagnostics/step_profile.py last, into step_profile.md, when 120 s are left],
+# PROFILE_BATCH [1,256], PROFILE_PREFILL [1:448,8:1024].
 # WITH_LMDEPLOY=1 first runs `bash anchors/lmdeploy/run_device.sh 8b` (carry ["anchors", ".whl"];
 # anchors/ is prepared separately, see docs/benchmarks.md), serves and benchmarks ITS checkpoint
-# /tmp/ivl35-8b (same architecture, -HF format) and puts its results.json in the LMDeploy column;
-# that takes ~4 min more, so S1 is skipped then unless SKIP_S1=0. Without it, the LMDeploy column
-# quotes the 2026-11-27 anchor run and says so.
+# /tmp/ivl35-8b (same architecture, -HF format) and puts its results.json in the LMDeploy column
+# and the CSV; that takes ~4 min more, so S1 is skipped then unless SKIP_S1=0. Without it, the
+# table's LMDeploy column quotes LMDeploy's anchor run and says so (the CSV gets no LMDeploy rows).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
@@ -38,7 +41,11 @@ else
   CKPT=${CKPT:-/tmp/ivl$PRESET-hf}
   SKIP_S1=${SKIP_S1:-0}
 fi
-export DEVICE PRESET FMT DTYPE CKPT
+case $PRESET in
+  [0-9]*) SHAPE="InternVL3.5-${PRESET^^}" ;;
+  *) SHAPE="InternVL3.5-$PRESET" ;;
+esac
+export DEVICE PRESET FMT DTYPE CKPT SHAPE
 N2=${N2:-256}
 N3=${N3:-256}
 BUDGET=${BUDGET:-540}
@@ -60,7 +67,7 @@ stage_end() {  # name start rc
 
 DEV=$(device_line)
 echo "$DEV" > "$OUT/device.txt"
-say "device: $DEV; checkpoint $CKPT ($PRESET, $DEVICE); budget ${BUDGET}s"
+say "device: $DEV; checkpoint $CKPT ($PRESET, $DEVICE); commit ${BENCH_COMMIT:-not given}; budget ${BUDGET}s"
 has_gpu && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)' 2>&1 | tee "$OUT/versions.txt"
 
@@ -126,35 +133,37 @@ ENGINE_LIMIT=$(min "${ENGINE_TIMEOUT:-420}" $(( $(remaining) - 10 )))
 if [ "$ENGINE_LIMIT" -lt 60 ]; then ENGINE_LIMIT=60; fi
 t=$(date +%s)
 # shellcheck disable=SC2086
-timeout -k 10 "$ENGINE_LIMIT" python3 benchmarks/engine.py --model "$CKPT" --baseline \
-  --n2 "$N2" --n3 "$N3" --repeats "${REPEATS:-3}" --time-limit $(( ENGINE_LIMIT > 150 ? ENGINE_LIMIT - 75 : ENGINE_LIMIT / 2 )) \
-  --json "$OUT/engine.json" --out "$OUT/benchmarks.md" "${LM_ARGS[@]}" ${ENGINE_ARGS:-} \
-  > "$OUT/engine.log" 2>&1
+timeout -k 10 "$ENGINE_LIMIT" python3 -m benchmarks.engine --model "$CKPT" --baseline \
+  --model-shape "$SHAPE" --n2 "$N2" --n3 "$N3" --repeats "${REPEATS:-3}" \
+  --time-limit $(( ENGINE_LIMIT > 150 ? ENGINE_LIMIT - 75 : ENGINE_LIMIT / 2 )) \
+  --json "$OUT/engine.json" --out "$OUT/engine.md" --csv "$OUT/results.csv" "${LM_ARGS[@]}" \
+  ${ENGINE_ARGS:-} > "$OUT/engine.log" 2>&1
 rc=$?; stage_end engine "$t" $rc
 grep -E '^\[engine.py' "$OUT/engine.log" | tail -12
 if [ $rc != 0 ]; then grep -E 'Error|error' "$OUT/engine.log" | tail -5; fi
-if [ -f "$OUT/engine.json" ] && ! grep -q '| W1 TTFT ms |' "$OUT/benchmarks.md" 2>/dev/null; then
-  say "engine.py ended early; the table from what it saved:"
-  python3 benchmarks/engine.py --render "$OUT/engine.json" --out "$OUT/benchmarks.md" "${LM_ARGS[@]}" \
-    > /dev/null 2>> "$OUT/engine.log"
+if [ -f "$OUT/engine.json" ] && [ ! -s "$OUT/engine.md" ]; then
+  say "engine.py ended early; the table and the CSV rows from what it saved:"
+  python3 -m benchmarks.engine --render "$OUT/engine.json" --out "$OUT/engine.md" \
+    --csv "$OUT/results.csv" "${LM_ARGS[@]}" > /dev/null 2>> "$OUT/engine.log"
 fi
 
-# 5. where the time goes: decode steps and image prefills, engine only (skipped when short of time)
-if [ "${PROFILE:-1}" = 1 ] && [ "$(remaining)" -ge 120 ]; then
+# 5. optional, a diagnostic: where a decode step's and an image prefill's time goes
+if [ "${PROFILE:-0}" = 1 ] && [ "$(remaining)" -ge 120 ]; then
   t=$(date +%s)
-  timeout -k 10 $(( $(remaining) - 15 )) python3 benchmarks/step_profile.py --model "$CKPT" \
+  timeout -k 10 $(( $(remaining) - 15 )) python3 -m tools.diagnostics.step_profile --model "$CKPT" \
     --batch "${PROFILE_BATCH:-1,256}" --prefill "${PROFILE_PREFILL:-1:448,8:1024}" --steps 20 \
     --out "$OUT/step_profile.md" > "$OUT/step_profile.log" 2>&1
   rc=$?; stage_end profile "$t" $rc
   grep -E '^### ' "$OUT/step_profile.log"
 else
-  say "profile skipped (PROFILE=${PROFILE:-1}, $(remaining)s left)"
+  say "profile skipped (PROFILE=${PROFILE:-0}, $(remaining)s left)"
 fi
 
 echo
 say "stages:"
 printf '  %s\n' "${STAGES[@]}"
 echo
-cat "$OUT/benchmarks.md" 2>/dev/null || say "no benchmarks.md"
+cat "$OUT/engine.md" 2>/dev/null || say "no engine.md"
 # At most 8 files come back from a device call: the logs travel as one archive.
-(cd "$OUT" && tar czf logs.tgz --remove-files ./*.log ./*.txt model_config.json 2>/dev/null)
+(cd "$OUT" && tar czf logs.tgz --remove-files ./*.log ./*.txt model_config.json s1_small.json \
+  2>/dev/null)

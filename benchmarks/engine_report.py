@@ -1,5 +1,6 @@
-"""The engine benchmark's report: the results table beside the issue's targets, LMDeploy and
-transformers, and an SVG plot (used by ``benchmarks/engine.py``, also to redraw saved results)."""
+"""The engine benchmark's report: the results table beside the targets, LMDeploy and transformers
+(for the reader of a run), and the run's rows for the results history (``benchmarks/results.py``).
+Used by ``benchmarks/engine.py``, also to redo both from saved results."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import json
 import math
 from pathlib import Path
 
-# LMDeploy 0.18.0's PyTorch engine on the same workloads and card type (one H100 80GB HBM3),
-# 2026-11-27: ../shared/anchors/lmdeploy/RESULTS.md (medians; torch's peak memory counters).
+from benchmarks import results
+
+# LMDeploy 0.18.0's PyTorch engine on the same workloads and card type (one H100 80GB HBM3), from
+# its own harness: ../shared/anchors/lmdeploy/RESULTS.md (medians; torch's peak memory counters).
+# Shown only when LMDeploy did not run in the call, labelled as quoted, never written to the
+# history as a same-call baseline.
 LMDEPLOY_QUOTED = {
     "label": "LMDeploy 0.18 (quoted, not this call)",
     "w1": {"ttft_ms": 112.0, "tpot_ms": 6.69},
@@ -19,7 +24,8 @@ LMDEPLOY_QUOTED = {
     "peak_gib": 66_226 / 1024,
     "peak_reserved_gib": 68_248 / 1024,
 }
-# The issue's targets: (direction, bound) per metric.
+LMDEPLOY = "lmdeploy-0.18"  # its system name in the history
+# The targets on one H100: (direction, bound) per metric.
 TARGETS: dict[str, tuple[str, float]] = {
     "W1 TTFT ms": ("<=", 30.0),
     "W1 TPOT ms": ("<=", 5.6),
@@ -27,6 +33,20 @@ TARGETS: dict[str, tuple[str, float]] = {
     "W3 output tokens/s": (">=", 14_000.0),
     "chat2 TTFT turn 2 / turn 1": ("<", 0.30),
     "KV cache tokens": (">=", 340_000.0),
+}
+# table metric -> (workload, metric, unit) in the history
+HISTORY_NAMES: dict[str, tuple[str, str, str]] = {
+    "W1 TTFT ms": ("W1", "ttft_ms", "ms"),
+    "W1 TPOT ms": ("W1", "tpot_ms", "ms"),
+    "W2 requests/s": ("W2", "requests_per_s", "req/s"),
+    "W3 output tokens/s": ("W3", "output_tokens_per_s", "tok/s"),
+    "chat2 TTFT turn 1 ms": ("chat2", "ttft_turn1_ms", "ms"),
+    "chat2 TTFT turn 2 ms": ("chat2", "ttft_turn2_ms", "ms"),
+    "chat2 TTFT turn 2 / turn 1": ("chat2", "ttft_ratio", "turn 2 / turn 1"),
+    "chat2 turn-2 cached tokens": ("chat2", "cached_tokens", "tokens"),
+    "KV cache tokens": ("engine", "kv_cache_tokens", "tokens"),
+    "peak GPU memory allocated GiB": ("engine", "peak_allocated_gib", "GiB"),
+    "peak GPU memory reserved GiB": ("engine", "peak_reserved_gib", "GiB"),
 }
 
 
@@ -64,9 +84,9 @@ def lmdeploy_values(lm: dict | None) -> dict[str, float | None]:
     }
 
 
-def comparison(res: dict, lmdeploy: dict | None) -> list[tuple[str, object, object, object, bool]]:
-    """(metric, vlmdeploy, LMDeploy, transformers, higher is better) rows. A value is a number,
-    None where a system was not measured, or a string ("error", "skipped") where it failed."""
+def comparison(res: dict, lmdeploy: dict | None) -> list[tuple[str, object, object, object]]:
+    """(metric, vlmdeploy, LMDeploy, transformers) rows. A value is a number, None where a system
+    was not measured, or a string ("error", "skipped") where it failed."""
     lm, tf = lmdeploy_values(lmdeploy), res.get("transformers_w1") or {}
 
     def ours(workload: str, key: str) -> object:
@@ -82,38 +102,21 @@ def comparison(res: dict, lmdeploy: dict | None) -> list[tuple[str, object, obje
     def theirs(key: str) -> object:
         return "error" if "error" in tf else "skipped" if "skipped" in tf else tf.get(key)
 
-    rows: list[tuple[str, object, object, object, bool]] = [
-        ("W1 TTFT ms", ours("w1", "ttft_ms"), lm["W1 TTFT ms"], theirs("ttft_ms"), False),
-        ("W1 TPOT ms", ours("w1", "tpot_ms"), lm["W1 TPOT ms"], theirs("tpot_ms"), False),
-        ("W2 requests/s", ours("w2", "requests_per_s"), lm["W2 requests/s"], None, True),
-        (
-            "W3 output tokens/s",
-            ours("w3", "output_tokens_per_s"),
-            lm["W3 output tokens/s"],
-            None,
-            True,
-        ),
-        ("chat2 TTFT turn 1 ms", ours("chat2", "ttft1_ms"), None, None, False),
-        ("chat2 TTFT turn 2 ms", ours("chat2", "ttft2_ms"), None, None, False),
-        ("chat2 TTFT turn 2 / turn 1", ours("chat2", "ratio"), None, None, False),
-        ("chat2 turn-2 cached tokens", ours("chat2", "cached_tokens"), None, None, True),
-        ("KV cache tokens", res.get("kv_tokens"), lm["KV cache tokens"], None, True),
-        (
-            "peak GPU memory allocated GiB",
-            res.get("peak_gib"),
-            lm["peak GPU memory allocated GiB"],
-            None,
-            False,
-        ),
-        (
-            "peak GPU memory reserved GiB",
-            res.get("peak_reserved_gib"),
-            lm["peak GPU memory reserved GiB"],
-            None,
-            False,
-        ),
+    return [
+        ("W1 TTFT ms", ours("w1", "ttft_ms"), lm["W1 TTFT ms"], theirs("ttft_ms")),
+        ("W1 TPOT ms", ours("w1", "tpot_ms"), lm["W1 TPOT ms"], theirs("tpot_ms")),
+        ("W2 requests/s", ours("w2", "requests_per_s"), lm["W2 requests/s"], None),
+        ("W3 output tokens/s", ours("w3", "output_tokens_per_s"), lm["W3 output tokens/s"], None),
+        ("chat2 TTFT turn 1 ms", ours("chat2", "ttft1_ms"), None, None),
+        ("chat2 TTFT turn 2 ms", ours("chat2", "ttft2_ms"), None, None),
+        ("chat2 TTFT turn 2 / turn 1", ours("chat2", "ratio"), None, None),
+        ("chat2 turn-2 cached tokens", ours("chat2", "cached_tokens"), None, None),
+        ("KV cache tokens", res.get("kv_tokens"), lm["KV cache tokens"], None),
+        ("peak GPU memory allocated GiB", res.get("peak_gib"),
+         lm["peak GPU memory allocated GiB"], None),
+        ("peak GPU memory reserved GiB", res.get("peak_reserved_gib"),
+         lm["peak GPU memory reserved GiB"], None),
     ]
-    return rows
 
 
 def _is_num(v: object) -> bool:
@@ -152,7 +155,6 @@ def lmdeploy_label(lmdeploy: dict | None, note: str | None, label: str | None = 
 def markdown(
     res: dict,
     lmdeploy: dict | None = None,
-    plot: str | None = None,
     note: str | None = None,
     label: str | None = None,
 ) -> str:
@@ -173,10 +175,12 @@ def markdown(
         else "LMDeploy was not measured"
     )
     lines = [
-        f"### {res.get('date', '?')} — {res.get('device', '?')}",
+        f"## Engine benchmark, {res.get('date', '?')} {res.get('time_utc', '')} UTC, commit "
+        f"{res.get('commit') or 'unknown'}",
         "",
-        f"Model: {res.get('model')} (load format {res.get('load_format')}). Settings: "
-        f"session_len {s.get('session_len')}, prefix caching "
+        f"Device: {res.get('device', '?')}. Model: {res.get('model')} "
+        f"({res.get('model_shape') or 'shape not given'}, load format {res.get('load_format')}). "
+        f"Settings: session_len {s.get('session_len')}, prefix caching "
         f"{'on' if s.get('enable_prefix_caching') else 'off'}, cache_max_entry_count "
         f"{s.get('cache_max_entry_count')}, W2 {s.get('n2')} / W3 {s.get('n3')} requests; "
         f"engine start {cell(res.get('init_s'))} s. KV cache {kv} tokens; peak GPU memory {peak}. "
@@ -185,21 +189,14 @@ def markdown(
         f"| metric | vlmdeploy | target | met | {lm_label} | transformers |",
         "|---|---:|---:|:-:|---:|---:|",
     ]
-    for m, a, b, c, _ in comparison(res, lmdeploy):
+    for m, a, b, c in comparison(res, lmdeploy):
         t, ok = target_cell(m, a)
         lines.append(f"| {m} | {cell(a)} | {t} | {ok} | {cell(b)} | {cell(c)} |")
-    runs = [
-        f"{name.upper()} runs in a row: {', '.join(f'{x:,}' for x in res[name]['runs'])} "
-        f"({'requests/s' if name == 'w2' else 'output tokens/s'}; the median is in the table)"
-        for name in ("w2", "w3")
-        if isinstance(res.get(name), dict) and len(res[name].get("runs", [])) > 1
-    ]
-    w1 = res.get("w1") if isinstance(res.get("w1"), dict) else {}
-    if "ttft_runs" in w1:
-        runs.append(
-            f"W1 TTFT: median of {w1['ttft_runs']} requests, each with its own image "
-            f"({w1['ttft_min_ms']:.1f}–{w1['ttft_max_ms']:.1f} ms)"
-        )
+    runs = [f"{name.upper()} runs in a row: {_runs_note(res[name])} "
+            f"({'requests/s' if name == 'w2' else 'output tokens/s'}; the median is in the table)"
+            for name in ("w2", "w3") if _runs_note(res.get(name))]
+    if _ttft_note(res.get("w1")):
+        runs.append(f"W1 TTFT: {_ttft_note(res['w1'])} ms, each request with its own image")
     if runs:
         lines += [""] + [f"- {r}" for r in runs]
     if note:
@@ -211,53 +208,92 @@ def markdown(
     ]
     if errors:
         lines += [""] + [f"- {k}: {msg}" for k, msg in errors]
-    if plot:
-        lines += ["", f"![vlmdeploy against the baselines]({plot})"]
     return "\n".join(lines) + "\n"
 
 
-def svg_plot(res: dict, lmdeploy: dict | None, label: str = "LMDeploy") -> str:
-    """Bars of each metric relative to LMDeploy (higher is better; latencies inverted)."""
-    rows = [
-        (m, a, b, hi)
-        for m, a, b, _, hi in comparison(res, lmdeploy)
-        if _is_num(a) and _is_num(b) and a and b
-    ]
-    width, bar, gap = 640, 18, 14
-    height = 40 + len(rows) * (2 * bar + gap)
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        'font-family="sans-serif" font-size="12">',
-        f'<text x="10" y="20">relative to {label} (1.0 = equal; lower-is-better inverted)</text>',
-    ]
-    ratios = [(m, a / b if hi else b / a) for m, a, b, hi in rows]
-    scale = (width - 260) / max([2.0] + [r for _, r in ratios])
-    y = 40
-    for m, ratio in ratios:
-        out += [
-            f'<text x="10" y="{y + bar - 4}">{m}</text>',
-            f'<rect x="220" y="{y}" width="{ratio * scale:.1f}" height="{bar}" fill="#2b6cb0"/>',
-            f'<text x="{226 + ratio * scale:.1f}" y="{y + bar - 4}">vlmdeploy {ratio:.2f}x</text>',
-            f'<rect x="220" y="{y + bar}" width="{scale:.1f}" height="{bar}" fill="#a0aec0"/>',
-            f'<text x="{226 + scale:.1f}" y="{y + 2 * bar - 4}">LMDeploy 1.00x</text>',
-        ]
-        y += 2 * bar + gap
-    return "\n".join(out + ["</svg>"]) + "\n"
+def _runs_note(r: object) -> str:
+    runs = r.get("runs", []) if isinstance(r, dict) else []
+    return ", ".join(f"{x:,}" for x in runs) if len(runs) > 1 else ""
+
+
+def _ttft_note(w1: object) -> str:
+    if not isinstance(w1, dict) or "ttft_runs" not in w1:
+        return ""
+    return f"median of {w1['ttft_runs']}, {w1['ttft_min_ms']:.1f}–{w1['ttft_max_ms']:.1f}"
+
+
+def history_rows(res: dict, lmdeploy_same_call: dict | None = None) -> list[dict[str, str]]:
+    """The run's rows for the results history: every number vlmdeploy and transformers measured,
+    and LMDeploy's when it ran in the same call (a quoted baseline is already in the history)."""
+    st = results.Stamp(res.get("date", ""), res.get("time_utc", ""), res.get("commit", ""),
+                       res.get("device", ""))
+    shape = res.get("model_shape", "")
+    s = res.get("settings", {})
+    settings = [f"load format {res['load_format']}" if res.get("load_format") == "dummy" else "",
+                "prefix caching off" if s.get("enable_prefix_caching") is False else "",
+                f"W2 {s['n2']} / W3 {s['n3']} requests" if (s.get("n2"), s.get("n3")) not in
+                ((256, 256), (None, None)) else ""]
+    run_note = "; ".join(x for x in settings if x)
+    runs = {m: _runs_note(res.get(w)) for m, w in (("W2 requests/s", "w2"),
+                                                    ("W3 output tokens/s", "w3"))}
+    notes = {m: f"runs {r}" for m, r in runs.items() if r}
+    notes["W1 TTFT ms"] = _ttft_note(res.get("w1"))
+    out = []
+
+    def add(metric: str, value: object, system: str, note: str = "") -> None:
+        if _is_num(value):
+            workload, name, unit = HISTORY_NAMES[metric]
+            text = "; ".join(x for x in (note, run_note) if x)
+            out.append(results.row(st, shape, workload, name, system, value, unit, text))
+
+    for m, ours, lm, tf in comparison(res, lmdeploy_same_call):
+        add(m, ours, "vlmdeploy", notes.get(m, ""))
+        add(m, lm, LMDEPLOY, "same call")
+        add(m, tf, "transformers", "same call, generate with SDPA, batch 1")
+    if _is_num(res.get("init_s")):
+        out.append(results.row(st, shape, "engine", "start_s", "vlmdeploy", res["init_s"], "s",
+                               run_note))
+    return out
 
 
 def write_outputs(res: dict, args: argparse.Namespace) -> str:
-    """Append the markdown section (and an SVG beside it) to ``args.out``; returns the section."""
+    """The table (to ``args.out`` when given) and the run's history rows (appended to
+    ``args.csv`` when given); returns the table."""
     if args.lmdeploy:
         lmdeploy = json.loads(Path(args.lmdeploy).read_text())
     else:
         lmdeploy = LMDEPLOY_QUOTED if args.lmdeploy_note else None
-    label = lmdeploy_label(lmdeploy, args.lmdeploy_note, args.lmdeploy_label)
-    plot = None
-    if args.out and lmdeploy:
-        plot = f"benchmarks-{res.get('date', 'results')}.svg"
-        (Path(args.out).parent / plot).write_text(svg_plot(res, lmdeploy, label))
-    text = markdown(res, lmdeploy, plot, args.lmdeploy_note, args.lmdeploy_label)
+    text = markdown(res, lmdeploy, args.lmdeploy_note, args.lmdeploy_label)
     if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+        Path(args.out).write_text(text)
+    if args.csv:
+        same_call = lmdeploy if args.lmdeploy and not args.lmdeploy_note else None
+        results.append(args.csv, history_rows(res, same_call))
     return text
+
+
+def summary_line(name: str, r: dict) -> str:
+    """One workload's result as a line of the run's log."""
+    if name == "w1":
+        return (
+            f"TTFT {r['ttft_ms']:.1f} ms (median of {r['ttft_runs']}, {r['ttft_min_ms']:.1f}-"
+            f"{r['ttft_max_ms']:.1f}), TPOT {r['tpot_ms']:.2f} ms ({r['output_tokens']} tokens); "
+            f"TTFT parts (medians, ms) {r.get('ttft_parts_ms')}"
+        )
+    if name == "chat2":
+        return (
+            f"TTFT turn 1 {r['ttft1_ms']:.1f} ms, turn 2 {r['ttft2_ms']:.1f} ms, ratio "
+            f"{r['ratio']:.3f}; turn 2 cached {r['cached_tokens']} of {r['turn2_input_tokens']} "
+            f"prompt tokens; turn 2 TTFT parts (ms) {r.get('ttft2_parts_ms')}, tiles encoded "
+            f"{r.get('turn2_tiles_encoded')}"
+        )
+    if name in ("w2", "w3"):
+        return (
+            f"{r['requests']} requests in {r['wall_s']:.1f} s: {r['requests_per_s']:.2f} req/s, "
+            f"in {r['input_tokens_per_s']:,.0f} tok/s, out {r['output_tokens_per_s']:,.0f} tok/s"
+            + (f" (median run; all runs {r['runs']})" if len(r.get("runs", [])) > 1 else "")
+            + (f"; timeline {json.dumps(r['timeline'])}" if r.get("timeline") else "")
+        )
+    if name == "transformers_w1":
+        return f"TTFT {r['ttft_ms']:.1f} ms, TPOT {r['tpot_ms']:.2f} ms"
+    return json.dumps(r)

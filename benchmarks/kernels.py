@@ -8,20 +8,16 @@ and "% roofline" is floor / measured time. Triton and SDPA times are medians of 
 (launch gaps removed, as in the engine's captured decode) that rotate over enough independent input
 sets to defeat the L2 cache; the reference path host-syncs, so it is timed eagerly with
 ``triton.testing.do_bench`` (median, L2 flushed). Each case also checks the kernel against the
-reference once. Writes a markdown table (default ``docs/kernels.md``).
+reference once. Prints a markdown table (``--out`` writes it to a file) and appends the times
+and the ceilings to a results CSV (``--csv``, see ``benchmarks/results.py``).
 
-    python benchmarks/kernels.py [--out docs/kernels.md] [--quick]
+    python -m benchmarks.kernels [--csv results.csv] [--out kernels.md] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import math
-import statistics
-import subprocess
-import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +26,20 @@ import torch
 import torch.nn.functional as F
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from vlmdeploy.kernels import reference  # noqa: E402
-from vlmdeploy.kernels.triton_ops import (  # noqa: E402
+from benchmarks import results
+from benchmarks.gpu_timing import (
+    DEV,
+    DTYPE,
+    device_line,
+    eager_ms,
+    graph_ms,
+    measure_ceilings,
+    n_sets,
+    rel_err,
+    today,
+)
+from vlmdeploy.kernels import reference
+from vlmdeploy.kernels.triton_ops import (
     paged_attention_triton,
     qk_norm_rope_triton,
     rms_norm_triton,
@@ -41,9 +48,6 @@ from vlmdeploy.kernels.triton_ops import (  # noqa: E402
 )
 
 HIDDEN, INTER, N_Q, N_KV, HEAD_DIM, PAGE = 4096, 12288, 32, 8, 128, 64  # InternVL3.5-8B's Qwen3-8B
-DTYPE = torch.bfloat16
-DEV = torch.device("cuda")
-ROTATE_BYTES = 256 << 20  # input sets per graph until their total is ~5x the 50 MB L2
 
 
 @dataclasses.dataclass
@@ -59,63 +63,6 @@ class Row:
     sdpa_note: str = ""
     cudnn_ms: float | None = None
     cudnn_note: str = ""
-
-
-# ---------------------------------------------------------------- timing
-
-
-def graph_ms(calls: list[Callable[[], object]], reps: int = 30) -> float:
-    """Median time of one call, from replays of a graph that runs every call once in turn."""
-    for c in calls:
-        c()  # compile and allocate outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times) / len(calls)
-
-
-def eager_ms(fn: Callable[[], object]) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def n_sets(bytes_per_call: float) -> int:
-    return max(1, min(64, math.ceil(ROTATE_BYTES / max(bytes_per_call, 1))))
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-# ---------------------------------------------------------------- ceilings
-
-
-def measure_ceilings() -> tuple[float, float]:
-    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), on random data."""
-    src = torch.randn(1 << 29, device=DEV, dtype=DTYPE)  # 1 GiB
-    dst = torch.empty_like(src)
-    # the faster of the copy engine path (copy_) and an SM streaming kernel (neg): both move 2 GiB
-    copy_ms = min(
-        graph_ms([lambda: dst.copy_(src)], reps=20),
-        graph_ms([lambda: torch.neg(src, out=dst)], reps=20),
-    )
-    bw = 2 * src.numel() * 2 / (copy_ms * 1e-3)
-    a = torch.randn(8192, 8192, device=DEV, dtype=DTYPE)
-    b = torch.randn(8192, 8192, device=DEV, dtype=DTYPE)
-    rate = 2 * 8192**3 / (graph_ms([lambda: a @ b], reps=20) * 1e-3)
-    return bw, rate
 
 
 # ---------------------------------------------------------------- elementwise kernels
@@ -332,33 +279,6 @@ def bench_prefill(name: str, q_lens: list[int], kv_lens: list[int], sdpa: bool) 
 # ---------------------------------------------------------------- report
 
 
-def device_line() -> str:
-    try:
-        smi = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        gpu = smi.stdout.strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.SubprocessError):
-        gpu = torch.cuda.get_device_name()
-    props = torch.cuda.get_device_properties(DEV)
-    return (
-        f"{gpu}; {props.multi_processor_count} SMs; torch {torch.__version__}, "
-        f"triton {triton.__version__}, CUDA {torch.version.cuda}"
-    )
-
-
-def today() -> str:
-    try:
-        return subprocess.run(
-            ["date", "+%Y-%m-%d"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return datetime.date.today().isoformat()
-
-
 def fmt_us(ms: float | None) -> str:
     return "–" if ms is None else f"{ms * 1e3:,.1f}"
 
@@ -367,7 +287,8 @@ def render(rows: list[Row], bw: float, rate: float) -> str:
     lines = [
         "# Kernel benchmark",
         "",
-        f"Device: {device_line()}. Date: {today()}. Produced by `python benchmarks/kernels.py`.",
+        f"Device: {device_line()}. Date: {today()}, commit {results.current_commit() or '?'}. "
+        "Produced by `python -m benchmarks.kernels`.",
         "",
         f"Ceilings measured in the same run: device copy **{bw / 1e12:.2f} TB/s** (read + write), "
         f"bf16 matmul 8192³ **{rate / 1e12:.0f} TFLOP/s**. Shapes: InternVL3.5-8B language model "
@@ -396,9 +317,31 @@ def render(rows: list[Row], bw: float, rate: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def history_rows(rows: list[Row], bw: float, rate: float, st: results.Stamp) -> list[dict]:
+    """The run's rows for the results history: each case's time for every provider, our kernel's
+    share of its roofline, and the two ceilings that share is measured against."""
+    shape = "InternVL3.5-8B"
+    add = lambda *a: results.row(st, shape, *a)
+    out = [add("device ceiling", "copy_tb_per_s", "device", bw / 1e12, "TB/s", "read + write"),
+           add("device ceiling", "bf16_matmul_tflop_per_s", "device", rate / 1e12, "TFLOP/s",
+               "8192^3")]
+    for r in rows:
+        case = f"{r.kernel}: {r.case}"
+        floor = max(r.bytes / bw, r.flops / rate)
+        out += [add(case, "time_us", "vlmdeploy", r.ours_ms * 1e3, "us", "Triton"),
+                add(case, "roofline_pct", "vlmdeploy", 100 * floor / (r.ours_ms * 1e-3), "%")]
+        for system, ms, note in (("torch-reference", r.ref_ms, "eager (do_bench)"),
+                                 ("sdpa-flash", r.sdpa_ms, r.sdpa_note),
+                                 ("sdpa-cudnn", r.cudnn_ms, r.cudnn_note)):
+            if ms is not None:
+                out.append(add(case, "time_us", system, ms * 1e3, "us", note))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/kernels.md")
+    parser.add_argument("--out", help="write the markdown table to this file")
+    parser.add_argument("--csv", help="append the run's rows to this results CSV")
     parser.add_argument("--quick", action="store_true", help="fewer cases (a smoke run)")
     parser.add_argument("--only", default="", help="only cases whose bench_* name has this")
     args = parser.parse_args()
@@ -441,8 +384,10 @@ def main() -> None:
         )
         torch.cuda.empty_cache()
     text = render(rows, bw, rate)
-    with open(args.out, "w") as f:
-        f.write(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.csv:
+        results.append(args.csv, history_rows(rows, bw, rate, results.stamp(device_line())))
     print(text)
 
 

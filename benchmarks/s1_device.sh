@@ -1,6 +1,7 @@
 #!/bin/bash
 # S1 on the GPU machine: `vlmdeploy serve api_server` on a random-weight checkpoint and
-# benchmarks/serving.py against it; the row goes to $OUT/benchmarks.md (copy it into docs/).
+# benchmarks/serving.py against it; its rows are appended to $OUT/results.csv (merge them into
+# docs/results.csv with `python -m benchmarks.results merge`), stamped with BENCH_COMMIT.
 # Needs the web stack as wheels: ../shared/device/wheels.sh fastapi uvicorn pydantic prometheus_client httpx
 # then a device call with carry [".whl"] running: bash benchmarks/s1_device.sh [CKPT]
 #
@@ -11,7 +12,8 @@
 # its pid is in $OUT/server.pid while it runs.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
-source "$(dirname "$0")/device_lib.sh"
+cd "$(dirname "$0")/.." || exit 1  # the project root: benchmarks.serving runs as a module
+source benchmarks/device_lib.sh
 mkdir -p "$OUT"
 CKPT=${1:-${CKPT:-/tmp/ivl${PRESET:-8b}-hf}}
 PORT=${PORT:-23333}
@@ -54,12 +56,13 @@ if [ $up != 1 ]; then say "server did not come up"; tail -40 "$OUT/server.log"; 
 say "server up"
 
 # shellcheck disable=SC2086
-timeout -k 5 120 python3 benchmarks/serving.py --url "$URL" ${S1_SMALL_ARGS:---num-requests 8 --concurrency 8 --warmup 2} \
+timeout -k 5 120 python3 -m benchmarks.serving --url "$URL" ${S1_SMALL_ARGS:---num-requests 8 --concurrency 8 --warmup 2} \
   --json "$OUT/s1_small.json" > "$OUT/s1_small.log" 2>&1
 say "S1 warm-up run: exit code $? ($(tail -1 "$OUT/s1_small.log"))"
 # shellcheck disable=SC2086
-timeout -k 5 "${S1_TIMEOUT:-300}" python3 benchmarks/serving.py --url "$URL" --device-line "$DEV" \
-  --json "$OUT/s1.json" --append "$OUT/benchmarks.md" ${S1_ARGS:-} 2>&1 | tee "$OUT/s1.log"
+timeout -k 5 "${S1_TIMEOUT:-300}" python3 -m benchmarks.serving --url "$URL" --device-line "$DEV" \
+  --model-shape "${SHAPE:-}" --json "$OUT/s1.json" --csv "$OUT/results.csv" ${S1_ARGS:-} 2>&1 \
+  | tee "$OUT/s1.log"
 rc=$?
 say "S1 done: exit code $rc"
 timeout 30 python3 - <<PY > "$OUT/metrics.txt" 2>&1

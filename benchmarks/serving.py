@@ -7,10 +7,11 @@ server's `usage`, never from counting chunks. Per request, TTFT is the time to t
 text and TPOT is (end of stream - first text) / (completion_tokens - 1). Images are encoded before
 the clock starts, so the client's own work is not measured.
 
-    python benchmarks/serving.py --url http://127.0.0.1:23333 \\
-        --device-line "1x H100 80GB, vlmdeploy <commit>" --append docs/benchmarks.md
+    python -m benchmarks.serving --url http://127.0.0.1:23333 \\
+        --device-line "$(nvidia-smi --query-gpu=name --format=csv,noheader)" --csv results.csv
 
-Prints a markdown row (and appends it, under a header written once, with `--append`).
+Prints a markdown row (and appends it, under a header written once, with `--append`); `--csv`
+appends the run's numbers to a results CSV (see `benchmarks/results.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+
+from benchmarks import results
 
 HEADER = (
     "| date | device | server / model | requests | concurrency | req/s | output tok/s "
@@ -216,6 +219,20 @@ def append_row(path: Path, row: str) -> None:
         out.write(row)
 
 
+def history_rows(result: Result, args: argparse.Namespace, st: results.Stamp) -> list[dict]:
+    """The run's rows for the results history."""
+    s = result.summary()
+    note = (f"{s['requests']} requests at concurrency {args.concurrency}, {args.max_tokens} "
+            f"output tokens; server {args.model}")
+    units = {"req_per_s": ("requests_per_s", "req/s"),
+             "output_tok_per_s": ("output_tokens_per_s", "tok/s"),
+             "ttft_p50_ms": ("ttft_p50_ms", "ms"), "ttft_p99_ms": ("ttft_p99_ms", "ms"),
+             "tpot_p50_ms": ("tpot_p50_ms", "ms"), "tpot_p99_ms": ("tpot_p99_ms", "ms"),
+             "failed": ("failed_requests", "requests")}
+    return [results.row(st, args.model_shape or "", "S1", metric, args.system, s[key], unit, note)
+            for key, (metric, unit) in units.items() if np.isfinite(s[key])]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:23333", help="server base URL")
@@ -229,6 +246,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="requests sent before measuring")
     p.add_argument("--device-line", default=None, help="device description for the table")
     p.add_argument("--append", type=Path, default=None, help="markdown file to append the row to")
+    p.add_argument("--csv", type=Path, default=None, help="results CSV to append the run's rows to")
+    p.add_argument("--system", default="vlmdeploy", help="the server's name in the results CSV")
+    p.add_argument("--model-shape", default=None, help="the architecture's name in the results CSV")
     p.add_argument("--json", type=Path, default=None, help="also write the summary as JSON")
     return p.parse_args(argv)
 
@@ -244,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER + row, end="")
     if args.append:
         append_row(args.append, row)
+    if args.csv:
+        results.append(args.csv, history_rows(result, args, results.stamp(args.device_line or "")))
     if args.json:
         args.json.write_text(json.dumps({**summary, "device": args.device_line}, indent=2))
     return 0 if result.failed == 0 else 1

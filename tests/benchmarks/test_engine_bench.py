@@ -1,38 +1,29 @@
-"""The engine benchmark script runs end to end (tiny checkpoint, CPU, a handful of requests) and
-writes its table, so a device session spends its time measuring, not debugging the harness."""
+"""The engine benchmark runs end to end (tiny checkpoint, CPU, a handful of requests), writes its
+table and appends its rows to the results CSV, so a device call spends its time measuring, not
+debugging the harness."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from benchmarks import engine as bench
+from benchmarks import engine_report as report
+from benchmarks import results, step_stats
+
 ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "benchmarks" / "engine.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_engine", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def report(bench):  # loading engine.py put benchmarks/ on the path for its report module
-    import engine_report
-
-    return engine_report
 
 
 def fake_results(**extra) -> dict:
     res = {
         "date": "2026-11-28",
+        "time_utc": "10:11:12",
+        "commit": "abc1234",
         "device": "NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04; torch 2.11.0+cu130",
+        "model_shape": "InternVL3.5-8B",
         "model": "/tmp/ivl8b-hf",
         "load_format": "auto",
         "settings": {
@@ -56,8 +47,9 @@ def fake_results(**extra) -> dict:
     return res
 
 
-def test_engine_benchmark_smoke(bench, tiny_ckpts, tmp_path):
-    out, raw = tmp_path / "bench.md", tmp_path / "bench.json"
+def test_engine_benchmark_smoke(tiny_ckpts, tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_COMMIT", "feedbee")
+    out, raw, csv = tmp_path / "bench.md", tmp_path / "bench.json", tmp_path / "results.csv"
     lmdeploy = tmp_path / "results.json"  # the reference harness's result format
     lmdeploy.write_text(
         json.dumps(
@@ -69,8 +61,10 @@ def test_engine_benchmark_smoke(bench, tiny_ckpts, tmp_path):
         )
     )
     args = f"--model {tiny_ckpts['hf']} --n2 2 --n3 2 --session-len 4096 --baseline --repeats 2"
-    bench.main([*args.split(), "--out", str(out), "--json", str(raw), "--lmdeploy", str(lmdeploy)])
+    bench.main([*args.split(), "--out", str(out), "--json", str(raw), "--csv", str(csv),
+                "--lmdeploy", str(lmdeploy)])
     res = json.loads(raw.read_text())
+    assert res["commit"] == "feedbee" and res["model_shape"] == Path(tiny_ckpts["hf"]).name
     assert res["w1"]["output_tokens"] == 512 and res["w1"]["tpot_ms"] > 0
     assert res["w2"]["requests"] == 2 and res["w3"]["output_tokens_per_s"] > 0
     assert res["transformers_w1"]["tpot_ms"] > 0
@@ -81,7 +75,7 @@ def test_engine_benchmark_smoke(bench, tiny_ckpts, tmp_path):
         assert runs[0]["tiles"] == runs[1]["tiles"] > 0 and runs[0]["steps"] > 0
         assert runs[0]["prefill_steps"] >= 1 and runs[0]["decode_steps"] >= 1
         first = runs[0]["first_steps"]  # the ramp, step by step, in order
-        assert 1 <= len(first) <= bench.FIRST_STEPS and all(len(r) == 7 for r in first)
+        assert 1 <= len(first) <= step_stats.FIRST_STEPS and all(len(r) == 7 for r in first)
         assert all(0 <= r[2] <= r[1] for r in first)  # a step's launch is part of it
         assert first[0][4] > 0 and first[0][5] > 0  # the first step prefills and encodes
         assert 0 < runs[0]["prefill_launch_s"] <= runs[0]["prefill_steps_s"]
@@ -96,11 +90,23 @@ def test_engine_benchmark_smoke(bench, tiny_ckpts, tmp_path):
     table = out.read_text()
     assert "| W1 TPOT ms |" in table and "| 6.70 |" in table and "| 9,300 |" in table
     assert "| chat2 TTFT turn 2 / turn 1 |" in table and "LMDeploy (this call)" in table
-    svg = next(tmp_path.glob("benchmarks-*.svg")).read_text()
-    assert svg.startswith("<svg") and "W3 output tokens/s" in svg
+    assert "commit feedbee" in table.splitlines()[0]
+    # the run's rows, every one stamped alike; LMDeploy ran "in the same call" here
+    rows = results.read(csv)
+    assert {(r["date"], r["time_utc"], r["commit"], r["device"]) for r in rows} == {
+        (res["date"], res["time_utc"], "feedbee", res["device"])}
+    got = {(r["system"], r["workload"], r["metric"]): float(r["value"]) for r in rows}
+    assert got[("vlmdeploy", "W1", "tpot_ms")] == pytest.approx(res["w1"]["tpot_ms"], rel=1e-3)
+    assert got[("vlmdeploy", "W2", "requests_per_s")] == pytest.approx(
+        res["w2"]["requests_per_s"], rel=1e-3)
+    assert got[("vlmdeploy", "chat2", "ttft_ratio")] == pytest.approx(chat["ratio"], rel=1e-3)
+    assert got[("vlmdeploy", "engine", "kv_cache_tokens")] == res["kv_tokens"]
+    assert got[("lmdeploy-0.18", "W3", "output_tokens_per_s")] == 9300
+    assert got[("transformers", "W1", "ttft_ms")] > 0
+    assert not list(tmp_path.glob("*.svg"))  # history is data: no dated plot beside the table
 
 
-def test_prefix_caching_off_caches_nothing(bench, tiny_ckpts, tmp_path):
+def test_prefix_caching_off_caches_nothing(tiny_ckpts, tmp_path):
     raw = tmp_path / "bench.json"
     args = f"--model {tiny_ckpts['hf']} --workloads chat2 --no-prefix-caching --session-len 4096"
     bench.main([*args.split(), "--json", str(raw)])
@@ -109,7 +115,7 @@ def test_prefix_caching_off_caches_nothing(bench, tiny_ckpts, tmp_path):
     assert res["chat2"]["cached_tokens"] == 0 and "w1" not in res
 
 
-def test_markdown_quoted_lmdeploy_targets_and_errors(report, bench):
+def test_markdown_quoted_lmdeploy_targets_and_errors():
     note = "quoted from the 2026-11-27 anchor run"
     table = report.markdown(fake_results(), report.LMDEPLOY_QUOTED, note=note)
     lines = table.splitlines()
@@ -131,10 +137,11 @@ def test_markdown_quoted_lmdeploy_targets_and_errors(report, bench):
     assert f"LMDeploy column: {note}" in table
     assert "- w3: RuntimeError: CUDA out of memory" in table
     assert "prefix caching on" in table and "KV cache 352,000 tokens" in table
-    assert "H100 80GB HBM3" in lines[0] and "2026-11-28" in lines[0]
+    assert "2026-11-28 10:11:12 UTC" in lines[0] and "commit abc1234" in lines[0]
+    assert "Device: NVIDIA H100 80GB HBM3" in table and "InternVL3.5-8B" in table
 
 
-def test_markdown_target_missed_and_skipped(report, bench):
+def test_markdown_target_missed_and_skipped():
     res = fake_results(w1={"ttft_ms": 45.0, "tpot_ms": 7.0}, chat2={"skipped": "time limit"})
     table = report.markdown(res)
     assert "| W1 TPOT ms | 7.00 | ≤ 5.6 | no | – | 27.00 |" in table
@@ -142,7 +149,7 @@ def test_markdown_target_missed_and_skipped(report, bench):
     assert "| metric | vlmdeploy | target | met | LMDeploy | transformers |" in table
 
 
-def test_lmdeploy_harness_results(report, bench):
+def test_lmdeploy_harness_results():
     """The anchor harness's results.json: medians, engine_config blocks, torch peak in MiB."""
     lm = {
         "w1": {"ttft_ms": 113.0, "tpot_ms": 6.69, "ttft_ms_median_of_runs": 112.3},
@@ -158,13 +165,34 @@ def test_lmdeploy_harness_results(report, bench):
     assert report.lmdeploy_values(None)["W2 requests/s"] is None
 
 
-def test_render_saved_results(bench, tmp_path):
-    saved, out = tmp_path / "engine.json", tmp_path / "benchmarks.md"
+def test_render_saved_results(tmp_path):
+    saved, out, csv = tmp_path / "engine.json", tmp_path / "engine.md", tmp_path / "results.csv"
     saved.write_text(json.dumps(fake_results()))
-    bench.main(["--render", str(saved), "--out", str(out), "--lmdeploy-note", "quoted"])
+    bench.main(["--render", str(saved), "--out", str(out), "--csv", str(csv),
+                "--lmdeploy-note", "quoted"])
     table = out.read_text()
     assert "LMDeploy 0.18 (quoted, not this call)" in table and "LMDeploy column: quoted" in table
-    assert "W2 requests/s" in next(tmp_path.glob("benchmarks-*.svg")).read_text()
+    rows = results.read(csv)
+    # a quoted baseline is not a measurement of this run: only our and transformers' numbers
+    assert {r["system"] for r in rows} == {"vlmdeploy", "transformers"}
+    assert all(r["commit"] == "abc1234" and r["time_utc"] == "10:11:12" for r in rows)
+
+
+def test_history_rows_of_saved_results():
+    res = fake_results(w2={"requests": 256, "requests_per_s": 11.5, "runs": [11.5, 11.75]},
+                       w1={"ttft_ms": 25.0, "tpot_ms": 5.5, "ttft_runs": 11, "ttft_min_ms": 20.0,
+                           "ttft_max_ms": 31.25})
+    lm = {"w1": {"ttft_ms": 100.0, "tpot_ms": 6.7}, "w2": {"req_per_s": 7.8}}
+    rows = {(r["system"], r["workload"], r["metric"]): r for r in report.history_rows(res, lm)}
+    assert rows[("vlmdeploy", "W2", "requests_per_s")]["value"] == "11.5"
+    assert rows[("vlmdeploy", "W2", "requests_per_s")]["note"] == "runs 11.5, 11.75"
+    assert rows[("vlmdeploy", "W1", "ttft_ms")]["note"] == "median of 11, 20.0–31.2"
+    assert rows[("lmdeploy-0.18", "W1", "tpot_ms")]["value"] == "6.7"
+    assert rows[("vlmdeploy", "engine", "start_s")]["unit"] == "s"
+    # W3 failed: no number, no row; LMDeploy's missing W3 and chat2 neither
+    assert not any(w == "W3" for _, w, _ in rows)
+    assert ("lmdeploy-0.18", "chat2", "ttft_ratio") not in rows
+    assert all(r["model_shape"] == "InternVL3.5-8B" for r in rows.values())
 
 
 @pytest.mark.parametrize("script", ["device_run.sh", "s1_device.sh", "device_lib.sh"])
@@ -172,10 +200,10 @@ def test_device_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], check=True)
 
 
-def test_gc_pauses_count_full_collections(bench):
+def test_gc_pauses_count_full_collections():
     import gc
 
-    with bench.GcPauses() as pauses:
+    with step_stats.GcPauses() as pauses:
         gc.collect(0)
         gc.collect()  # a full collection
     s = pauses.summary()

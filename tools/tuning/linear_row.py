@@ -5,36 +5,30 @@ Part 1 sweeps ``(BLOCK_N, BLOCK_K, num_warps)`` for each of the language model's
 layer's projections as the engine runs them: cuBLAS with the separate RMSNorm, SiLU-and-mul and
 residual kernels, against four ``linear_row`` calls with those fused in (attention left out of
 both). Every time is a median over CUDA-graph replays that rotate over enough weight copies to
-defeat the L2 cache, so each call streams its weights from HBM. Writes a markdown table.
+defeat the L2 cache, so each call streams its weights from HBM. Prints markdown tables.
 
 Part 3 (``--rows 1,4,16``) compares cuBLAS, the row kernel and the tensor-core variant at a few
 rows (small-batch decode).
 
-    python benchmarks/linear_row.py [--out docs/linear_row.md] [--quick] [--rows 1,4,16]
+The engine's ``ROW_CONFIG`` and ``choose_dot_config`` (``vlmdeploy/kernels/linear_row_kernel.py``)
+come from these sweeps; rerun them on a new GPU before trusting those choices there.
+
+    python -m tools.tuning.linear_row [--out linear_row.md] [--quick] [--rows 1,4,16]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from benchmarks.kernels import (  # noqa: E402
-    DEV,
-    DTYPE,
-    device_line,
-    graph_ms,
-    measure_ceilings,
-    today,
-)
-from vlmdeploy.kernels import reference  # noqa: E402
-from vlmdeploy.kernels.linear_row_kernel import ROW_CONFIG, linear_row_triton  # noqa: E402
-from vlmdeploy.kernels.triton_ops import rms_norm_triton, silu_and_mul_triton  # noqa: E402
+from benchmarks.gpu_timing import DEV, DTYPE, device_line, graph_ms, measure_ceilings, today
+from vlmdeploy.kernels import reference
+from vlmdeploy.kernels.linear_row_kernel import ROW_CONFIG, linear_row_triton
+from vlmdeploy.kernels.triton_ops import rms_norm_triton, silu_and_mul_triton
 
 HIDDEN, INTER, QKV = 4096, 12288, 6144
 SHAPES = {"qkv": (QKV, HIDDEN), "o_proj": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN),
@@ -151,7 +145,7 @@ def layer(quick: bool) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default="docs/linear_row.md")
+    ap.add_argument("--out", help="also write the tables here")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rows", default="", help="row counts for the small-batch table, e.g. 1,4,16")
     args = ap.parse_args()
@@ -163,7 +157,8 @@ def main() -> None:
         lines += rows([int(r) for r in args.rows.split(",")])
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(args.out).write_text(text)
+    if args.out:
+        Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -7,26 +7,21 @@ N_TEXT text tokens) go through ``Pipeline.prepare_sync`` on THREADS threads whil
 gives the GIL up and takes it back in a loop, as a launch does; the probe's waits beyond its own
 pace, per request, estimate the GIL time. Runs on the CPU (the preparation does not use the GPU).
 
-    python benchmarks/prep_gil.py --side 1024 --n-text 100 --n 64      # W2's requests
-    python benchmarks/prep_gil.py --side 448 --n-text 30 --n 256       # W3's requests
+    python -m tools.diagnostics.prep_gil --side 1024 --n-text 100 --n 64      # W2's requests
+    python -m tools.diagnostics.prep_gil --side 448 --n-text 30 --n 256       # W3's requests
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from engine import workload  # noqa: E402
-
-from vlmdeploy import PytorchEngineConfig, pipeline  # noqa: E402
-from vlmdeploy.testing.checkpoint import make_checkpoint  # noqa: E402
+from benchmarks.workloads import workload
+from vlmdeploy import PytorchEngineConfig, pipeline
+from vlmdeploy.testing.checkpoint import make_checkpoint
 
 
 class Probe:

@@ -12,14 +12,13 @@ programmatic dependent launch: each starts while the one before drains and waits
 table's kernel times overlap and add up to more than the step. ``VLMDEPLOY_PDL=0`` gives additive
 times (and a slightly slower step).
 
-    python benchmarks/step_profile.py --preset 8b --batch 1,256 --prefill 1:448,8:1024 \
+    python -m tools.diagnostics.step_profile --preset 8b --batch 1,256 --prefill 1:448,8:1024 \
         --out step_profile.md
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
@@ -27,8 +26,9 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.workloads import jpeg_url, model_source, request
 from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
-from vlmdeploy.engine.sequence import Sequence
+from vlmdeploy.engine.io import EngineRequest
 
 
 def sync() -> None:
@@ -45,18 +45,14 @@ def activities() -> list:
     return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
 
 
-def profile_prefill(pipe, n: int, side: int, trace: str | None, seed: int = 0) -> str:
+def profile_prefill(pipe, eng, n: int, side: int, trace: str | None, seed: int = 0) -> str:
     """Preparation and prefill of ``n`` image requests, as W1 (1 x 448) or W2 (n x 1024) see it."""
-    from engine import jpeg_url, request  # benchmarks/engine.py, beside this script
-
-    eng = pipe.engine
     rng = np.random.default_rng(seed)
     gen = GenerationConfig(max_new_tokens=2, ignore_eos=True)
     prompts = [request(jpeg_url(side, rng), "Describe the picture in a few words please.")
                for _ in range(n + 1)]
     warm = pipe.prepare_sync(prompts[-1], gen)  # one warm-up request (autotuning, allocator)
-    eng.add(Sequence(2_000_000 + seed * 1000, list(warm.token_ids), copy.copy(warm.sampling),
-                     images=warm.images))
+    eng.add(EngineRequest(2_000_000 + seed * 1000, warm.token_ids, warm.sampling, warm.images))
     while eng.has_work():
         eng.step()
     sync()
@@ -64,8 +60,7 @@ def profile_prefill(pipe, n: int, side: int, trace: str | None, seed: int = 0) -
     reqs = [pipe.prepare_sync(p, gen) for p in prompts[:n]]
     prep_ms = (time.perf_counter() - t) / n * 1e3
     for i, req in enumerate(reqs):
-        eng.add(Sequence(2_000_001 + seed * 1000 + i, list(req.token_ids), copy.copy(req.sampling),
-                         images=req.images))
+        eng.add(EngineRequest(2_000_001 + seed * 1000 + i, req.token_ids, req.sampling, req.images))
     sync()
     steps, t = 0, time.perf_counter()
     with profile(activities=activities()) as prof:
@@ -87,16 +82,15 @@ def profile_prefill(pipe, n: int, side: int, trace: str | None, seed: int = 0) -
     return head + "\n```\n" + kernel_table(prof) + "\n```\n"
 
 
-def profile_batch(pipe, batch: int, prompt: int, steps: int, seed: int = 0,
+def profile_batch(pipe, eng, batch: int, prompt: int, steps: int, seed: int = 0,
                   trace: str | None = None) -> str:
-    eng = pipe.engine
     gen = torch.Generator().manual_seed(seed)
     vocab = pipe.model_cfg.text.vocab_size
     sampling = pipe.prepare_sync("x", GenerationConfig(max_new_tokens=4096, ignore_eos=True))
     for i in range(batch):
         ids = torch.randint(1000 if vocab > 2000 else 0, min(vocab, 100_000), (prompt,),
                             generator=gen).tolist()
-        eng.add(Sequence(1_000_000 + seed * 10_000 + i, ids, copy.copy(sampling.sampling)))
+        eng.add(EngineRequest(1_000_000 + seed * 10_000 + i, ids, sampling.sampling))
     warm = 0
     while any(s.num_computed < s.num_prompt_tokens for s in eng.scheduler.running) or \
             eng.scheduler.waiting:
@@ -136,20 +130,18 @@ def main() -> None:
     ap.add_argument("--trace", help="directory for Chrome traces of each profiled section")
     ap.add_argument("--out", default="step_profile.md")
     args = ap.parse_args()
-    from engine import model_source  # benchmarks/engine.py, beside this script
-
     model, load_format = model_source(args.model, args.preset)
     cfg = PytorchEngineConfig(session_len=8192, load_format=load_format)
     sections = []
     with pipeline(model, backend_config=cfg) as pipe:
-        pipe.loop.close()  # the engine is driven by hand from here
+        eng = pipe.engine.detach()  # the engine is driven by hand from here
         if args.trace:
             Path(args.trace).mkdir(parents=True, exist_ok=True)
         for i, spec in enumerate(x for x in args.prefill.split(",") if x):
             n, side = (int(v) for v in spec.split(":"))
-            sections.append(profile_prefill(pipe, n, side, args.trace, seed=i))
+            sections.append(profile_prefill(pipe, eng, n, side, args.trace, seed=i))
         for i, b in enumerate(int(x) for x in args.batch.split(",") if x):
-            sections.append(profile_batch(pipe, b, args.prompt, args.steps, seed=i,
+            sections.append(profile_batch(pipe, eng, b, args.prompt, args.steps, seed=i,
                                           trace=args.trace))
     Path(args.out).write_text("\n".join(sections))
 

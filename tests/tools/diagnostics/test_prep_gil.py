@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "prep_gil.py"
+from tools.diagnostics import prep_gil
 
 
 def test_prep_gil_reports_thread_and_gil_time(tiny_ckpts, capsys):
-    spec = importlib.util.spec_from_file_location("bench_prep_gil", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    res = module.main(["--model", str(tiny_ckpts["hf"]), "--side", "448", "--n", "6",
+    res = prep_gil.main(["--model", str(tiny_ckpts["hf"]), "--side", "448", "--n", "6",
                        "--n-text", "30", "--threads", "2"])
     assert res["requests"] == 6 and res["threads"] == 2
     assert res["ms_per_request"] > 0 and res["gil_ms_per_request"] >= 0

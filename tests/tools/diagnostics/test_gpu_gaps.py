@@ -4,18 +4,7 @@ time by name."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_gaps.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_gpu_gaps", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from tools.diagnostics import gpu_gaps
 
 # (start µs, end µs, name): two overlapping kernels, a 50 ms gap, a copy, a 120 ms gap, a kernel
 EVENTS = [
@@ -27,20 +16,20 @@ EVENTS = [
 
 
 def test_busy_time_and_gaps():
-    busy, gaps = _module().gaps_of(EVENTS)
+    busy, gaps = gpu_gaps.gaps_of(EVENTS)
     assert busy == 20_000 + 1_000 + 9_000
     assert gaps == [(50_000.0, "norm", "Memcpy HtoD", 20_000.0),
                     (120_000.0, "Memcpy HtoD", "gemm", 71_000.0)]
 
 
 def test_idle_time_is_split_over_the_buckets_a_gap_spans():
-    _, gaps = _module().gaps_of(EVENTS)
-    assert _module().idle_per_bucket(gaps, 100_000.0, 3) == [79.0, 91.0, 0.0]
-    assert _module().idle_per_bucket(gaps, 100_000.0, 1) == [79.0]  # past the last: left out
+    _, gaps = gpu_gaps.gaps_of(EVENTS)
+    assert gpu_gaps.idle_per_bucket(gaps, 100_000.0, 3) == [79.0, 91.0, 0.0]
+    assert gpu_gaps.idle_per_bucket(gaps, 100_000.0, 1) == [79.0]  # past the last: left out
 
 
 def test_early_window_splits_idle_time_and_kernel_time():
-    text = _module().early(EVENTS, 0.3)
+    text = gpu_gaps.early(EVENTS, 0.3)
     # the 50 ms gap lies in the first tenth; the 120 ms one (71–191 ms) spans the first two
     assert "idle ms in each 0.1 s: 79, 91, 0" in text
     rows = {r.split("|")[1].strip(): r.split("|")[2:5] for r in text.splitlines()

@@ -4,9 +4,9 @@ A sampler thread reads the engine thread's Python stack every INTERVAL (``sys._c
 during the first SECONDS of a W2- or W3-style run through ``pipe()`` and reports the lines it was
 found on, innermost first and by the innermost vlmdeploy frame, with the step records' launch times
 beside. A sample inside a C call (a launch, a copy) cannot tell work from waiting for the GIL; the
-step records and ``benchmarks/prep_gil.py`` tell those apart.
+step records and ``tools/diagnostics/prep_gil.py`` tell those apart.
 
-    python benchmarks/host_sampler.py --preset 8b --side 448 --n-text 30 --n-out 512 --n 256
+    python -m tools.diagnostics.host_sampler --preset 8b --side 448 --n-text 30 --n-out 512 --n 256
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from engine import gen, model_source, sync, workload  # noqa: E402
+import vlmdeploy
+from benchmarks.workloads import gen, model_source, sync, workload
+from vlmdeploy import PytorchEngineConfig, pipeline
 
-from vlmdeploy import PytorchEngineConfig, pipeline  # noqa: E402
-
-ROOT = str(Path(__file__).resolve().parents[1] / "vlmdeploy")
+ROOT = str(Path(vlmdeploy.__file__).resolve().parent)
+ENGINE_THREAD = "vlmdeploy-engine"  # the name the engine loop gives its thread
 
 
 class StackSampler:
@@ -99,16 +99,17 @@ class SyncWarnings:
         return "\n".join(lines) + "\n"
 
 
-# Engine-thread calls whose host time each step reports (module, attribute path).
+# Engine-thread calls whose host time each step reports (module, attribute path). These name the
+# engine's own functions, so they follow its code: a renamed function fails loudly here.
 TIMED = (
     ("vlmdeploy.engine.scheduler", "Scheduler.schedule"),
-    ("vlmdeploy.engine.vision", "VisionStage.run"),
+    ("vlmdeploy.engine.vision", "VisionStage.attach_embeddings"),
     ("vlmdeploy.engine.vision", "_one_batch"),
-    ("vlmdeploy.engine.model_runner", "ModelRunner.run"),
-    ("vlmdeploy.engine.model_runner", "ModelRunner._image_rows"),
-    ("vlmdeploy.engine.model_runner", "ModelRunner._forward"),
+    ("vlmdeploy.engine.model_runner", "ModelRunner.forward"),
+    ("vlmdeploy.engine.model_runner", "pack"),
+    ("vlmdeploy.engine.model_runner", "ModelRunner.forward_eager"),
     ("vlmdeploy.engine.llm_engine", "sample_async"),
-    ("vlmdeploy.engine.llm_engine", "LLMEngine._resolve"),
+    ("vlmdeploy.engine.llm_engine", "LLMEngine._read"),
 )
 
 
@@ -217,20 +218,21 @@ def main(argv: list[str] | None = None) -> str:
     with pipeline(model, backend_config=cfg) as pipe:
         tok = pipe.tokenizer
         if args.prep_workers:
-            pipe._pool.shutdown()
-            pipe._pool = ThreadPoolExecutor(args.prep_workers, thread_name_prefix="vlmdeploy-prep")
+            pipe.preparer.pool.shutdown()
+            pipe.preparer.pool = ThreadPoolExecutor(args.prep_workers,
+                                                    thread_name_prefix="vlmdeploy-prep")
         pipe(workload(tok, 4, args.side, args.n_text, 7), gen_config=gen(8))  # warm-up
         prompts = workload(tok, args.n, args.side, args.n_text, 11)
-        engine_thread = pipe.loop._thread
+        engine_thread = next(t for t in threading.enumerate() if t.name == ENGINE_THREAD)
         sync()
-        pipe.engine.trace = []
+        pipe.engine.observer.record_steps()
         with StackSampler(engine_thread, args.interval, args.seconds) as sampler, \
                 SyncWarnings(args.sync_debug) as syncs, CallTimer(engine_thread) as timer:
             t0 = time.perf_counter()
             pipe(prompts, gen_config=gen(args.n_out))
             wall = time.perf_counter() - t0
-        trace, pipe.engine.trace = pipe.engine.trace, None
-        workers = pipe._pool._max_workers
+        trace = pipe.engine.observer.take_records()
+        workers = pipe.preparer.pool._max_workers
     names = timer.names()
     steps = ["| start ms | step ms | launch ms | decode rows | prefill tokens | tiles | "
              + " | ".join(f"{n} ms (wall/CPU)" for n in names) + " |",

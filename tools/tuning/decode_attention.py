@@ -10,38 +10,28 @@ Each over the decode kernel's tile configurations (BLOCK_N, warps, stages), alon
 layer's qkv and o_proj projections (``linear_row`` at one row, cuBLAS above), since under PDL a
 kernel's neighbours change how it runs. Times are medians of CUDA-graph replays of 36 layers, each
 with its own cache and weights, launched as in the engine (PDL on Hopper), so the total KV and
-weight reads are past the L2. Writes a markdown table.
+weight reads are past the L2. Prints a markdown table. The engine's launch choice
+(``FUSE_MIN_SPLITS`` and the tile configs in ``vlmdeploy/kernels/decode_attention.py``) comes from
+this sweep; rerun it on a new GPU before trusting that choice there.
 
-    python benchmarks/decode_attention.py [--out docs/decode_attention.md]
+    python -m tools.tuning.decode_attention [--out decode_attention.md] [--cases W1,W3]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from benchmarks.kernels import (  # noqa: E402
-    DEV,
-    DTYPE,
-    HEAD_DIM,
-    HIDDEN,
-    N_KV,
-    N_Q,
-    PAGE,
-    device_line,
-    graph_ms,
-    today,
-)
-from vlmdeploy.kernels import decode_attention as decode_mod  # noqa: E402
-from vlmdeploy.kernels import reference  # noqa: E402
-from vlmdeploy.kernels.linear_row_kernel import linear_row_triton  # noqa: E402
-from vlmdeploy.kernels.qk_norm_rope_kernel import qk_norm_rope_store_triton  # noqa: E402
-from vlmdeploy.kernels.rms_norm_kernel import rms_norm_triton  # noqa: E402
+from benchmarks.gpu_timing import DEV, DTYPE, device_line, graph_ms, today
+from benchmarks.kernels import HEAD_DIM, HIDDEN, N_KV, N_Q, PAGE
+from vlmdeploy.kernels import decode_attention as decode_mod
+from vlmdeploy.kernels import reference
+from vlmdeploy.kernels.linear_row_kernel import linear_row_triton
+from vlmdeploy.kernels.qk_norm_rope_kernel import qk_norm_rope_store_triton
+from vlmdeploy.kernels.rms_norm_kernel import rms_norm_triton
 
 LAYERS = 36
 SESSION_LEN = 8192  # the engine captures its decode graphs with max_kv_len = session_len
@@ -131,7 +121,7 @@ def time_case(B: int, ctx: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="docs/decode_attention.md")
+    ap.add_argument("--out", help="also write the table here")
     ap.add_argument("--cases", default=",".join(CASES), help="of " + ", ".join(CASES))
     args = ap.parse_args()
     lines = [f"# A decode step's attention ({today()})", "", f"Device: {device_line()}.", "",
@@ -147,7 +137,8 @@ def main() -> None:
         lines += time_case(B, ctx)
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(args.out).write_text(text)
+    if args.out:
+        Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ per-operator host instrumentation, which would make gaps of its own).
 Reports the busy fraction of the run's GPU span, the idle time by gap length, and the longest gaps
 with the kernels on either side, which tells which part of a step the GPU waits for.
 
-    python benchmarks/gpu_gaps.py --preset 8b --n 64 --out gaps.md
+    python -m tools.diagnostics.gpu_gaps --preset 8b --n 64 --out gaps.md
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import gen, model_source, workload  # noqa: E402  (benchmarks/engine.py, beside this script)
-
-from vlmdeploy import PytorchEngineConfig, pipeline  # noqa: E402
+from benchmarks.workloads import gen, model_source, workload
+from vlmdeploy import PytorchEngineConfig, pipeline
 
 DEVICE_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
 BUCKETS_US = (10, 100, 1000, 10_000)
@@ -144,7 +142,7 @@ def main() -> None:
                     "its own images (a ramp only in the first points at compilation, not the host)")
     ap.add_argument("--early", type=float, default=0.0, help="also detail the run's first this "
                     "many seconds (idle per 0.1 s, GPU time by kernel)")
-    ap.add_argument("--out", default="gpu_gaps.md")
+    ap.add_argument("--out", help="also write the report here")
     args = ap.parse_args()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
@@ -156,8 +154,9 @@ def main() -> None:
         if args.prep_workers:
             from concurrent.futures import ThreadPoolExecutor
 
-            pipe._pool.shutdown()
-            pipe._pool = ThreadPoolExecutor(args.prep_workers, thread_name_prefix="vlmdeploy-prep")
+            pipe.preparer.pool.shutdown()
+            pipe.preparer.pool = ThreadPoolExecutor(args.prep_workers,
+                                                    thread_name_prefix="vlmdeploy-prep")
         pipe(workload(tok, 4, args.side, args.n_text, 7), gen_config=gen(args.n_out))  # warm-up
         texts = []
         for run in range(args.runs):
@@ -172,16 +171,17 @@ def main() -> None:
                 path = Path(d) / "trace.json"
                 prof.export_chrome_trace(str(path))
                 events = device_events(path)
+            threads = pipe.preparer.pool._max_workers
             label = (f"run {run + 1}: {args.n} requests, {args.side}² JPEG + {args.n_text} text "
-                     f"tokens, {args.n_out} out; {pipe._pool._max_workers} preparation threads, "
+                     f"tokens, {args.n_out} out; {threads} preparation threads, "
                      f"switch interval {sys.getswitchinterval() * 1e3:g} ms")
             text = report(events, wall, label) if events else f"### {label}\n\nno device events\n"
             if events and args.early:
                 text += "\n" + early(events, args.early)
             texts.append(text)
             print(texts[-1], flush=True)
-    text = "\n".join(texts)
-    Path(args.out).write_text(text)
+    if args.out:
+        Path(args.out).write_text("\n".join(texts))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""The requests of the engine workloads (DESIGN §5) and the checkpoint they run on.
+
+Prompts are OpenAI-style messages whose images are base64 ``data:image/jpeg`` URLs of random
+pixels, so decoding and tiling happen inside the timed region, as in the reference harness; texts
+are random words cut to a token count. A seed gives each run its own images and texts: a repeated
+prompt would be served from the prefix and embedding caches.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlmdeploy import GenerationConfig
+
+VOCAB = (
+    "image picture scene shape colour light dark left right top bottom centre object person "
+    "street river table window garden bright small large round square describe detail show "
+    "the a of and to in is with on for that this"
+).split()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def text_of(tokenizer, n_tokens: int, rng: np.random.Generator) -> str:
+    """Random words that tokenize to ``n_tokens`` tokens (approximately, never more)."""
+    words: list[str] = []
+    while len(tokenizer.encode(" ".join(words))) < n_tokens:
+        words.append(VOCAB[rng.integers(len(VOCAB))])
+    while len(tokenizer.encode(" ".join(words))) > n_tokens:
+        words.pop()
+    return " ".join(words)
+
+
+def jpeg_url(side: int, rng: np.random.Generator) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+        buf, "JPEG", quality=75
+    )
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def request(url: str, text: str) -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": text},
+            ],
+        }
+    ]
+
+
+def workload(tok, n: int, side: int, n_text: int, seed: int) -> list[list[dict]]:
+    rng = np.random.default_rng(seed)
+    return [request(jpeg_url(side, rng), text_of(tok, n_text, rng)) for _ in range(n)]
+
+
+def gen(n_out: int) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=n_out, ignore_eos=True)
+
+
+def shape_name(preset: str) -> str:
+    """A preset's name in the results history ("8b" -> "InternVL3.5-8B")."""
+    return f"InternVL3.5-{preset.upper() if preset[:1].isdigit() else preset}"
+
+
+def model_source(model: str | None, preset: str | None, load_format: str = "auto"
+                 ) -> tuple[str, str]:
+    """The checkpoint to load and its load format: ``model`` as given, or for ``preset`` a
+    config-and-tokenizer checkpoint of that size (written once under /tmp) with dummy weights."""
+    if not preset:
+        return model, load_format
+    from vlmdeploy.testing.checkpoint import make_checkpoint
+
+    path = make_checkpoint(f"/tmp/vlmdeploy-bench-{preset}", preset, "hf", dtype=torch.bfloat16,
+                           weights=False)
+    return str(path), "dummy"

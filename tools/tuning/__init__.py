@@ -1,0 +1,1 @@
+"""Sweeps behind the kernels' launch configurations; rerun them on a new GPU."""
