@@ -48,3 +48,10 @@ def test_a_failed_warm_up_fails_the_constructor_and_leaves_no_loop():
         EngineLoop(engine)
     assert engine.warmed_on == "vlmdeploy-engine"
 
+
+
+def test_detach_hands_the_engine_over_without_releasing_it():
+    engine = StubEngine()
+    loop = EngineLoop(engine)
+    assert loop.detach() is engine
+    assert not loop.running and not hasattr(engine, "released")  # to be stepped by hand now

@@ -123,13 +123,24 @@ class EngineLoop:
     def close(self) -> None:
         """Stop the loop (every request still in flight gets a final ``abort`` output) and give the
         engine's memory back."""
+        if self._stop():  # never pull the model from under a step in progress
+            self.core.release()
+
+    def detach(self) -> LLMEngine:
+        """Stop the loop without releasing the engine and hand the engine over, to be stepped by
+        hand from now on (profilers and other diagnostics). Requests in flight end with abort."""
+        if not self._stop():
+            raise RuntimeError("the engine thread did not stop")
+        return self.core
+
+    def _stop(self) -> bool:
+        """Stop taking work and wait for the thread; whether it has ended."""
         with self._lock:
             if self._closed is None:
                 self._closed = "closed"
         self._wake.set()
         self._thread.join(timeout=60)
-        if not self._thread.is_alive():  # never pull the model from under a step in progress
-            self.core.release()
+        return not self._thread.is_alive()
 
     def _drain(self) -> None:
         while True:
