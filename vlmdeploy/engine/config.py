@@ -44,7 +44,7 @@ class EngineConfig:
     # Tiles per vision-encoder call; larger batches are split into calls of warmed sizes.
     max_vision_tiles: int = 64
     # Room left for the CUDA-graph pools (decode and prefill) when sizing the KV cache; the pools
-    # take a little under this at 8B (docs/benchmarks.md).
+    # take a little under this at 8B (start-up reports it as llm_graphs_mib).
     graph_pool_reserve: int = 1 << 30
     # Image embeddings kept for repeated images (bytes): a few hundred 448-px images at 8B.
     vision_cache_bytes: int = 1 << 30

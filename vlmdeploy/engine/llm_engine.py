@@ -64,7 +64,7 @@ class LLMEngine:
         which must be the thread that steps the engine (:class:`EngineLoop` does this before it
         takes requests). cuDNN keeps its attention plans per thread: a shape's first call on a
         thread pays its planning again, even after the same shape ran on another thread
-        (docs/benchmarks.md). Nothing to do off CUDA, where a new tile count costs nothing extra."""
+        (docs/results.csv). Nothing to do off CUDA, where a new tile count costs nothing extra."""
         if self.cfg.device.type != "cuda":
             return
         size = self.cfg.model.vision.image_size

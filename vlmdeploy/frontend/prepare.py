@@ -33,7 +33,7 @@ from vlmdeploy.vl.media import MediaPolicy
 from vlmdeploy.vl.tiling import TilingParams
 
 # Threads that fetch, decode, hash and tile images. Two keep up with the GPU on every workload
-# measured (docs/benchmarks.md). More starve the engine thread: it gives the GIL up at every
+# measured (docs/results.csv). More starve the engine thread: it gives the GIL up at every
 # Triton launch (an eager prefill step makes ~1,500 launches) and must win it back from them, so
 # the GPU idles while prompts are prepared. A slow image host holds a thread for at most its
 # request's media deadline.

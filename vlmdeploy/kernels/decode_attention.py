@@ -166,7 +166,7 @@ def _tile_config(q: torch.Tensor, fused: bool) -> dict:
         # a short loop over small tiles per program, unpipelined: a pipelined variant holds
         # registers and shared memory while it waits for the qkv projection (launched early under
         # PDL), and on an H100 its layer took 46 µs against 39 for this one
-        # (benchmarks/decode_attention.py)
+        # (tools/tuning/decode_attention.py)
         return dict(BLOCK_N=32, num_warps=8, num_stages=1)
     if q.dtype == torch.float32:
         return dict(BLOCK_N=32, num_warps=4, num_stages=2)

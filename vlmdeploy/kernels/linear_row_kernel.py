@@ -30,7 +30,7 @@ from .rms_norm_kernel import rms_norm_triton
 from .silu_and_mul_kernel import silu_and_mul_triton
 
 # (BLOCK_N, BLOCK_K, num_warps): within 1% of the fastest for each of the 8B's four weight shapes
-# on an H100 (benchmarks/linear_row.py, docs/linear_row.md)
+# on an H100 (tools/tuning/linear_row.py; results in docs/results.csv)
 ROW_CONFIG = (4, 2048, 4)
 MAX_DOT_ROWS = 64  # the tensor-core kernel's limit on rows
 
@@ -39,7 +39,7 @@ def choose_dot_config(n: int, sms: int) -> tuple[int, int, int, int]:
     """The tensor-core kernel's (BLOCK_N, BLOCK_K, num_warps, num_stages) for n output features on
     a GPU with ``sms`` multiprocessors: the widest block that still gives about 1.4 programs per
     multiprocessor, over 8,192-element weight tiles. On an H100 this is the fastest measured config
-    for each of the 8B's four shapes at 2 to 16 rows (benchmarks/linear_row.py --rows)."""
+    for each of the 8B's four shapes at 2 to 16 rows (tools/tuning/linear_row.py --rows)."""
     block_n = next((b for b in (64, 32) if n // b >= 1.4 * sms), 16)
     return block_n, 8192 // block_n, 4, 3
 

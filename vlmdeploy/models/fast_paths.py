@@ -38,7 +38,7 @@ from vlmdeploy.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3Mod
 # Steps of up to this many tokens take the row path. Up to here linear_row (one row: a
 # matrix-vector kernel; more: a tensor-core kernel that reads each weight tile once for all rows)
 # beats cuBLAS and drops its split-K reductions; above it cuBLAS stays, where the two were not
-# compared (docs/benchmarks.md).
+# compared (docs/results.csv).
 ROW_PATH_TOKENS = 16
 
 
