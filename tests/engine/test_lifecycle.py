@@ -135,3 +135,28 @@ def test_image_embeddings_are_released_after_prefill(pipe, images):
         assert entry.untyped_storage().nbytes() == entry.numel() * entry.element_size()
     assert req.images
 
+
+
+def test_close_gives_every_tensor_back_without_a_collection(tiny_ckpts):
+    """Closing frees weights, KV cache and caches at once: a reference cycle or a stray reference
+    to the model keeps no memory (the weights move to the meta device), and the frozen start-up
+    heap is unfrozen first, so the engine's own collection reaches it."""
+    import gc
+
+    pipe = pipeline(tiny_ckpts["original"], PytorchEngineConfig(session_len=600))
+    core = pipe.engine.core
+    runner, vision = core.runner, core.vision
+    stray = runner.model  # as a user's reference, or a cycle, would keep it
+    pipe(("what is it?", _square(64)), gen_config=GEN)
+    assert vision.cache.entries and gc.get_freeze_count() > 0
+    pipe.close()
+    assert core.runner is None and core.vision is None and not vision.cache.entries
+    assert all(p.device.type == "meta" for p in stray.parameters())
+    assert runner.kv_cache.numel() == 0 and runner.decode_graphs is None
+    assert gc.get_freeze_count() == 0
+
+
+def _square(side: int):
+    from PIL import Image
+
+    return Image.new("RGB", (side, side), (200, 30, 30))

@@ -85,12 +85,24 @@ class LLMEngine:
         return vision is not None and content_hash in vision.cache
 
     def release(self) -> None:
-        """Drop the model and the KV cache so their memory can be reused by another engine."""
-        self.runner = None
-        self.vision = None
+        """Give the model's, the KV cache's and the graphs' device memory back, deterministically:
+        another engine in this process (or another process) can use it as soon as this returns.
+        The engine cannot step afterwards."""
+        if self.runner is not None:
+            self.runner.release()
+            self.runner = None
+        if self.vision is not None:
+            self.vision.cache.clear()
+            self.vision = None
+        for seq in self.seqs.values():
+            seq.image_embeds = None
         self.seqs.clear()
+        self.scheduler.running.clear()
+        self.scheduler.waiting.clear()
+        self._inflight = None
         gc.collect()
         if self.cfg.device.type == "cuda":
+            torch.cuda.synchronize(self.cfg.device)
             torch.cuda.empty_cache()
 
     # ---- requests --------------------------------------------------------------------------------

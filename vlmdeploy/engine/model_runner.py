@@ -16,6 +16,7 @@ import torch
 from vlmdeploy import kernels
 from vlmdeploy.engine.config import EngineConfig
 from vlmdeploy.engine.graphs import DecodeGraphs, PrefillGraphs, VisionGraphs
+from vlmdeploy.engine.graphs.capture import release_graphs
 from vlmdeploy.engine.memory import allocate_kv_cache, bind_kv_cache, plan_num_blocks
 from vlmdeploy.engine.observer import EngineObserver
 from vlmdeploy.engine.scheduler import ScheduledBatch
@@ -77,6 +78,18 @@ class ModelRunner:
         size = cfg.model.vision.image_size
         with observer.stage("vision_graphs"):
             self.vision_graphs = VisionGraphs(self.encode_raw, (size, size, 3), self.device)
+
+    def release(self) -> None:
+        """Give back every byte the runner holds, now: each graph's hold on its pool, the KV
+        cache, and the weights, which move to the meta device, so that neither a reference cycle
+        nor a stray reference to the module keeps any device memory."""
+        for family in (self.decode_graphs, self.prefill_graphs, self.vision_graphs):
+            if family is not None:
+                release_graphs(family)
+        self.decode_graphs = self.prefill_graphs = self.vision_graphs = None
+        bind_kv_cache(self.model, None)
+        self.kv_cache = torch.empty(0)
+        self.model.to_empty(device="meta")
 
     def bind_cache(self) -> None:
         """Give every attention layer its views of the KV cache (again)."""

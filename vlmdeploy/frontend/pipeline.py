@@ -216,9 +216,9 @@ class Pipeline:
 
     def close(self) -> None:
         """Stop the engine thread and release the model and KV cache (GPU memory included)."""
+        gc.unfreeze()  # first: the engine's collection must be able to reach the frozen heap
         self.engine.close()
         self.preparer.close()
-        gc.unfreeze()  # this pipeline's objects can be collected again once unreferenced
 
     def __enter__(self) -> Pipeline:
         return self

@@ -27,3 +27,11 @@ def capture_graphs(
         graphs[size] = graph
     torch.cuda.synchronize()
     return graphs, outputs
+
+
+def release_graphs(family) -> None:
+    """Free a graph family's memory now: each graph's hold on the shared pool, and the outputs
+    that live in it. ``family`` is any object with ``graphs`` and ``outputs`` dicts."""
+    for graph in family.graphs.values():
+        graph.reset()
+    family.graphs, family.outputs = {}, {}
