@@ -2,16 +2,19 @@
 
 Each is read when asked (not at import), so a test or a benchmark can flip it for one call.
 
-========================  =========  ============================================================
-variable                  default    meaning
-========================  =========  ============================================================
-``VLMDEPLOY_KERNELS``     triton     ``reference`` runs every fused op through its PyTorch
-                                     reference, on the GPU too (to compare the two)
-``VLMDEPLOY_PDL``         1          ``0`` launches decode kernels without programmatic
-                                     dependent launch (Hopper and newer)
-``TRITON_INTERPRET``      unset      ``1`` runs Triton kernels in Triton's CPU interpreter (tests);
-                                     read by Triton itself, and here to keep PDL off
-========================  =========  ============================================================
+============================  =======  =========================================================
+variable                      default  meaning
+============================  =======  =========================================================
+``VLMDEPLOY_KERNELS``         triton   ``reference`` runs every fused op through its PyTorch
+                                       reference, on the GPU too (to compare the two)
+``VLMDEPLOY_PDL``             1        ``0`` launches decode kernels without programmatic
+                                       dependent launch (Hopper and newer)
+``VLMDEPLOY_STEP_TIMEOUT_S``  120      a step running longer counts as a hang: every request
+                                       ends with an error and the engine reports itself dead
+                                       (0 turns the watchdog off)
+``TRITON_INTERPRET``          unset    ``1`` runs Triton kernels in Triton's CPU interpreter
+                                       (tests); read by Triton itself, and here to keep PDL off
+============================  =======  =========================================================
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ def reference_kernels() -> bool:
 def pdl_allowed() -> bool:
     """Programmatic dependent launch is neither turned off nor impossible (Triton's interpreter)."""
     return os.environ.get("VLMDEPLOY_PDL", "1") != "0" and not triton_interpreted()
+
+
+def step_timeout_s() -> float:
+    """Seconds an engine step may run before the watchdog declares the engine hung."""
+    return float(os.environ.get("VLMDEPLOY_STEP_TIMEOUT_S", "120"))
 
 
 def triton_interpreted() -> bool:

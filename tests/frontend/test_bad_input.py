@@ -85,6 +85,9 @@ def test_unsupported_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_a_failing_forward_fails_fast_and_loudly(tiny_ckpts):
+    """A forward that always raises: each request touched ends with an error, and after
+    MAX_FAILED_STEPS failed steps in a row the engine reports itself dead."""
+    from vlmdeploy.engine.llm_engine import MAX_FAILED_STEPS
     from vlmdeploy.errors import EngineDeadError
 
     with pipeline(tiny_ckpts["original"], PytorchEngineConfig(session_len=600)) as p:
@@ -94,9 +97,10 @@ def test_a_failing_forward_fails_fast_and_loudly(tiny_ckpts):
 
         p.engine.core.runner.forward = broken
         out = p("a", gen_config=GEN)
-        assert out.finish_reason == "error" and out.error_message == "the engine failed"
+        assert out.finish_reason == "error" and "failed (RuntimeError)" in out.error_message
         with pytest.raises(EngineDeadError):
-            p(["b", "c"], gen_config=GEN)
+            for _ in range(MAX_FAILED_STEPS):
+                p(["b", "c"], gen_config=GEN)
         with pytest.raises(EngineDeadError):
             p.stats()
 

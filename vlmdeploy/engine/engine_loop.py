@@ -20,10 +20,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from vlmdeploy import env
 from vlmdeploy.engine.io import EngineRequest, StepOutput
 from vlmdeploy.engine.llm_engine import LLMEngine
 from vlmdeploy.engine.observer import EngineObserver
@@ -55,8 +57,13 @@ class EngineLoop:
     """The engine's client: what a front end holds. ``core`` is the engine itself, for in-process
     inspection (tests, benchmarks); front ends use only the methods below."""
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, step_timeout_s: float | None = None):
+        """``step_timeout_s``: a step running longer than this means the engine hangs (a kernel
+        that never ends, a deadlock): every request then ends with an error and the loop reports
+        itself dead. None reads ``VLMDEPLOY_STEP_TIMEOUT_S``; 0 turns the watchdog off."""
         self.core = engine
+        self.step_timeout_s = env.step_timeout_s() if step_timeout_s is None else step_timeout_s
+        self._step_started: float | None = None  # monotonic start of the step in progress
         self.error: BaseException | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._callbacks: dict[int, Callback] = {}
@@ -65,6 +72,8 @@ class EngineLoop:
         # inbox after the loop has stopped taking work (it would wait forever).
         self._lock = threading.Lock()
         self._closed: str | None = None  # None while serving; then "error" or "closed"
+        # Guards the callbacks: the watchdog may end every request while the engine thread runs.
+        self._deliver_lock = threading.RLock()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="vlmdeploy-engine", daemon=True)
         self._thread.start()
@@ -72,6 +81,8 @@ class EngineLoop:
         if self.error is not None:
             self._thread.join()
             raise self.error
+        if self.step_timeout_s:
+            threading.Thread(target=self._watch, name="vlmdeploy-watchdog", daemon=True).start()
 
     @property
     def running(self) -> bool:
@@ -139,7 +150,8 @@ class EngineLoop:
             if self._closed is None:
                 self._closed = "closed"
         self._wake.set()
-        self._thread.join(timeout=60)
+        hung = self._step_started is not None and self._closed == "error"
+        self._thread.join(timeout=1 if hung else 60)  # a hung step may never return
         return not self._thread.is_alive()
 
     def _drain(self) -> None:
@@ -155,10 +167,11 @@ class EngineLoop:
 
     def _admit(self, request: EngineRequest, callback: Callback) -> None:
         rid = request.request_id
-        if rid in self._callbacks:  # never hijack the running request's stream
-            _call(callback, _final(rid, "error", f"request id {rid} is in use"))
-            return
-        self._callbacks[rid] = callback
+        with self._deliver_lock:
+            if rid in self._callbacks:  # never hijack the running request's stream
+                _call(callback, _final(rid, "error", f"request id {rid} is in use"))
+                return
+            self._callbacks[rid] = callback
         try:
             self.core.add(request)
         except ValueError as exc:  # validated by the front end; kept as a last line of defence
@@ -183,6 +196,7 @@ class EngineLoop:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
+            self._step_started = time.monotonic()
             try:
                 outputs = self.core.step()
             except BaseException as exc:  # noqa: BLE001 — any failure here leaves KV state unknown
@@ -190,22 +204,41 @@ class EngineLoop:
                 self.error = exc
                 self._shut("error", "the engine failed")
                 return
+            finally:
+                self._step_started = None
             self._deliver_step(outputs)
         self._shut("abort", "the pipeline was closed")
 
+    def _watch(self) -> None:
+        """The watchdog: ends every request and marks the loop dead when a step hangs."""
+        period = min(1.0, self.step_timeout_s / 4)
+        while self._closed is None:
+            time.sleep(period)
+            started = self._step_started
+            if started is not None and time.monotonic() - started > self.step_timeout_s:
+                message = f"the engine stopped responding (a step ran over {self.step_timeout_s} s)"
+                logger.error("%s; failing all requests", message)
+                self.error = TimeoutError(message)
+                self._shut("error", message)
+                return
+
     def _deliver_step(self, outputs: list[StepOutput]) -> None:
         batches: dict[int, tuple[Channel, list[tuple[Any, StepOutput]]]] = {}
-        for out in outputs:
-            if out.finish_reason:
-                callback = self._callbacks.pop(out.seq_id, None)
-            else:
-                callback = self._callbacks.get(out.seq_id)
-            if isinstance(callback, Subscription):
-                batches.setdefault(id(callback.channel), (callback.channel, []))[1].append(
-                    (callback.key, out)
-                )
-            elif callback is not None:
-                _call(callback, out)
+        with self._deliver_lock:
+            calls = []
+            for out in outputs:
+                if out.finish_reason:
+                    callback = self._callbacks.pop(out.seq_id, None)
+                else:
+                    callback = self._callbacks.get(out.seq_id)
+                if isinstance(callback, Subscription):
+                    batches.setdefault(id(callback.channel), (callback.channel, []))[1].append(
+                        (callback.key, out)
+                    )
+                elif callback is not None:
+                    calls.append((callback, out))
+        for callback, out in calls:
+            _call(callback, out)
         for channel, items in batches.values():
             try:
                 channel.send(items)
@@ -223,7 +256,9 @@ class EngineLoop:
                 break
             if kind == "add":
                 _call(callback, _final(item.request_id, reason, message))
-        self._deliver_step([_final(seq_id, reason, message) for seq_id in list(self._callbacks)])
+        with self._deliver_lock:
+            pending = list(self._callbacks)
+        self._deliver_step([_final(seq_id, reason, message) for seq_id in pending])
 
 
 def _final(seq_id: int, reason: str, message: str | None = None) -> StepOutput:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import logging
 import time
 from dataclasses import dataclass
 
@@ -23,10 +24,22 @@ from vlmdeploy.engine.config import EngineConfig
 from vlmdeploy.engine.io import EngineRequest, StepOutput
 from vlmdeploy.engine.model_runner import ModelRunner
 from vlmdeploy.engine.observer import EngineObserver, StepRecord
-from vlmdeploy.engine.sampling import SampleResult, sample_async
+from vlmdeploy.engine.sampling import NON_FINITE, SampleResult, sample_async
 from vlmdeploy.engine.scheduler import ScheduledBatch, Scheduler
 from vlmdeploy.engine.sequence import PENDING, Sequence, Status
 from vlmdeploy.engine.vision import VisionStage
+
+logger = logging.getLogger("vlmdeploy")
+
+
+# Steps in a row whose launch may fail before the engine counts itself broken.
+MAX_FAILED_STEPS = 3
+
+
+def _fatal(exc: Exception) -> bool:
+    """A CUDA error poisons the context: every later call on the device fails too."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(exc, accelerator_error) or "CUDA error" in str(exc)
 
 
 @dataclass
@@ -58,6 +71,7 @@ class LLMEngine:
         self.seqs: dict[int, Sequence] = {}
         self._arrivals = 0
         self._inflight: _InFlight | None = None  # the launched step whose tokens are not read yet
+        self._failed_steps = 0  # consecutive steps whose launch raised
 
     def warm_up(self) -> None:
         """One encoder call at every tile count the vision stage can batch, on the calling thread,
@@ -167,7 +181,11 @@ class LLMEngine:
         start, tiles = time.perf_counter(), self.observer.tiles_encoded
         batch = self.scheduler.schedule()
         if batch:
-            self._inflight = self._launch(batch, prev)
+            try:
+                self._inflight = self._launch(batch, prev)
+                self._failed_steps = 0
+            except Exception as exc:  # noqa: BLE001 — fatal ones are raised again in there
+                outputs += self._fail_step(batch, exc)
         launched = time.perf_counter()
         if prev is not None:
             outputs += self._read(prev)
@@ -232,8 +250,12 @@ class LLMEngine:
         tokens, logprobs = flight.result.resolve()
         outputs = []
         for (seq, index, final), token, lp in zip(flight.rows, tokens, logprobs):
-            if index >= len(seq.token_ids) or seq.finish_reason == "abort":
-                continue  # stopped at an earlier token, or aborted
+            if index >= len(seq.token_ids) or seq.finish_reason in ("abort", "error"):
+                continue  # stopped at an earlier token, aborted, or failed
+            if token == NON_FINITE:
+                message = "the model produced non-finite logits (NaN or inf) for this request"
+                outputs.append(self._fail(seq, message))
+                continue
             seq.num_pending -= 1
             seq.token_ids[index] = token
             self.blocks.commit(seq)  # a block that ended in this token can be registered now
@@ -262,6 +284,39 @@ class LLMEngine:
                 )
             )
         return outputs
+
+    def _fail_step(self, batch: ScheduledBatch, exc: Exception) -> list[StepOutput]:
+        """A step's launch raised: end the requests it touched with an error and keep serving the
+        others. Out of memory is the expected case (a large image batch or prefill on a full
+        device): the failed step's memory is given back first. A CUDA error leaves the device
+        unusable, and failures in a row mean the engine itself is broken: those are raised, and
+        the loop fails every request and reports the engine dead."""
+        self._failed_steps += 1
+        oom = isinstance(exc, torch.OutOfMemoryError)
+        if _fatal(exc) or self._failed_steps >= MAX_FAILED_STEPS:
+            raise exc
+        logger.exception("a step failed; ending its %d request(s)", len(batch.seqs))
+        if oom and self.cfg.device.type == "cuda":
+            torch.cuda.empty_cache()
+        what = "ran out of device memory" if oom else f"failed ({type(exc).__name__})"
+        message = f"the engine {what} in a step with this request; it was dropped"
+        return [self._fail(seq, message) for seq in batch.seqs if seq.finish_reason is None]
+
+    def _fail(self, seq: Sequence, message: str) -> StepOutput:
+        """End ``seq`` with an error and give its blocks back (a token of it still in flight is
+        dropped when read)."""
+        num_output = max(0, seq.num_known - seq.num_prompt_tokens)
+        if seq.status == Status.FINISHED:  # ended on length at launch: it still held its blocks
+            seq.finish_reason = "error"
+            self.blocks.free_seq(seq)
+        else:
+            self.seqs.pop(seq.seq_id, None)
+            self.scheduler.finish(seq, "error")
+        seq.num_pending = 0
+        return StepOutput(
+            seq.seq_id, None, None, "error", seq.num_prompt_tokens, num_output, seq.num_cached,
+            error=message,
+        )
 
     def _output(self, seq: Sequence, token: int | None, logprobs) -> StepOutput:
         return StepOutput(

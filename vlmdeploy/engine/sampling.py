@@ -90,13 +90,26 @@ def _mask_tokens(logits: torch.Tensor, p: SamplingParams, num_output: int) -> No
         logits[h2d(banned, torch.long, logits.device)] = float("-inf")
 
 
+NON_FINITE = -1  # what :meth:`SampleResult.resolve` reports for a row whose logits were NaN or inf
+
+
 class SampleResult:
     """The tokens of one sampling call, computed on the device; :meth:`resolve` brings them (and
-    the asked-for logprobs) to the host, waiting only for this step's own kernels."""
+    the asked-for logprobs) to the host, waiting only for this step's own kernels. A row whose
+    logits held NaN or +inf resolves to ``NON_FINITE``: its token is noise, and the engine ends
+    that request with an error instead of streaming it."""
 
-    def __init__(self, tokens: torch.Tensor, logprobs: _LogprobRows | None = None):
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        logprobs: _LogprobRows | None = None,
+        logits: torch.Tensor | None = None,
+    ):
         self.tokens = tokens  # (B,) int64 on the logits' device: the next step reads it there
-        self._tokens = HostCopy(tokens)
+        host = tokens
+        if logits is not None:  # NaN propagates through the max, and so does +inf (-inf masks)
+            host = torch.where(torch.isfinite(logits.amax(-1)), tokens, NON_FINITE)
+        self._tokens = HostCopy(host)
         self._logprobs = logprobs
         self._parts = None if logprobs is None else [HostCopy(t) for t in logprobs.tensors()]
 
@@ -135,7 +148,7 @@ def sample_async(
     if not masked and all(p.greedy and p.logprobs is None for p in params):
         # The common batch: argmax in the logits' own dtype (widening is exact, so the same
         # token), no (B x V) float copy, no gather.
-        return SampleResult(logits.argmax(-1))
+        return SampleResult(logits.argmax(-1), logits=logits)
     raw = logits.float()  # (B, V); may alias the caller's tensor, so it is only read
     logits = raw.clone() if masked else raw  # copy (B x V) only when a row must be masked
     for i in masked:
@@ -156,7 +169,7 @@ def sample_async(
         # depend on its rank, which tiny numeric differences between batches can reorder.
         choice = (probs / noise.gather(1, order)).argmax(-1, keepdim=True)
         tokens[index] = order.gather(1, choice)[:, 0]
-    return SampleResult(tokens, _LogprobRows.compute(raw, params, tokens))
+    return SampleResult(tokens, _LogprobRows.compute(raw, params, tokens), logits=raw)
 
 
 class _LogprobRows:
