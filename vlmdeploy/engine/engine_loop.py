@@ -17,10 +17,12 @@ finish, an ``error`` if a step raises (the engine is then broken and later calls
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -75,12 +77,14 @@ class EngineLoop:
         # Guards the callbacks: the watchdog may end every request while the engine thread runs.
         self._deliver_lock = threading.RLock()
         self._ready = threading.Event()
+        self._stopping = threading.Event()  # wakes the watchdog at once when the loop stops
         self._thread = threading.Thread(target=self._serve, name="vlmdeploy-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
         if self.error is not None:
             self._thread.join()
             raise self.error
+        _LIVE.add(self)
         if self.step_timeout_s:
             threading.Thread(target=self._watch, name="vlmdeploy-watchdog", daemon=True).start()
 
@@ -150,6 +154,7 @@ class EngineLoop:
             if self._closed is None:
                 self._closed = "closed"
         self._wake.set()
+        self._stopping.set()
         hung = self._step_started is not None and self._closed == "error"
         self._thread.join(timeout=1 if hung else 60)  # a hung step may never return
         return not self._thread.is_alive()
@@ -212,8 +217,7 @@ class EngineLoop:
     def _watch(self) -> None:
         """The watchdog: ends every request and marks the loop dead when a step hangs."""
         period = min(1.0, self.step_timeout_s / 4)
-        while self._closed is None:
-            time.sleep(period)
+        while not self._stopping.wait(period) and self._closed is None:
             started = self._step_started
             if started is not None and time.monotonic() - started > self.step_timeout_s:
                 message = f"the engine stopped responding (a step ran over {self.step_timeout_s} s)"
@@ -259,6 +263,18 @@ class EngineLoop:
         with self._deliver_lock:
             pending = list(self._callbacks)
         self._deliver_step([_final(seq_id, reason, message) for seq_id in pending])
+
+
+_LIVE: weakref.WeakSet[EngineLoop] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """At interpreter exit, stop every engine thread still running (a pipeline never closed)
+    before the runtime tears down what it uses: a thread still inside a torch call then aborts
+    the whole process ("terminate called without an active exception")."""
+    for loop in list(_LIVE):
+        loop._stop()
 
 
 def _final(seq_id: int, reason: str, message: str | None = None) -> StepOutput:
