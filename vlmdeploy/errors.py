@@ -6,7 +6,8 @@ from __future__ import annotations
 
 
 class InvalidRequestError(ValueError):
-    """Bad input from the caller: the request is refused, the engine keeps serving others."""
+    """Bad input from the caller: the request is refused, the engine keeps serving others.
+    Text that cannot be encoded (a lone UTF-16 surrogate) is one: code ``invalid_encoding``."""
 
     status = 400
 
@@ -28,8 +29,8 @@ class ContextLengthExceeded(InvalidRequestError):
 class ImageError(InvalidRequestError):
     """An image could not be fetched, decoded or accepted. ``code`` is one of
     ``invalid_image_url``, ``invalid_image_format``, ``unsupported_image_type``,
-    ``image_too_large``,
-    ``image_too_small``, ``image_fetch_timeout``."""
+    ``image_too_large``, ``image_too_small``, ``image_fetch_timeout``, or ``cancelled`` (the
+    request was cancelled while its image downloaded)."""
 
     def __init__(self, message: str, code: str = "invalid_image_format", param: str | None = None):
         super().__init__(message, code=code, param=param)

@@ -42,8 +42,8 @@ def launched(monkeypatch):
     """Run `main` up to the server start; returns what the server would have been given."""
     calls = {}
 
-    def fake_load(model, engine, model_name):
-        calls.update(model=model, engine=engine, model_name=model_name)
+    def fake_load(model, engine, model_name, **options):
+        calls.update(model=model, engine=engine, model_name=model_name, options=options)
         return FakePipeline()
 
     def fake_serve(pipe, config, media_policy=None):

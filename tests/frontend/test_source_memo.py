@@ -75,9 +75,9 @@ def decodes(monkeypatch):
     seen: list = []
     real = images_module.load_image
 
-    def counting(source, policy=None):
+    def counting(source, policy=None, cancel=None):
         seen.append(source)
-        return real(source, policy)
+        return real(source, policy, cancel)
 
     monkeypatch.setattr(images_module, "load_image", counting)
     return seen

@@ -16,7 +16,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlmdeploy.errors import ContextLengthExceeded, EngineDeadError
+from vlmdeploy.errors import ContextLengthExceeded, EngineDeadError, InvalidRequestError
 from vlmdeploy.messages import GenerationConfig
 from vlmdeploy.vl.media import load_image
 
@@ -114,6 +114,9 @@ class FakePipeline:
     def _check_fits(self, tokens: int, gen_config: GenerationConfig) -> None:
         if tokens + (gen_config.max_new_tokens or 0) > self.session_len:
             raise ContextLengthExceeded("The prompt and max_tokens exceed the context length.")
+        room = min(gen_config.max_new_tokens or self.session_len, self.session_len - tokens)
+        if (gen_config.min_new_tokens or 0) > room:  # the real preparer's check and name
+            raise InvalidRequestError("min_new_tokens exceeds what fits.", param="min_new_tokens")
 
     def new_session_id(self) -> int:
         return next(self._ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import threading
 import time
@@ -13,7 +14,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from vlmdeploy.serve import ServerConfig, create_app
-from vlmdeploy.serve.server import uvicorn_config
+from vlmdeploy.serve.server import make_server
 
 REAL_SESSION_LEN = 2048
 
@@ -24,14 +25,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclasses.dataclass
+class Live:
+    """A running server: its base URL, port, the uvicorn server and the thread that runs it."""
+
+    url: str
+    port: int
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def shut_down(self) -> None:
+        """What SIGTERM does: uvicorn's exit flag (the drain and the grace follow)."""
+        self.server.should_exit = True
+
+
 @contextlib.contextmanager
-def run_live(app: Any, config: ServerConfig | None = None) -> Iterator[str]:
-    """Serve `app` with the production uvicorn settings; yields the base URL."""
+def live_server(app: Any, config: ServerConfig | None = None) -> Iterator[Live]:
+    """Serve `app` with the production uvicorn settings (`server.make_server`, which drains and
+    ends requests at shutdown) on 127.0.0.1; `config` supplies the transport settings."""
     config = config or ServerConfig()
     port = free_port()
-    server = uvicorn.Server(uvicorn_config(app, ServerConfig(
-        server_name="127.0.0.1", header_timeout_s=config.header_timeout_s,
-        body_timeout_s=config.body_timeout_s, log_level="ERROR"), port=port))
+    settings = ServerConfig(server_name="127.0.0.1", log_level="ERROR", **{
+        f: getattr(config, f) for f in ("header_timeout_s", "body_timeout_s", "max_connections",
+                                        "max_connections_per_client", "shutdown_timeout")})
+    server = make_server(app, settings, port=port)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -39,10 +56,17 @@ def run_live(app: Any, config: ServerConfig | None = None) -> Iterator[str]:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield Live(f"http://127.0.0.1:{port}", port, server, thread)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def run_live(app: Any, config: ServerConfig | None = None) -> Iterator[str]:
+    """Serve `app` with the production uvicorn settings; yields the base URL."""
+    with live_server(app, config) as live:
+        yield live.url
 
 
 def make_client(pipe: Any, **config: Any) -> TestClient:

@@ -27,7 +27,9 @@ HELP = "commands: /image PATH (attach an image), /reset (new conversation), /exi
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
                         help="local checkpoint directory (default: the embedded default model)")
-    parser.add_argument("--log-level", default="WARNING", help="log level (default: WARNING)")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"],
+                        help="log level (default: WARNING)")
     group = parser.add_argument_group("generation arguments")
     add_dataclass_flags(group, GenerationConfig, "gen.", GEN_FIELDS)
     add_engine_flags(parser)
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from vlmdeploy import pipeline
 
     try:
-        pipe = pipeline(model, backend_config=engine)
+        pipe = pipeline(model, backend_config=engine, log_level=args.log_level)
     except Exception as exc:
         print(f"vlmdeploy: cannot load the model: {exc}", file=sys.stderr)
         return 1

@@ -89,13 +89,17 @@ def engine_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     raise AssertionError("unreachable")
 
 
-def load_pipeline(model: str, engine: PytorchEngineConfig, model_name: str | None) -> Any:
+def load_pipeline(model: str, engine: PytorchEngineConfig, model_name: str | None,
+                  **options: Any) -> Any:
+    """The pipeline; `options` are `pipeline()` keywords (`log_level`, `max_prompt_chars`)."""
     from vlmdeploy import pipeline
 
-    return pipeline(model, backend_config=engine, model_name=model_name)
+    return pipeline(model, backend_config=engine, model_name=model_name, **options)
 
 
 def configure_logging(level: str) -> None:
+    """The operator's `--log-level` for vlmdeploy's loggers. It is also handed to `pipeline()`,
+    whose own `log_level` would otherwise set the level back to its default."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("vlmdeploy").setLevel(level)
 
@@ -112,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     if server.backend == "turbomind":
         logger.warning("--backend turbomind: vlmdeploy has one engine; the PyTorch engine runs")
     try:
-        pipe = load_pipeline(model, engine, server.model_name)
+        pipe = load_pipeline(model, engine, server.model_name, log_level=server.log_level,
+                             max_prompt_chars=server.max_prompt_chars)
     except Exception as exc:  # startup failure: one clear line and a non-zero exit, no traceback
         print(f"vlmdeploy: cannot load the model: {exc}", file=sys.stderr)
         return 1

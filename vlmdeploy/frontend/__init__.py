@@ -7,6 +7,8 @@
                    check from sizes, content hashes, deferred tiles, the inline-source memo
 ``prepare.py``     :class:`Preparer`: a prompt + ``GenerationConfig`` → :class:`PreparedRequest`
                    (validated, tokenised, with sampling parameters), on two thread pools
+``limits.py``      what a prompt may hold before any work: ``max_prompt_chars``, pieces, encodable
+                   text (the server applies the same checks to request bodies)
 ``stream.py``      :class:`Streamer`: submission to the engine and streaming of its outputs
 ``output.py``      outputs → text: incremental detokenization, stop words, ``GenOut``, ``Response``
 ``stop_words.py``  stop strings on streamed text (the HTTP server matches its own with it too)

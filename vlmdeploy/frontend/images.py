@@ -37,6 +37,7 @@ from vlmdeploy.engine.io import TileSource
 from vlmdeploy.errors import ContextLengthExceeded, ImageError, InvalidRequestError
 from vlmdeploy.frontend.prompt import ImageRef
 from vlmdeploy.vl.media import MediaPolicy, load_image
+from vlmdeploy.vl.media_policy import MSG_URL
 from vlmdeploy.vl.source_memo import SourceMemo, source_key
 from vlmdeploy.vl.tiling import TilingParams, raw_tiles
 
@@ -144,15 +145,17 @@ class ImagePreparer:
         refs: list[ImageRef],
         policy: MediaPolicy | None = None,
         cancel: threading.Event | None = None,
+        text_tokens: int = 0,
     ) -> list[PreparedImage]:
-        """Load every image, check that their tokens fit ``session_len`` (known from the sizes
-        alone), and only then tile them. All of a request's images share one deadline of
-        ``REQUEST_MEDIA_BUDGET`` × the policy's per-image ``timeout_s``, so many slow images cannot
-        hold a worker for long; a set ``cancel`` stops the work between images."""
+        """Load every image, check that their tokens and the prompt's ``text_tokens`` fit
+        ``session_len`` (known from the sizes alone), and only then tile them. All of a request's
+        images share one deadline of ``REQUEST_MEDIA_BUDGET`` × the policy's per-image
+        ``timeout_s``, so many slow images cannot hold a worker for long; a set ``cancel`` stops
+        the work between images and an image's download within moments."""
         policy = policy or MediaPolicy()
         deadline = time.monotonic() + REQUEST_MEDIA_BUDGET * policy.timeout_s
         items: list[PreparedImage | _Loaded] = []
-        n_tokens = 0
+        n_tokens = text_tokens
         for ref in refs:
             if cancel is not None and cancel.is_set():
                 raise InvalidRequestError("the request was cancelled", code="cancelled")
@@ -167,12 +170,13 @@ class ImagePreparer:
             key = source_key(ref.source, policy, params)
             item = self._recall(ref, policy, params, key) or self._load_sized(
                 ref, dataclasses.replace(policy, timeout_s=min(policy.timeout_s, remaining)),
-                params, key,
+                params, key, cancel,
             )
             n_tokens += item.num_tiles * self.tokens_per_tile
             if n_tokens >= self.session_len:
+                what = "the text and images" if text_tokens else "the images alone"
                 raise ContextLengthExceeded(
-                    f"the images alone need {n_tokens} tokens or more, which does not fit "
+                    f"{what} need {n_tokens} tokens or more, which does not fit "
                     f"session_len={self.session_len}"
                 )
             items.append(item)
@@ -189,17 +193,26 @@ class ImagePreparer:
         return PreparedImage(None, n, digest, InlineImageTiles(ref.source, policy, params))
 
     def _load_sized(
-        self, ref: ImageRef, policy: MediaPolicy, params: TilingParams, key: str | None
+        self,
+        ref: ImageRef,
+        policy: MediaPolicy,
+        params: TilingParams,
+        key: str | None,
+        cancel: threading.Event | None = None,
     ) -> _Loaded:
-        image = self._load(ref, policy)
+        image = self._load(ref, policy, cancel)
         return _Loaded(image, params, params.num_tiles(image.width, image.height), key)
 
-    def _load(self, ref: ImageRef, policy: MediaPolicy) -> Image.Image:
+    def _load(
+        self, ref: ImageRef, policy: MediaPolicy, cancel: threading.Event | None = None
+    ) -> Image.Image:
         try:
-            return load_image(ref.source, policy)
+            return load_image(ref.source, policy, cancel)
         except ImageError as exc:
             exc.param = exc.param or ref.param  # name the offending part: messages[i].content[j]…
             raise
+        except UnicodeError:  # a path (os.PathLike included) with no UTF-8 form: a lone surrogate
+            raise ImageError(MSG_URL, code="invalid_image_url", param=ref.param) from None
 
     def _tile(self, item: _Loaded) -> PreparedImage:
         """The image's tiles and content hash. When the engine already holds its embedding (a

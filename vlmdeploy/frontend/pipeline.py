@@ -51,8 +51,12 @@ class Pipeline:
         model_path: str,
         backend_config: PytorchEngineConfig | None = None,
         model_name: str | None = None,
+        max_prompt_chars: int | None = None,
         **kwargs: Any,
     ):
+        """``max_prompt_chars`` (a vlmdeploy extension) caps a prompt's text before it is
+        templated or tokenised; the default is 16 × ``session_len`` (see
+        :mod:`vlmdeploy.frontend.limits`)."""
         if kwargs.pop("backend", "pytorch") not in ("pytorch", "turbomind"):
             raise ValueError("backend must be 'pytorch'")
         vision = kwargs.pop("vision_config", None)
@@ -77,7 +81,7 @@ class Pipeline:
             self.tokenizer.image_ids["img_context"],
         )
         self.session_len = self.engine.session_len
-        self.preparer = Preparer(self.tokenizer, self.model_cfg, self.engine)
+        self.preparer = Preparer(self.tokenizer, self.model_cfg, self.engine, max_prompt_chars)
         self.streamer = Streamer(self.engine, self.tokenizer, self.preparer)
         # What is built by now (model, tokenizer, compiled kernels: some 10^5-10^6 objects) lives
         # as long as the pipeline, and a full collection walks every tracked object with no thread
@@ -238,7 +242,8 @@ def pipeline(
     """Load a model and return a :class:`Pipeline` (LMDeploy's signature).
 
     ``model_path`` is a local checkpoint directory (original or -HF InternVL3.5 format); when
-    omitted, the embedded default model shipped with the package is used.
+    omitted, the embedded default model shipped with the package is used. ``log_level`` sets the
+    level of the ``vlmdeploy`` loggers (the CLI passes its ``--log-level`` here).
     """
     from vlmdeploy.assets import resolve_model_path
 

@@ -7,6 +7,10 @@ deferred :class:`~vlmdeploy.engine.io.TileSource`\\ s) and content hashes, and t
 ``ImageError``) naming what is wrong. Everything that can refuse a request happens here, so the
 HTTP server answers bad input with a plain error before its first byte.
 
+The order puts the cheap refusals first (:mod:`~vlmdeploy.frontend.limits`): text that cannot be
+encoded and prompts over ``max_prompt_chars`` before the template; the text's tokens against
+``session_len`` before any image is fetched; the images' tokens from their sizes before any tiling.
+
 Preparation runs on thread pools: prompts with images on the media pool (``PREP_THREADS``), text
 prompts on their own pool, so a slow image host never delays a text request.
 """
@@ -26,6 +30,7 @@ from vlmdeploy.engine.io import ImageInput
 from vlmdeploy.engine.sampling import SamplingParams
 from vlmdeploy.errors import ContextLengthExceeded, InvalidRequestError
 from vlmdeploy.frontend.images import ImagePreparer, PreparedImage
+from vlmdeploy.frontend.limits import check_encodable, check_prompt_size, default_max_prompt_chars
 from vlmdeploy.frontend.prompt import PromptEncoder, has_images, image_offsets
 from vlmdeploy.frontend.tokenizer import Tokenizer
 from vlmdeploy.messages import GenerationConfig
@@ -61,11 +66,18 @@ class PreparedRequest:
 class Preparer:
     """Prompts → :class:`PreparedRequest`, on the calling thread or on the preparation pools."""
 
-    def __init__(self, tokenizer: Tokenizer, model_cfg: ModelConfig, engine: EngineLoop):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        model_cfg: ModelConfig,
+        engine: EngineLoop,
+        max_prompt_chars: int | None = None,
+    ):
         self.tokenizer = tokenizer
         self.prompts = PromptEncoder(tokenizer)
         self.engine = engine
         self.session_len = engine.session_len
+        self.max_prompt_chars = max_prompt_chars or default_max_prompt_chars(self.session_len)
         self.tokens_per_tile = model_cfg.tokens_per_tile
         tiling = TilingParams(
             max_num=model_cfg.max_dynamic_patch,
@@ -95,17 +107,28 @@ class Preparer:
         """Validate and preprocess one prompt; raises :class:`InvalidRequestError` on bad input.
         With ``do_preprocess=False`` a string prompt is used as is, without the chat template."""
         gen = gen_config or GenerationConfig()
+        param = "messages" if isinstance(prompt, list) else "prompt"
+        check_prompt_size(prompt, self.max_prompt_chars, self.session_len, param)
+        check_encodable(prompt, param)
+        check_encodable(gen.stop_words, "stop_words")
+        check_encodable(gen.bad_words, "bad_words")
         text, refs = self.prompts.render(prompt, chat_template_kwargs, do_preprocess)
-        images = self.images.prepare(refs, media_policy, cancel)
+        segments = self.prompts.encode_text(text, len(refs))
+        text_tokens = sum(map(len, segments)) + 2 * len(refs)  # + each image's <img>, </img>
+        if text_tokens >= self.session_len:
+            raise ContextLengthExceeded(
+                f"the prompt's text has {text_tokens} tokens, which does not fit "
+                f"session_len={self.session_len}",
+                param=param,
+            )
+        images = self.images.prepare(refs, media_policy, cancel, text_tokens)
         sizes = [im.num_tiles * self.tokens_per_tile for im in images]
-        ids = self.prompts.token_ids(text, sizes)
+        ids = self.prompts.join(segments, sizes)
         inputs = _image_inputs(ids, images, sizes, self.tokenizer.image_ids["img_context"])
         if not ids:
             raise InvalidRequestError("the prompt is empty", code="empty_prompt", param="prompt")
         sampling = self.sampling(gen, len(ids))
-        if sampling.max_new_tokens < 1:
-            raise InvalidRequestError("max_new_tokens must be at least 1", param="max_new_tokens")
-        self._check_fits(len(ids), sampling)
+        self._check_lengths(len(ids), sampling)
         return PreparedRequest(ids, inputs, sampling, gen, text)
 
     async def prepare(
@@ -142,8 +165,9 @@ class Preparer:
 
     def reconfigure(self, req: PreparedRequest, gen_config: GenerationConfig) -> PreparedRequest:
         """The same prepared prompt and images under another generation config (no re-fetch)."""
+        check_encodable(gen_config.stop_words, "stop_words")
         sampling = self.sampling(gen_config, req.input_token_len)
-        self._check_fits(req.input_token_len, sampling)
+        self._check_lengths(req.input_token_len, sampling)
         return dataclasses.replace(req, sampling=sampling, gen_config=gen_config)
 
     def sampling(self, gen: GenerationConfig, prompt_len: int) -> SamplingParams:
@@ -176,6 +200,21 @@ class Preparer:
     def close(self) -> None:
         self.pool.shutdown(wait=False)
         self.text_pool.shutdown(wait=False)
+
+    def _check_lengths(self, num_prompt_tokens: int, sampling: SamplingParams) -> None:
+        """The output's bounds: at least one new token, ``min_new_tokens`` within both
+        ``max_new_tokens`` and the room ``session_len`` leaves, and a request that fits."""
+        if sampling.max_new_tokens < 1:
+            raise InvalidRequestError("max_new_tokens must be at least 1", param="max_new_tokens")
+        self._check_fits(num_prompt_tokens, sampling)
+        room = min(sampling.max_new_tokens, self.session_len - num_prompt_tokens)
+        if sampling.min_new_tokens > room:
+            raise InvalidRequestError(
+                f"min_new_tokens={sampling.min_new_tokens} exceeds the {room} new tokens this "
+                f"request may have (max_new_tokens, and session_len={self.session_len} less the "
+                f"prompt's {num_prompt_tokens})",
+                param="min_new_tokens",
+            )
 
     def _check_fits(self, num_prompt_tokens: int, sampling: SamplingParams) -> None:
         reason = self.engine.check_fits(num_prompt_tokens, sampling.max_new_tokens)

@@ -283,30 +283,47 @@ def tokenize_with_images(
     """Token ids of ``prompt`` with the i-th ``IMAGE_TOKEN`` replaced by an image block of
     ``image_tokens[i]`` context tokens. ``encode(text) -> list[int]`` must not add special
     tokens."""
+    segments = encode_segments(prompt, len(image_tokens), encode, ids)
+    return join_segments(segments, image_tokens, ids)
+
+
+def encode_segments(
+    prompt: str, num_images: int, encode: Callable[[str], list[int]], ids: dict[str, int]
+) -> list[list[int]]:
+    """The token ids of the text between ``prompt``'s ``IMAGE_TOKEN`` markers (one more segment
+    than images): the text's tokens, known before any image is loaded."""
     segments = prompt.split(IMAGE_TOKEN)
-    if len(segments) - 1 != len(image_tokens):  # e.g. a chat template that drops a message
+    if len(segments) - 1 != num_images:  # e.g. a chat template that drops a message
         raise InvalidRequestError(
             f"the rendered prompt has {len(segments) - 1} {IMAGE_TOKEN} placeholders but "
-            f"{len(image_tokens)} images",
+            f"{num_images} images",
             code="image_count_mismatch",
             param="messages",
         )
-    out: list[int] = []
-    for i, seg in enumerate(segments):
-        if i > 0:
-            out += [ids["img_start"], *[ids["img_context"]] * image_tokens[i - 1], ids["img_end"]]
-        if seg:
-            enc = encode(seg)
-            # A typed <IMG_CONTEXT> would take embeddings meant for the real image blocks (a typed
-            # <img> or </img> takes none, so text about HTML tags stays allowed).
-            if ids["img_context"] in enc:
-                raise InvalidRequestError(
-                    "the prompt text contains the reserved image token <IMG_CONTEXT>; place "
-                    f"images with image parts or {IMAGE_TOKEN}",
-                    code="invalid_prompt",
-                    param="messages",
-                )
-            out += enc
+    out: list[list[int]] = []
+    for seg in segments:
+        enc = encode(seg) if seg else []
+        # A typed <IMG_CONTEXT> would take embeddings meant for the real image blocks (a typed
+        # <img> or </img> takes none, so text about HTML tags stays allowed).
+        if ids["img_context"] in enc:
+            raise InvalidRequestError(
+                "the prompt text contains the reserved image token <IMG_CONTEXT>; place "
+                f"images with image parts or {IMAGE_TOKEN}",
+                code="invalid_prompt",
+                param="messages",
+            )
+        out.append(enc)
+    return out
+
+
+def join_segments(
+    segments: list[list[int]], image_tokens: list[int], ids: dict[str, int]
+) -> list[int]:
+    """Text segments joined by image blocks: ``<img>`` + ``<IMG_CONTEXT>`` × n + ``</img>``."""
+    out = list(segments[0])
+    for n, seg in zip(image_tokens, segments[1:], strict=True):
+        out += [ids["img_start"], *[ids["img_context"]] * n, ids["img_end"]]
+        out += seg
     return out
 
 
@@ -335,11 +352,18 @@ def raw_prompt(prompt: Any) -> str:
 
 def has_images(prompt: Any) -> bool:
     """Whether the prompt carries images (a malformed prompt counts as none: preparing it reports
-    what is wrong)."""
+    what is wrong). Looks at the parts' types only: it runs on the caller's event loop, before
+    the prompt's size is checked."""
     try:
-        return bool(build_conversation(to_messages(prompt)).images)
+        messages = to_messages(prompt)
     except InvalidRequestError:
         return False
+    return any(
+        isinstance(part, dict) and part.get("type") in ("image_url", "image")
+        for m in messages
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        for part in m["content"]
+    )
 
 
 class PromptEncoder:
@@ -365,3 +389,11 @@ class PromptEncoder:
     def token_ids(self, text: str, image_tokens: list[int]) -> list[int]:
         """Ids of rendered ``text``, each marker expanded into an image block of its size."""
         return tokenize_with_images(text, image_tokens, self.encode, self.image_ids)
+
+    def encode_text(self, text: str, num_images: int) -> list[list[int]]:
+        """The ids of the text around rendered ``text``'s image markers (see ``join``)."""
+        return encode_segments(text, num_images, self.encode, self.image_ids)
+
+    def join(self, segments: list[list[int]], image_tokens: list[int]) -> list[int]:
+        """``encode_text``'s segments with each image's block of its size between them."""
+        return join_segments(segments, image_tokens, self.image_ids)

@@ -1,8 +1,9 @@
 """OpenAI-compatible HTTP server (`vlmdeploy serve api_server`).
 
 `create_app(pipe, config, media_policy)` builds the FastAPI app around a pipeline; `server.serve`
-runs it under uvicorn. Routes: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/health`,
-`/metrics`. The web stack is imported on first use, so `vlmdeploy chat` runs without it.
+runs it under uvicorn. Routes: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/health`
+(GET and HEAD), `/metrics`, and the API's description at `/openapi.json` and `/docs`. The web stack
+is imported on first use, so `vlmdeploy chat` runs without it.
 """
 
 from typing import Any

@@ -4,7 +4,9 @@
 (:class:`~vlmdeploy.serve.contract.ServedPipeline`), so tests can drive it with a test double.
 
 Middleware, outermost first: CORS (answers browser preflights, which carry no key), API key (before
-routing, so no spelling of a path skips it), then the router.
+routing, so no spelling of a path skips it), then the router. `/openapi.json` and `/docs` publish
+the request and response schemas (`vlmdeploy.serve.openapi`); `/health` answers GET and HEAD (load
+balancers probe with either), 503 once the engine has failed or shutdown has begun.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
+from vlmdeploy import __version__
 from vlmdeploy.errors import EngineDeadError
 from vlmdeploy.serve.auth import APIKeyMiddleware
 from vlmdeploy.serve.chat import create_chat_completion
 from vlmdeploy.serve.completions import create_completion
 from vlmdeploy.serve.config import ServerConfig
 from vlmdeploy.serve.contract import ServedPipeline
-from vlmdeploy.serve.errors import install_handlers
+from vlmdeploy.serve.errors import install_handlers, shutting_down
 from vlmdeploy.serve.metrics import ServerMetrics
+from vlmdeploy.serve.openapi import install_openapi
 from vlmdeploy.serve.state import Admission, ServerState, get_state
 from vlmdeploy.vl.media import MediaPolicy
 
@@ -71,12 +75,14 @@ def _engine_alive(state: ServerState) -> bool:
 
 async def health(request: Request) -> Response:
     state = get_state(request)
-    if _engine_alive(state):
-        return JSONResponse({})
-    return JSONResponse({"error": {"message": "The engine is not available.",
-                                   "type": "service_unavailable_error", "param": None,
-                                   "code": "service_unavailable"}},
-                        status_code=503, headers={"Retry-After": "5"})
+    if not _engine_alive(state):
+        return JSONResponse({"error": {"message": "The engine is not available.",
+                                       "type": "service_unavailable_error", "param": None,
+                                       "code": "service_unavailable"}},
+                            status_code=503, headers={"Retry-After": "5"})
+    if state.draining:
+        return shutting_down().response()
+    return JSONResponse({})
 
 
 async def metrics(request: Request) -> Response:
@@ -130,15 +136,20 @@ def create_app(pipe: ServedPipeline, config: ServerConfig | None = None, media_p
                         metrics=ServerMetrics(pipe.model_name, pipe.stats),
                         admission=Admission(config.max_concurrent_requests),
                         on_engine_dead=on_engine_dead)
-    app = FastAPI(title="vlmdeploy", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=_lifespan(state), **_no_telemetry())
+    app = FastAPI(title="vlmdeploy", version=__version__, docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json", lifespan=_lifespan(state), **_no_telemetry())
     app.state.server = state
-    app.add_api_route("/v1/models", list_models, methods=["GET"])
-    app.add_api_route("/v1/models/{model:path}", retrieve_model, methods=["GET"])
-    app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
-    app.add_api_route("/v1/completions", create_completion, methods=["POST"])
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route("/v1/models", list_models, methods=["GET"], operation_id="listModels")
+    app.add_api_route("/v1/models/{model:path}", retrieve_model, methods=["GET"],
+                      operation_id="retrieveModel")
+    app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"],
+                      operation_id="createChatCompletion")
+    app.add_api_route("/v1/completions", create_completion, methods=["POST"],
+                      operation_id="createCompletion")
+    app.add_api_route("/health", health, methods=["GET"], operation_id="health")
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route("/metrics", metrics, methods=["GET"], operation_id="metrics")
+    install_openapi(app)
     install_handlers(app)
     if config.api_keys:
         app.add_middleware(APIKeyMiddleware, api_keys=list(config.api_keys))

@@ -12,9 +12,17 @@ from starlette.responses import Response
 
 from vlmdeploy.errors import EngineDeadError
 from vlmdeploy.serve.chat_messages import parse_messages
-from vlmdeploy.serve.errors import from_exception
+from vlmdeploy.serve.errors import from_exception, shutting_down
 from vlmdeploy.serve.generation import ChoiceResult, Delta
-from vlmdeploy.serve.jobs import Job, Route, choice_streams, handle, read_request, usage
+from vlmdeploy.serve.jobs import (
+    Job,
+    Route,
+    check_text,
+    choice_streams,
+    handle,
+    read_request,
+    usage,
+)
 from vlmdeploy.serve.logprobs import chat_logprobs
 from vlmdeploy.serve.protocol import ChatCompletionRequest
 from vlmdeploy.serve.reasoning import ReasoningSplitter, split_all
@@ -24,9 +32,10 @@ from vlmdeploy.serve.streaming import DONE, merge, sse
 
 
 async def _parse(request: Request, state: ServerState) -> tuple[Any, list[Any], dict | None]:
-    req = await read_request(request, state, ChatCompletionRequest)
-    check_chat_request(req)
+    req = await read_request(request, state, ChatCompletionRequest, prompt_field="messages")
+    check_chat_request(req, state.pipe.session_len)
     messages = parse_messages(req.messages, state.config.max_images_per_request)
+    check_text(messages=messages, stop=req.stop)
     return req, [messages], template_kwargs(req.chat_template_kwargs)
 
 
@@ -104,7 +113,7 @@ class _ChunkWriter:
 
 async def _events(state: ServerState, job: Job) -> AsyncGenerator[bytes, None]:
     writer = _ChunkWriter(state, job)
-    results = [ChoiceResult(i) for i in range(len(job.prepared))]
+    results = job.results
     try:
         for index in range(len(job.prepared)):
             yield writer.frame(index, {"role": "assistant", "content": ""})
@@ -122,7 +131,14 @@ async def _events(state: ServerState, job: Job) -> AsyncGenerator[bytes, None]:
     yield DONE
 
 
-ROUTE = Route(parse=_parse, events=_events, body=_body, id_prefix="chatcmpl")
+def _farewell(state: ServerState, job: Job) -> list[bytes]:
+    writer = _ChunkWriter(state, job)
+    ends = [writer.frame(r.index, {}, finish="abort") for r in job.results
+            if r.finish_reason is None]
+    return [*ends, sse(shutting_down().body()), DONE]
+
+
+ROUTE = Route(parse=_parse, events=_events, body=_body, farewell=_farewell, id_prefix="chatcmpl")
 
 
 async def create_chat_completion(request: Request) -> Response:

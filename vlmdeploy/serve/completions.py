@@ -13,9 +13,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from vlmdeploy.errors import EngineDeadError
-from vlmdeploy.serve.errors import from_exception
+from vlmdeploy.serve.errors import from_exception, shutting_down
 from vlmdeploy.serve.generation import ChoiceResult
-from vlmdeploy.serve.jobs import Job, Route, choice_streams, handle, read_request, usage
+from vlmdeploy.serve.jobs import (
+    Job,
+    Route,
+    check_text,
+    choice_streams,
+    handle,
+    read_request,
+    usage,
+)
 from vlmdeploy.serve.logprobs import completion_logprobs
 from vlmdeploy.serve.protocol import CompletionRequest
 from vlmdeploy.serve.sampling import check_completion_request
@@ -24,8 +32,9 @@ from vlmdeploy.serve.streaming import DONE, merge, sse
 
 
 async def _parse(request: Request, state: ServerState) -> tuple[Any, list[Any], dict | None]:
-    req = await read_request(request, state, CompletionRequest)
-    check_completion_request(req)
+    req = await read_request(request, state, CompletionRequest, prompt_field="prompt")
+    check_completion_request(req, state.pipe.session_len)
+    check_text(prompt=req.prompt, stop=req.stop)
     return req, req.prompts, None
 
 
@@ -48,18 +57,27 @@ def _body(state: ServerState, job: Job, results: list[ChoiceResult]) -> dict[str
             "model": state.model_name, "choices": choices, "usage": usage(job, results)}
 
 
-async def _events(state: ServerState, job: Job) -> AsyncGenerator[bytes, None]:
-    head = {"id": job.id, "object": "text_completion", "created": job.created,
-            "model": state.model_name}
+def _frame(state: ServerState, job: Job, index: int, text: str, finish: str | None,
+           logprobs: Any = None, token_ids: list[int] | None = None) -> bytes:
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
     tail = {"usage": None} if job.req.include_usage else {}
-    results = [ChoiceResult(i) for i in range(len(job.prepared))]
+    return sse({**_head(state, job), "choices": [choice], **tail})
+
+
+def _head(state: ServerState, job: Job) -> dict[str, Any]:
+    return {"id": job.id, "object": "text_completion", "created": job.created,
+            "model": state.model_name}
+
+
+async def _events(state: ServerState, job: Job) -> AsyncGenerator[bytes, None]:
+    head = _head(state, job)
+    results = job.results
 
     def frame(index: int, text: str, finish: str | None, logprobs: Any = None,
               token_ids: list[int] | None = None) -> bytes:
-        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        if token_ids is not None:
-            choice["token_ids"] = token_ids
-        return sse({**head, "choices": [choice], **tail})
+        return _frame(state, job, index, text, finish, logprobs, token_ids)
 
     try:
         async with aclosing(merge(choice_streams(state, job))) as events:
@@ -81,7 +99,14 @@ async def _events(state: ServerState, job: Job) -> AsyncGenerator[bytes, None]:
     yield DONE
 
 
-ROUTE = Route(parse=_parse, events=_events, body=_body, id_prefix="cmpl", raw_prompts=True)
+def _farewell(state: ServerState, job: Job) -> list[bytes]:
+    ends = [_frame(state, job, r.index, "", "abort") for r in job.results
+            if r.finish_reason is None]
+    return [*ends, sse(shutting_down().body()), DONE]
+
+
+ROUTE = Route(parse=_parse, events=_events, body=_body, farewell=_farewell, id_prefix="cmpl",
+              raw_prompts=True)
 
 
 async def create_completion(request: Request) -> Response:

@@ -45,8 +45,19 @@ class ServerConfig:
         None, f"split <think>...</think> into reasoning_content; one of: {_PARSERS}")
     log_level: LogLevel = _flag("WARNING", "log level")
     max_body_bytes: int = _flag(64 << 20, "largest request body accepted, in bytes (413 beyond)")
+    max_prompt_chars: int | None = _flag(
+        None, "largest prompt text accepted, in characters, checked before templating and "
+        "tokenising (400 context_length_exceeded beyond; default: 16 x session_len)")
     header_timeout_s: float = _flag(10.0, "seconds a client has to send a request's headers")
     body_timeout_s: float = _flag(60.0, "seconds a client has to send a request's body")
+    max_connections: int = _flag(
+        4096, "open connections at once; more are answered 503 and closed (0: no cap)")
+    max_connections_per_client: int = _flag(
+        512, "open connections from one client address; more are answered 429 and closed "
+        "(0: no cap; behind a reverse proxy every connection comes from the proxy's address)")
+    shutdown_timeout: float = _flag(
+        30.0, "seconds in-flight requests may take to finish after SIGTERM/SIGINT; then each ends "
+        "with a 503 error (a stream: an error event and [DONE])")
 
     def __post_init__(self) -> None:
         if not 0 < self.server_port < 65536:
@@ -62,5 +73,11 @@ class ServerConfig:
             raise ValueError("max_body_bytes must be >= 1024")
         if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
             raise ValueError("timeouts must be > 0")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError("max_prompt_chars must be >= 1")
+        if self.max_connections < 0 or self.max_connections_per_client < 0:
+            raise ValueError("max_connections and max_connections_per_client must be >= 0")
+        if self.shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout must be >= 0")
         if self.api_keys is not None and any(not k for k in self.api_keys):
             raise ValueError("api keys must be non-empty")

@@ -26,6 +26,12 @@ _CODE_BY_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "request_to
                    415: "unsupported_media_type", 431: "request_header_fields_too_large"}
 
 
+def printable(text: str) -> str:
+    """``text`` with any lone surrogate spelled out (``\\ud800``): a message or param may quote a
+    request's own bad text, and the response must still encode as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class APIError(Exception):
     """An HTTP error answered in OpenAI's envelope."""
 
@@ -33,9 +39,9 @@ class APIError(Exception):
                  headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
-        self.message = message
+        self.message = printable(message)
         self.code = code
-        self.param = param
+        self.param = None if param is None else printable(param)
         self.headers = headers
 
     @property
@@ -57,6 +63,11 @@ def invalid(message: str, param: str | None = None,
 
 def unavailable(message: str = "The engine is not available.") -> APIError:
     return APIError(503, message, code="service_unavailable", headers={"Retry-After": "5"})
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down; retry the request.",
+                    code="server_shutting_down", headers={"Retry-After": "5"})
 
 
 def server_error() -> APIError:

@@ -8,9 +8,18 @@ their names are logged; they are never forwarded anywhere. Messages are validate
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from vlmdeploy.serve.schemas import MESSAGES_SCHEMA
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
@@ -96,7 +105,8 @@ class SamplingParams(BaseModel):
 
 
 class ChatCompletionRequest(SamplingParams):
-    messages: list[Any]
+    # validated by vlmdeploy.serve.chat_messages (exact params); the schema only documents it
+    messages: Annotated[list[Any], WithJsonSchema(MESSAGES_SCHEMA)]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)

@@ -33,7 +33,7 @@ def _unsupported(param: str, what: str) -> APIError:
                    code="unsupported_parameter")
 
 
-def check_chat_request(req: ChatCompletionRequest) -> None:
+def check_chat_request(req: ChatCompletionRequest, session_len: int | None = None) -> None:
     """Refuse the chat parameters we do not implement (CVE-class inputs included)."""
     if req.tools:
         raise _unsupported("tools", "Tool calling")
@@ -45,10 +45,10 @@ def check_chat_request(req: ChatCompletionRequest) -> None:
         raise _unsupported("chat_template", "A request-supplied chat template")
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs requires logprobs=true.", param="top_logprobs")
-    _check_common(req)
+    _check_common(req, session_len)
 
 
-def check_completion_request(req: CompletionRequest) -> None:
+def check_completion_request(req: CompletionRequest, session_len: int | None = None) -> None:
     if req.echo:
         raise _unsupported("echo", "echo")
     if req.suffix is not None:
@@ -57,10 +57,11 @@ def check_completion_request(req: CompletionRequest) -> None:
         raise _unsupported("best_of", "best_of")
     if len(req.prompts) * req.n > 64:
         raise invalid("len(prompt) * n must be at most 64.", param="n")
-    _check_common(req)
+    _check_common(req, session_len)
 
 
-def _check_common(req: ChatCompletionRequest | CompletionRequest) -> None:
+def _check_common(req: ChatCompletionRequest | CompletionRequest,
+                  session_len: int | None = None) -> None:
     if req.prompt_logprobs is not None:
         raise _unsupported("prompt_logprobs", "prompt_logprobs")
     if req.logit_bias:
@@ -68,6 +69,11 @@ def _check_common(req: ChatCompletionRequest | CompletionRequest) -> None:
     limit = req.max_new_tokens
     if limit is not None and req.min_tokens > limit:
         raise invalid("min_tokens must not exceed max_tokens.", param="min_tokens")
+    # a prompt has at least one token, so at most session_len - 1 remain for the output; the
+    # prompt's own length is counted when it is prepared
+    if session_len is not None and req.min_tokens >= session_len:
+        raise invalid(f"min_tokens must be below the context length ({session_len}).",
+                      param="min_tokens")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name) != 0.0 and name not in _GEN_FIELDS:
             raise _unsupported(name, name)

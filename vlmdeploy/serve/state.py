@@ -1,19 +1,23 @@
-"""What the routes share: the pipeline, settings, metrics, admission counter and engine health."""
+"""What the routes share: the pipeline, settings, metrics, admission counter, engine health and the
+shutdown stage (:mod:`vlmdeploy.serve.shutdown`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
 
+from vlmdeploy.frontend.limits import default_max_prompt_chars
 from vlmdeploy.serve.config import ServerConfig
 from vlmdeploy.serve.contract import ServedPipeline
-from vlmdeploy.serve.errors import APIError
+from vlmdeploy.serve.errors import APIError, shutting_down
 from vlmdeploy.serve.metrics import ServerMetrics
 from vlmdeploy.serve.reasoning import ReasoningSplitter
+from vlmdeploy.serve.shutdown import Closing
 
 logger = logging.getLogger("vlmdeploy.serve")
 
@@ -55,10 +59,17 @@ class ServerState:
     admission: Admission
     on_engine_dead: Callable[[], None] | None = None
     engine_dead: bool = False
+    draining: bool = False  # shutdown has begun: new requests are refused
+    closing: Closing = field(default_factory=Closing)  # the grace is over: in-flight requests end
 
     @property
     def model_name(self) -> str:
         return self.pipe.model_name
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """The prompt text cap: the operator's, else derived from the pipeline's session_len."""
+        return self.config.max_prompt_chars or default_max_prompt_chars(self.pipe.session_len)
 
     def next_session_id(self) -> int:
         # Ids come from the pipeline, so they never collide with requests made through its Python
@@ -74,6 +85,18 @@ class ServerState:
         if self.engine_dead:
             raise APIError(503, "The engine is not available.", code="service_unavailable",
                            headers={"Retry-After": "5"})
+        if self.draining:
+            raise shutting_down()
+
+    def begin_shutdown(self) -> None:
+        """Drain now; end whatever is still in flight after `shutdown_timeout` seconds."""
+        if self.draining:
+            return
+        self.draining = True
+        grace = self.config.shutdown_timeout
+        logger.info("shutting down: %d requests in flight may take up to %.1f s",
+                       self.admission.in_flight, grace)
+        asyncio.get_running_loop().call_later(grace, self.closing.set)
 
     def mark_dead(self) -> None:
         if not self.engine_dead:

@@ -7,7 +7,10 @@ Redirects are followed by hand, each hop parsed and checked from scratch, at mos
 ``max_redirects``. ``Content-Encoding`` is refused (no automatic decompression, so no
 decompression bombs); the body is read up to ``max_bytes`` whatever ``Content-Length`` says.
 ``timeout_s`` bounds the whole fetch, DNS, connection, TLS handshake, headers and body together,
-not each read: a server trickling one byte at a time cannot stretch it.
+not each read: a server trickling one byte at a time cannot stretch it. A ``cancel`` event (set by
+another thread when the request's client has gone) stops the transfer at the next hop or within
+``CANCEL_POLL_S`` of a read, so an abandoned download does not hold its preparation thread and
+connection until the deadline.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import http.client
 import io
 import socket
 import ssl
+import threading
 import time
 from urllib.parse import urljoin
 
 from vlmdeploy.errors import ImageError
 from vlmdeploy.vl.media_policy import (
+    MSG_CANCELLED,
     MSG_FETCH,
     MSG_TIMEOUT,
     MSG_TOO_LARGE,
@@ -53,21 +58,46 @@ def _tls_context() -> ssl.SSLContext:
     return _default_tls_context()
 
 
+# How often a read waiting on a slow host looks at its cancel event.
+CANCEL_POLL_S = 0.05
+
+
+def _cancelled() -> ImageError:
+    return fail("cancelled", MSG_CANCELLED)
+
+
 class _DeadlineReader(io.RawIOBase):
     """Socket reads that each wait at most until the fetch deadline: a server trickling one byte at
-    a time cannot stretch the fetch, whether in the headers or the body."""
+    a time cannot stretch the fetch, whether in the headers or the body. With a cancel event, a
+    read waits in slices of ``CANCEL_POLL_S`` and gives up once the event is set."""
 
-    def __init__(self, raw: io.RawIOBase, sock: socket.socket, deadline: float):
+    def __init__(
+        self,
+        raw: io.RawIOBase,
+        sock: socket.socket,
+        deadline: float,
+        cancel: threading.Event | None = None,
+    ):
         # `raw` is the socket's own file object: it keeps the socket open after the connection
         # object lets go of it (http.client does that when the server will close).
-        self._raw, self._sock, self._deadline = raw, sock, deadline
+        self._raw, self._sock, self._deadline, self._cancel = raw, sock, deadline, cancel
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        self._sock.settimeout(remaining(self._deadline))
-        return self._raw.readinto(buffer)
+        if self._cancel is None:
+            self._sock.settimeout(remaining(self._deadline))
+            return self._raw.readinto(buffer)
+        while True:
+            if self._cancel.is_set():
+                raise _cancelled()
+            # the socket directly: its file object refuses every read after one timeout
+            self._sock.settimeout(min(remaining(self._deadline), CANCEL_POLL_S))
+            try:
+                return self._sock.recv_into(buffer)
+            except TimeoutError:
+                continue  # a slice has passed: look at the event, then wait again
 
     def close(self) -> None:
         self._raw.close()
@@ -75,20 +105,35 @@ class _DeadlineReader(io.RawIOBase):
 
 
 class _DeadlineResponse(http.client.HTTPResponse):
-    def __init__(self, sock: socket.socket, *args, deadline: float, **kwargs):
+    def __init__(
+        self,
+        sock: socket.socket,
+        *args,
+        deadline: float,
+        cancel: threading.Event | None = None,
+        **kwargs,
+    ):
         super().__init__(sock, *args, **kwargs)
-        self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline))
+        self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline, cancel))
 
 
 class _PinnedConnection(http.client.HTTPConnection):
     """HTTP(S) to the URL's host name, but over a socket to the checked addresses only."""
 
-    def __init__(self, target: Target, addresses: list[str], deadline: float):
+    def __init__(
+        self,
+        target: Target,
+        addresses: list[str],
+        deadline: float,
+        cancel: threading.Event | None = None,
+    ):
         super().__init__(target.host, target.port)
         if target.scheme == "https":
             self.default_port = 443  # Host header without ':443'
         self._target, self._addresses, self._deadline = target, addresses, deadline
-        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
+        self.response_class = functools.partial(
+            _DeadlineResponse, deadline=deadline, cancel=cancel
+        )
 
     def connect(self) -> None:
         sock = self._connect_any()
@@ -112,15 +157,18 @@ class _PinnedConnection(http.client.HTTPConnection):
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
-def fetch_http(url: str, policy: MediaPolicy) -> bytes:
-    """The body of ``url`` under ``policy``, every hop checked; any failure is an ImageError."""
+def fetch_http(url: str, policy: MediaPolicy, cancel: threading.Event | None = None) -> bytes:
+    """The body of ``url`` under ``policy``, every hop checked; any failure is an ImageError
+    (code ``cancelled`` once ``cancel`` is set)."""
     deadline = time.monotonic() + policy.timeout_s
     try:
         for _ in range(policy.max_redirects + 1):
+            if cancel is not None and cancel.is_set():
+                raise _cancelled()
             target = parse_http_url(url)
             check_host_allowed(target, policy)
             addresses = checked_addresses(target, policy, deadline)
-            body, location = _request(target, addresses, policy, deadline)
+            body, location = _request(target, addresses, policy, deadline, cancel)
             if location is None:
                 return body
             url = urljoin(url, location)  # the next hop is parsed and checked from scratch
@@ -134,10 +182,14 @@ def fetch_http(url: str, policy: MediaPolicy) -> bytes:
 
 
 def _request(
-    target: Target, addresses: list[str], policy: MediaPolicy, deadline: float
+    target: Target,
+    addresses: list[str],
+    policy: MediaPolicy,
+    deadline: float,
+    cancel: threading.Event | None = None,
 ) -> tuple[bytes, str | None]:
     """One GET. Returns (body, None), or (b"", location) for a redirect."""
-    conn = _PinnedConnection(target, addresses, deadline)
+    conn = _PinnedConnection(target, addresses, deadline, cancel)
     try:
         conn.putrequest("GET", target.path)  # also sends Host and 'Accept-Encoding: identity'
         conn.putheader("User-Agent", "vlmdeploy")

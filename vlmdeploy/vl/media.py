@@ -38,6 +38,7 @@ import io
 import os
 import re
 import stat
+import threading
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -64,9 +65,13 @@ __all__ = ["MediaPolicy", "encode_image_base64", "load_image", "sniff_format"]
 
 
 def load_image(
-    image: str | os.PathLike | bytes | Image.Image, policy: MediaPolicy | None = None
+    image: str | os.PathLike | bytes | Image.Image,
+    policy: MediaPolicy | None = None,
+    cancel: threading.Event | None = None,
 ) -> Image.Image:
-    """Load ``image`` (PIL image, bytes, path, ``file://``, ``data:`` or http(s) URL) as RGB."""
+    """Load ``image`` (PIL image, bytes, path, ``file://``, ``data:`` or http(s) URL) as RGB.
+    Setting ``cancel`` (from another thread) stops an http(s) download within
+    ``fetch.CANCEL_POLL_S`` with an ``ImageError`` of code ``cancelled``."""
     policy = policy or MediaPolicy()
     if isinstance(image, Image.Image):
         return _from_pil(image, policy)
@@ -76,7 +81,7 @@ def load_image(
         image = os.fspath(image)
     if not isinstance(image, str):
         raise fail("invalid_image_url", MSG_URL)
-    return _decode(_read_source(image, policy), policy)
+    return _decode(_read_source(image, policy, cancel), policy)
 
 
 def encode_image_base64(
@@ -96,10 +101,10 @@ def encode_image_base64(
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def _read_source(text: str, policy: MediaPolicy) -> bytes:
+def _read_source(text: str, policy: MediaPolicy, cancel: threading.Event | None = None) -> bytes:
     head = text[:8].lower()
     if head.startswith(("http:", "https:")):
-        return fetch_http(text, policy)
+        return fetch_http(text, policy, cancel)
     if head.startswith("data:"):
         return _read_data_url(text, policy)
     if head.startswith("file:"):

@@ -26,6 +26,7 @@ MSG_FORMAT = "The image data could not be decoded."
 MSG_TYPE = "The image type is not supported."
 MSG_TOO_LARGE = "The image exceeds the size limit."
 MSG_TIMEOUT = "Fetching the image timed out."
+MSG_CANCELLED = "The request was cancelled."
 
 
 def fail(code: str, message: str) -> ImageError:
