@@ -434,3 +434,10 @@ def test_decoding_in_a_thread_pool(encode_image):
     with ThreadPoolExecutor(max_workers=4) as pool:
         parallel = [pixels(im) for im in pool.map(load_image, blobs)]
     assert all(np.array_equal(a, b) for a, b in zip(serial, parallel, strict=True))
+
+
+@pytest.mark.parametrize("name", ["\ud800.png", "a\udfffb.jpg", "\udc80"])
+def test_a_path_with_a_lone_surrogate_is_an_image_error(name, tmp_path):
+    with pytest.raises(ImageError) as info:
+        load_image(str(tmp_path / name))
+    assert info.value.code == "invalid_image_url"

@@ -178,6 +178,10 @@ def _read_local(path: str, policy: MediaPolicy) -> bytes:
         raise fail("invalid_image_url", MSG_LOCAL_DENIED)
     if not path or "\x00" in path:
         raise fail("invalid_image_url", MSG_LOCAL_READ)
+    try:
+        path.encode()  # a lone surrogate cannot name a file: refuse it like any unreadable path
+    except UnicodeEncodeError:
+        raise fail("invalid_image_url", MSG_LOCAL_READ) from None
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     if policy.local_root is not None:
         path = _confine(path, policy.local_root)
