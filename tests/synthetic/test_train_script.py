@@ -12,19 +12,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 CHECK = textwrap.dedent('''
-    import copy, json, sys
+    import copy, json
     from pathlib import Path
     import torch
     import torch.nn.functional as F
-    sys.path.insert(0, "tools")
-    import train_default_model as t
+    import tools.training as t  # first: it keeps the vlmdeploy imports below off the engine
     from transformers import AutoTokenizer
+    from vlmdeploy.synthetic.reference import build_hf_model
 
     model_dir = Path("vlmdeploy/assets/internvl3_5-shapes-tiny")
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     cfg = json.loads((model_dir / "config.json").read_text())
     img = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
-    model = t.build_hf_model(cfg, img)
+    model = build_hf_model(cfg, img)
     t.load_original_weights(model, model_dir)
     model.eval()
     data = t.TrainSet(tok, 10, per_scene=3)
@@ -49,7 +49,7 @@ CHECK = textwrap.dedent('''
                                  batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
         deeper = copy.deepcopy(cfg)
         deeper["llm_config"]["num_hidden_layers"] += 2
-        grown = t.build_hf_model(deeper, img)
+        grown = build_hf_model(deeper, img)
         t.load_original_weights(grown, model_dir)
         grown.eval()
         grown_loss, *_ = t.loss_of(grown, heads, batch, torch.float32, 0.0)
@@ -79,10 +79,9 @@ def test_training_batches_match_the_plain_padded_loss_and_growth_keeps_the_model
 
 
 MIX = textwrap.dedent('''
-    import sys
-    sys.path.insert(0, "tools")
-    import train_default_model as t
+    import tools.training as t  # first: it keeps the vlmdeploy imports below off the engine
     from vlmdeploy.synthetic.questions import TOTAL_PROMPT
+    from vlmdeploy.synthetic.scene import SHAPES
 
     assert t.parse_kind_weights("multi_turn=0.3, count=0.2") == {"multi_turn": 0.3, "count": 0.2}
     for bad in ("spelling=0.1", "count=-1"):
@@ -104,7 +103,7 @@ MIX = textwrap.dedent('''
             shape = q.messages[0]["content"][-1]["text"].split()[2][:-1]  # "How many stars ..."
             scene = q.scenes[0]
             assert q.messages[0]["content"][:-1] == before.messages[0]["content"][:-1]  # same image
-            if any(scene.count(s) == 0 for s in t.SHAPES):
+            if any(scene.count(s) == 0 for s in SHAPES):
                 assert q.answer == "0" and scene.count(shape) == 0, (i, q.messages, q.answer)
                 zeros += 1
     assert counts > 20 and zeros > counts // 2
