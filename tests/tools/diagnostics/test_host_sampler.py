@@ -20,7 +20,8 @@ def test_host_sampler_reports_steps_and_stacks(tiny_ckpts, tmp_path):
     vision = cols.index("VisionStage.attach_embeddings ms (wall/CPU)")
     cells = [[float(c.split("/")[0]) for c in r.split("|")[1:-1]] for r in steps]
     cpu = [[float(c.split("/")[-1]) for c in r.split("|")[1:-1]] for r in steps]
-    assert all(c[run] <= w[run] + 1.0 for c, w in zip(cpu, cells))  # CPU time within the wall
+    # CPU time within the wall, up to the clocks' granularity and the reads around the call
+    assert all(c[run] <= w[run] * 1.05 + 2.0 for c, w in zip(cpu, cells))
     # each step with work ran a forward, timed within the step's launch time
     worked = [c for c in cells if c[3] + c[4] > 0]
     assert worked and all(0 < c[run] <= c[2] for c in worked)
