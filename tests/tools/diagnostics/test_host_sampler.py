@@ -24,7 +24,7 @@ def test_host_sampler_reports_steps_and_stacks(tiny_ckpts, tmp_path):
     assert all(c[run] <= w[run] * 1.05 + 2.0 for c, w in zip(cpu, cells))
     # each step with work ran a forward, timed within the step's launch time
     worked = [c for c in cells if c[3] + c[4] > 0]
-    assert worked and all(0 < c[run] <= c[2] for c in worked)
+    assert worked and all(0 < c[run] <= c[2] + 1.0 for c in worked)
     assert all(c[vision] <= c[2] for c in cells) and any(c[vision] > 0 for c in cells)
     loop_rows = [line for line in text.splitlines()
                  if line.startswith("| vlmdeploy/engine/engine_loop.py ")]
