@@ -34,7 +34,17 @@ class StopMatcher:
         return out
 
     def _held(self, stop: str) -> int:
-        for k in range(min(len(stop) - 1, len(self._pending)), 0, -1):
-            if self._pending.endswith(stop[:k]):
-                return k
+        """The longest end of the pending text that begins ``stop``. Only places where ``stop``'s
+        first character occurs can start one, found longest first with ``str.find``, so the usual
+        cost is a scan at C speed, not a Python loop over every length (which made adversarial
+        output cost milliseconds a token)."""
+        n = min(len(stop) - 1, len(self._pending))
+        if n <= 0:
+            return 0
+        tail = self._pending[-n:]
+        j = tail.find(stop[0])
+        while j >= 0:
+            if stop.startswith(tail[j:]):
+                return n - j
+            j = tail.find(stop[0], j + 1)
         return 0
