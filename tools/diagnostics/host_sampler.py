@@ -29,7 +29,6 @@ from benchmarks.workloads import gen, model_source, sync, workload
 from vlmdeploy import PytorchEngineConfig, pipeline
 
 ROOT = str(Path(vlmdeploy.__file__).resolve().parent)
-ENGINE_THREAD = "vlmdeploy-engine"  # the name the engine loop gives its thread
 
 
 class StackSampler:
@@ -223,7 +222,7 @@ def main(argv: list[str] | None = None) -> str:
                                                     thread_name_prefix="vlmdeploy-prep")
         pipe(workload(tok, 4, args.side, args.n_text, 7), gen_config=gen(8))  # warm-up
         prompts = workload(tok, args.n, args.side, args.n_text, 11)
-        engine_thread = next(t for t in threading.enumerate() if t.name == ENGINE_THREAD)
+        engine_thread = pipe.engine.thread  # this pipeline's: other engines may run beside it
         sync()
         pipe.engine.observer.record_steps()
         with StackSampler(engine_thread, args.interval, args.seconds) as sampler, \

@@ -89,6 +89,11 @@ class EngineLoop:
             threading.Thread(target=self._watch, name="vlmdeploy-watchdog", daemon=True).start()
 
     @property
+    def thread(self) -> threading.Thread:
+        """The thread that steps the engine (what profilers and samplers watch)."""
+        return self._thread
+
+    @property
     def running(self) -> bool:
         """The loop's thread is still running (it may be finishing a step after close())."""
         return self._thread.is_alive()
