@@ -119,12 +119,12 @@ def test_dummy_load_format_needs_no_weights(tmp_path):
 
 def test_memory_profiling_step_runs(pipe):
     # On a GPU this step's peak sizes the KV cache; here it must simply run on the real model.
-    from vlmdeploy.engine.memory import run_largest_step
+    from vlmdeploy.engine.memory import bind_kv_cache, run_largest_step
 
     engine = pipe.engine.core
     kv_bytes = run_largest_step(engine.runner.model, engine.cfg)
     assert kv_bytes > 0
-    engine.runner.bind_cache()  # the layers get the engine's own cache back
+    bind_kv_cache(engine.runner.model, engine.runner.kv_cache)  # the engine's own cache back
     still_serves(pipe)
 
 

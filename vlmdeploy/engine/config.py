@@ -8,7 +8,6 @@ reasons, so a reader finds every knob of the engine in one place.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -82,9 +81,6 @@ class EngineConfig:
             load_format=user.load_format,
             vision_cache_bytes=(1 << 30) if cuda else (256 << 20),
         )
-
-    def replace(self, **changes) -> EngineConfig:
-        return dataclasses.replace(self, **changes)
 
     @property
     def max_blocks_per_seq(self) -> int:

@@ -91,10 +91,6 @@ class ModelRunner:
         self.kv_cache = torch.empty(0)
         self.model.to_empty(device="meta")
 
-    def bind_cache(self) -> None:
-        """Give every attention layer its views of the KV cache (again)."""
-        bind_kv_cache(self.model, self.kv_cache)
-
     # ---- vision ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_images(self, tiles: torch.Tensor) -> torch.Tensor:
