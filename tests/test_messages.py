@@ -265,7 +265,6 @@ def test_repetition_ngram_stop():
 
 
 ENGINE_UNIMPLEMENTED = {
-    "tp": 2,
     "dp": 2,
     "dp_rank": 1,
     "ep": 2,
@@ -279,7 +278,6 @@ ENGINE_UNIMPLEMENTED = {
     "prefix_cache_decode_state_interval": 64,
     "custom_module_map": {"a": "b"},
     "quant_policy": 8,
-    "distributed_executor_backend": "ray",
     "empty_init": True,
     "enable_microbatch": True,
     "enable_eplb": True,
@@ -314,6 +312,26 @@ def test_non_default_role_and_migration_backend_raise():
 def test_tp_1_and_other_defaults_are_accepted():
     cfg = PytorchEngineConfig(tp=1, dp=1, ep=1, quant_policy=0, kernel_block_size=-1)
     assert cfg.tp == 1
+
+
+@pytest.mark.parametrize("backend", [None, "mp", "ray"])
+def test_tensor_parallel_sizes_and_lmdeploy_executor_names_are_accepted(backend):
+    cfg = PytorchEngineConfig(tp=8, distributed_executor_backend=backend)
+    assert (cfg.tp, cfg.distributed_executor_backend) == (8, backend)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"tp": 0}, "tp must be"),
+        ({"tp": 2.0}, "tp must be"),
+        ({"distributed_executor_backend": "slurm"}, "distributed_executor_backend"),
+        ({"tp": 2, "distributed_executor_backend": "uni"}, "uni"),
+    ],
+)
+def test_bad_tensor_parallel_settings_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        PytorchEngineConfig(**fields)
 
 
 def test_greedy_unless_do_sample():

@@ -204,7 +204,6 @@ class PytorchEngineConfig:
     load_format: str = "auto"
 
     _UNIMPLEMENTED = {
-        "tp": 1,
         "dp": 1,
         "dp_rank": 0,
         "ep": 1,
@@ -218,7 +217,6 @@ class PytorchEngineConfig:
         "prefix_cache_decode_state_interval": 0,
         "custom_module_map": None,
         "quant_policy": 0,
-        "distributed_executor_backend": None,
         "empty_init": False,
         "enable_microbatch": False,
         "enable_eplb": False,
@@ -257,7 +255,107 @@ class PytorchEngineConfig:
         _check(self.max_prefill_token_num > 0, "max_prefill_token_num must be > 0")
         _check(self.device_type in ("cuda", "cpu"), "device_type must be 'cuda' or 'cpu'")
         _check(self.load_format in ("auto", "dummy"), "load_format must be 'auto' or 'dummy'")
+        _check(type(self.tp) is int and self.tp >= 1, "tp must be an integer >= 1")
+        _check(
+            self.distributed_executor_backend in (None, "mp", "ray", "uni"),
+            "distributed_executor_backend must be 'mp', 'ray' or 'uni'",
+        )
+        _check(
+            self.distributed_executor_backend != "uni" or self.tp == 1,
+            "distributed_executor_backend='uni' runs one process: it needs tp=1",
+        )
         _reject_unimplemented(self, self._UNIMPLEMENTED)
+
+
+@dataclass
+class TurbomindEngineConfig:
+    """LMDeploy's ``TurbomindEngineConfig`` (its fields and defaults), run on vlmdeploy's engine.
+
+    vlmdeploy has one engine. A script that passes this config gets it mapped onto
+    :class:`PytorchEngineConfig` by :meth:`to_pytorch`: the fields both engines share carry over
+    (``cache_block_seq_len`` becomes ``block_size``, ``async_`` needs no counterpart); a
+    TurboMind-only field set to anything but its default raises ``NotImplementedError`` naming it,
+    and a shared field vlmdeploy does not implement raises as it does in ``PytorchEngineConfig``.
+    """
+
+    dtype: str = "auto"
+    gemm_input_dtype: str | None = None
+    model_format: str | None = None
+    tp: int = 1
+    dp: int = 1
+    cp: int = 1
+    ep: int = 1
+    device_num: int | None = None
+    attn_tp_size: int | None = None
+    attn_cp_size: int | None = None
+    attn_dp_size: int | None = None
+    mlp_tp_size: int | None = None
+    mlp_dp_size: int | None = None
+    outer_dp_size: int | None = None
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
+    devices: list[int] | None = None
+    session_len: int | None = None
+    max_batch_size: int | None = None
+    cache_max_entry_count: float = 0.8
+    cache_chunk_size: int = -1
+    cache_block_seq_len: int = 64
+    enable_prefix_caching: bool = False
+    cache_checkpoint_interval: int = 4096
+    cache_prompt: str = "auto"
+    cache_prompt_boundary_skip: int = 1
+    cache_generation: str = "auto"
+    quant_policy: int = 0
+    rope_scaling_factor: float = 0.0
+    use_logn_attn: bool = False
+    download_dir: str | None = None
+    revision: str | None = None
+    max_prefill_token_num: int = 8192
+    num_tokens_per_iter: int = 0
+    max_prefill_iters: int = 1
+    async_: int = 1
+    empty_init: bool = False
+    language_model_only: bool = False
+    communicator: str = "nccl"
+    moe_a2a_backend: str = "auto"
+    hf_overrides: dict[str, Any] | None = None
+    enable_metrics: bool = True
+
+    # fields both engines have (TurboMind's name -> PytorchEngineConfig's)
+    _SHARED = {
+        "dtype": "dtype", "model_format": "model_format", "tp": "tp", "dp": "dp", "ep": "ep",
+        "session_len": "session_len", "max_batch_size": "max_batch_size",
+        "cache_max_entry_count": "cache_max_entry_count", "cache_block_seq_len": "block_size",
+        "enable_prefix_caching": "enable_prefix_caching", "quant_policy": "quant_policy",
+        "download_dir": "download_dir", "revision": "revision",
+        "max_prefill_token_num": "max_prefill_token_num", "empty_init": "empty_init",
+        "language_model_only": "language_model_only", "hf_overrides": "hf_overrides",
+        "attn_tp_size": "attn_tp_size", "mlp_tp_size": "mlp_tp_size",
+    }
+    # TurboMind scheduling and communication knobs: vlmdeploy's engine needs none of them, so any
+    # value is accepted (they change speed, never results)
+    _TUNING = ("num_tokens_per_iter", "max_prefill_iters", "async_", "communicator",
+               "moe_a2a_backend", "cache_chunk_size", "cache_checkpoint_interval",
+               "cache_prompt", "cache_prompt_boundary_skip", "cache_generation", "enable_metrics",
+               "gemm_input_dtype")
+
+    def to_pytorch(self) -> PytorchEngineConfig:
+        """The same settings as a :class:`PytorchEngineConfig`."""
+        defaults = TurbomindEngineConfig()
+        for f in dataclasses.fields(self):
+            if f.name in self._SHARED or f.name in self._TUNING:
+                continue
+            value = getattr(self, f.name)
+            if value != getattr(defaults, f.name):
+                raise NotImplementedError(
+                    f"TurbomindEngineConfig.{f.name}={value!r} is a TurboMind engine option "
+                    "that vlmdeploy's engine does not have (only the default "
+                    f"{getattr(defaults, f.name)!r})")
+        values = {ours: getattr(self, theirs) for theirs, ours in self._SHARED.items()}
+        if values["model_format"] == "hf":
+            values["model_format"] = None
+        return PytorchEngineConfig(**values)
 
 
 @dataclass

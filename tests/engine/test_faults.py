@@ -129,6 +129,15 @@ class _HangingEngine:
         self.release_step.wait(30)
         return []
 
+    distributed = False
+    abandoned = False
+
+    def failure(self) -> None:
+        return None
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
     def release(self) -> None:
         pass
 
@@ -159,4 +168,5 @@ def test_the_watchdog_ends_every_request_when_a_step_hangs():
     t0 = time.monotonic()
     loop.close()  # returns although the step never did
     assert time.monotonic() - t0 < 5
+    assert engine.abandoned  # its worker processes (tensor parallelism) are stopped anyway
     engine.release_step.set()

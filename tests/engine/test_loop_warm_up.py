@@ -27,6 +27,11 @@ class StubEngine:
     def has_work(self) -> bool:
         return False
 
+    distributed = False
+
+    def failure(self) -> None:
+        return None
+
     def release(self) -> None:
         self.released = True
 

@@ -8,6 +8,8 @@ reasons, so a reader finds every knob of the engine in one place.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import torch
 
 from vlmdeploy.config import ModelConfig
 from vlmdeploy.messages import PytorchEngineConfig
+from vlmdeploy.models.tp_plan import local_kv_heads
 
 logger = logging.getLogger("vlmdeploy")
 
@@ -40,6 +43,10 @@ class EngineConfig:
     async_scheduling: bool  # launch a step before reading the previous step's tokens
     cudagraph_capture_batch_sizes: tuple[int, ...] | None
     load_format: str  # "auto" (the checkpoint) or "dummy" (seeded random weights)
+    # Tensor parallelism: ranks (one GPU each) and how their worker processes are started
+    # ("mp": spawned on this host; "ray": Ray actors, on any host of the cluster).
+    tp: int = 1
+    executor_backend: str = "mp"
     # Tiles per vision-encoder call; larger batches are split into calls of warmed sizes.
     max_vision_tiles: int = 64
     # Room left for the CUDA-graph pools (decode and prefill) when sizing the KV cache; the pools
@@ -79,6 +86,8 @@ class EngineConfig:
                 else None
             ),
             load_format=user.load_format,
+            tp=user.tp,
+            executor_backend=_executor_backend(user.distributed_executor_backend, user.tp),
             vision_cache_bytes=(1 << 30) if cuda else (256 << 20),
         )
 
@@ -91,10 +100,45 @@ class EngineConfig:
         return self.device.type == "cuda" and not self.eager_mode
 
     @property
+    def kv_heads_per_rank(self) -> int:
+        """KV heads in one rank's cache: split evenly, or one (replicated) when the ranks
+        outnumber the heads."""
+        return local_kv_heads(self.model.text.num_kv_heads, self.tp)
+
+    @property
     def kv_bytes_per_block(self) -> int:
+        """One block of one rank's cache."""
         t = self.model.text
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * t.num_layers * self.block_size * t.num_kv_heads * t.head_dim * elem
+        return 2 * t.num_layers * self.block_size * self.kv_heads_per_rank * t.head_dim * elem
+
+    # ---- to a worker process and back: plain JSON, no pickle ---------------------------------
+    def to_json(self) -> str:
+        """Everything but the model's config (a worker reads it from ``model_path``), the device
+        (a worker has its own) and the dtype (by name)."""
+        fields = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("model", "device", "dtype")
+        }
+        fields["dtype"] = str(self.dtype).removeprefix("torch.")
+        fields["device_type"] = self.device.type
+        return json.dumps(fields)
+
+    @classmethod
+    def from_json(cls, text: str, model: ModelConfig, device: torch.device) -> EngineConfig:
+        fields = json.loads(text)
+        fields.pop("device_type")
+        fields["dtype"] = _DTYPES[fields["dtype"]]
+        sizes = fields["cudagraph_capture_batch_sizes"]
+        fields["cudagraph_capture_batch_sizes"] = tuple(sizes) if sizes else None
+        return cls(model=model, device=device, **fields)
+
+
+def _executor_backend(name: str | None, tp: int) -> str:
+    """LMDeploy's names (checked by PytorchEngineConfig): ``mp`` (the default), ``ray``; ``uni``
+    (one process) is what tp=1 runs anyway."""
+    return "ray" if name == "ray" and tp > 1 else "mp"
 
 
 def _device(device_type: str) -> torch.device:

@@ -85,7 +85,7 @@ class EngineLoop:
             self._thread.join()
             raise self.error
         _LIVE.add(self)
-        if self.step_timeout_s:
+        if self.step_timeout_s or engine.distributed:
             threading.Thread(target=self._watch, name="vlmdeploy-watchdog", daemon=True).start()
 
     @property
@@ -145,6 +145,8 @@ class EngineLoop:
         engine's memory back."""
         if self._stop():  # never pull the model from under a step in progress
             self.core.release()
+        else:  # stuck in a step: its memory goes with the process, but no worker outlives it
+            self.core.abandon()
 
     def detach(self) -> LLMEngine:
         """Stop the loop without releasing the engine and hand the engine over, to be stepped by
@@ -220,10 +222,19 @@ class EngineLoop:
         self._shut("abort", "the pipeline was closed")
 
     def _watch(self) -> None:
-        """The watchdog: ends every request and marks the loop dead when a step hangs."""
-        period = min(1.0, self.step_timeout_s / 4)
+        """The watchdog: ends every request and marks the loop dead when a step hangs or the
+        engine reports a failure of its own (a tensor-parallel worker gone)."""
+        period = min(1.0, self.step_timeout_s / 4) if self.step_timeout_s else 0.5
         while not self._stopping.wait(period) and self._closed is None:
+            failure = self.core.failure()
+            if failure is not None:
+                logger.error("%s; failing all requests", failure)
+                self.error = RuntimeError(failure)
+                self._shut("error", failure)
+                return
             started = self._step_started
+            if not self.step_timeout_s:
+                continue
             if started is not None and time.monotonic() - started > self.step_timeout_s:
                 message = f"the engine stopped responding (a step ran over {self.step_timeout_s} s)"
                 logger.error("%s; failing all requests", message)

@@ -3,7 +3,9 @@
 Its interface is three calls — :meth:`LLMEngine.add`, :meth:`LLMEngine.abort`,
 :meth:`LLMEngine.step` — with plain data in and out (:mod:`vlmdeploy.engine.io`), so the core can
 move into its own process without a rewrite. The model, its KV cache and its graphs belong to the
-:class:`ModelRunner`; which sequences run belongs to the :class:`Scheduler`; this file is the glue.
+:class:`ModelRunner` of every rank, which the engine reaches through its executor
+(:mod:`vlmdeploy.distributed.executor`: in process at tp=1); which sequences run belongs to the
+:class:`Scheduler`; this file is the glue.
 Token-level stops (eos and stop ids, ``max_new_tokens``, ``session_len``) are decided here;
 text-level stops (stop words) by the front end.
 """
@@ -18,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmdeploy.distributed import executor as executors  # the module: it imports the engine's
 from vlmdeploy.engine import admission
 from vlmdeploy.engine.block_manager import BlockManager
 from vlmdeploy.engine.config import EngineConfig
 from vlmdeploy.engine.io import EngineRequest, StepOutput
-from vlmdeploy.engine.model_runner import ModelRunner
 from vlmdeploy.engine.observer import EngineObserver, StepRecord
 from vlmdeploy.engine.sampling import NON_FINITE, SampleResult, sample_async
 from vlmdeploy.engine.scheduler import ScheduledBatch, Scheduler
@@ -56,13 +58,14 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.observer = EngineObserver()
-        self.runner = ModelRunner(cfg, self.observer)
+        self.executor = executors.make_executor(cfg, self.observer)
+        self.runner = self.executor.runner  # rank 0's (the only one at tp=1)
         self.blocks = BlockManager(
-            self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching
+            self.executor.num_blocks, cfg.block_size, cfg.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.blocks, cfg.max_batch_size, cfg.max_prefill_token_num)
         self.vision = VisionStage(
-            self.runner.encode_images,
+            self.executor.encode_images,
             max_tiles=cfg.max_vision_tiles,
             cache_bytes=cfg.vision_cache_bytes,
             pin_memory=cfg.device.type == "cuda",
@@ -103,7 +106,7 @@ class LLMEngine:
         another engine in this process (or another process) can use it as soon as this returns.
         The engine cannot step afterwards."""
         if self.runner is not None:
-            self.runner.release()
+            self.executor.shutdown()
             self.runner = None
         if self.vision is not None:
             self.vision.cache.clear()
@@ -118,6 +121,20 @@ class LLMEngine:
         if self.cfg.device.type == "cuda":
             torch.cuda.synchronize(self.cfg.device)
             torch.cuda.empty_cache()
+
+    @property
+    def distributed(self) -> bool:
+        """Ranks in other processes (tensor parallelism)."""
+        return self.executor.distributed
+
+    def failure(self) -> str | None:
+        """Why the engine cannot go on although no step raised (a tensor-parallel worker died),
+        or None."""
+        return self.executor.failure()
+
+    def abandon(self) -> None:
+        """The engine thread is stuck and cannot be stopped: stop the worker processes anyway."""
+        self.executor.kill()
 
     # ---- requests --------------------------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -217,7 +234,9 @@ class LLMEngine:
         done = [s.num_computed + n == len(s) for s, n in zip(batch.seqs, batch.num_tokens)]
         rows = [i for i, d in enumerate(done) if d]
         # Always runs: mid-prefill chunks must still write KV.
-        logits = self.runner.forward(batch, rows, None if prev is None else prev.result.tokens)
+        logits = self.executor.forward(
+            batch, rows, None if prev is None else prev.result.tokens
+        )
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
             self.blocks.commit(seq)
@@ -231,6 +250,7 @@ class LLMEngine:
             [s.output_ids for s in sampled],
             [s.num_output for s in sampled],
         )
+        self.executor.share_tokens(result.tokens)
         flight = _InFlight(result, [], any(s.sampling.penalised for s in sampled))
         for row, seq in enumerate(sampled):
             seq.token_ids.append(PENDING)
@@ -293,7 +313,9 @@ class LLMEngine:
         the loop fails every request and reports the engine dead."""
         self._failed_steps += 1
         oom = isinstance(exc, torch.OutOfMemoryError)
-        if _fatal(exc) or self._failed_steps >= MAX_FAILED_STEPS:
+        # Under tensor parallelism the other ranks may be anywhere in the failed step: no step
+        # after it can be trusted to line up.
+        if _fatal(exc) or self._failed_steps >= MAX_FAILED_STEPS or self.executor.distributed:
             raise exc
         logger.exception("a step failed; ending its %d request(s)", len(batch.seqs))
         if oom and self.cfg.device.type == "cuda":

@@ -1,7 +1,8 @@
 """The KV cache: its layout, and how many blocks the engine gets.
 
-Layout: one tensor ``(2, layers, blocks, block_size, kv_heads, head_dim)``; each attention layer
-gets views of its k and v slices. Slot ``block * block_size + offset`` holds one token.
+Layout: one tensor ``(2, layers, blocks, block_size, kv_heads, head_dim)`` per rank, with that
+rank's KV heads; each attention layer gets views of its k and v slices. Slot
+``block * block_size + offset`` holds one token.
 
 On CUDA, LMDeploy's meaning of ``cache_max_entry_count``: a fraction of the memory left once the
 weights, the measured activation peak and room for the CUDA-graph pools are counted. The peak is
@@ -24,7 +25,7 @@ from vlmdeploy.vl.tiling import normalize_raw
 
 def allocate_kv_cache(cfg: EngineConfig, num_blocks: int) -> torch.Tensor:
     t = cfg.model.text
-    shape = (2, t.num_layers, num_blocks, cfg.block_size, t.num_kv_heads, t.head_dim)
+    shape = (2, t.num_layers, num_blocks, cfg.block_size, cfg.kv_heads_per_rank, t.head_dim)
     return torch.zeros(shape, dtype=cfg.dtype, device=cfg.device)
 
 
@@ -52,8 +53,12 @@ def plan_num_blocks(model: InternVLForCausalLM, cfg: EngineConfig) -> int:
 
 
 def activation_peak(model: InternVLForCausalLM, cfg: EngineConfig) -> int:
-    """Peak activation bytes of the largest vision batch and the largest prefill step."""
+    """Peak activation bytes of the largest vision batch and the largest prefill step, measured
+    on their second run: the first also holds what the kernels' first use allocates once per
+    process (autotuning's trial buffers among it), which the next engine in the same process
+    would not count, and would get a larger cache than this one."""
     dev = cfg.device
+    run_largest_step(model, cfg)
     torch.cuda.synchronize(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     base = torch.cuda.memory_allocated(dev)

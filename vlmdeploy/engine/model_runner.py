@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from vlmdeploy import kernels
+from vlmdeploy.distributed import state
 from vlmdeploy.engine.config import EngineConfig
 from vlmdeploy.engine.graphs import DecodeGraphs, PrefillGraphs, VisionGraphs
 from vlmdeploy.engine.graphs.capture import release_graphs
@@ -35,7 +36,7 @@ class ModelRunner:
             self.model = build_model(
                 cfg.model_path, cfg.model, cfg.dtype, cfg.device, cfg.load_format
             )
-        self.num_blocks = plan_num_blocks(self.model, cfg)
+        self.num_blocks = state.agree_min(plan_num_blocks(self.model, cfg))  # every rank alike
         # The extra block (index num_blocks) is scratch space for padded CUDA-graph rows.
         self.scratch_block = self.num_blocks
         self.kv_cache = allocate_kv_cache(cfg, self.num_blocks + 1)
@@ -101,6 +102,8 @@ class ModelRunner:
                 out = self.vision_graphs.replay(tiles)
                 if out is not None:
                     return out
+            if tiles.device.type != "cpu":  # a tensor-parallel rank's share, already here
+                return self.encode_raw(tiles)
             return self.encode_raw(h2d(tiles, torch.uint8, self.device))
         return self.model.encode_images(tiles.to(self.device).to(self._vision_dtype))
 
@@ -124,7 +127,16 @@ class ModelRunner:
         """One forward over the batch; the logits (len(sample_rows), V) of the last new token of
         the sequences at ``sample_rows``, or None when none samples (mid-prefill chunks still
         write their KV). Pending tokens come from ``prev_tokens`` on the device."""
-        inputs = pack(batch, sample_rows, prev_tokens, self.block_size, self.cfg.image_token_id)
+        return self.forward_packed(self.pack(batch, sample_rows, prev_tokens))
+
+    def pack(
+        self, batch: ScheduledBatch, sample_rows: list[int], prev_tokens: torch.Tensor | None
+    ) -> StepInputs:
+        return pack(batch, sample_rows, prev_tokens, self.block_size, self.cfg.image_token_id)
+
+    @torch.inference_mode()
+    def forward_packed(self, inputs: StepInputs) -> torch.Tensor | None:
+        """:meth:`forward` of a step already packed (how a tensor-parallel worker gets it)."""
         rows = inputs.sample_rows
         width = max(map(len, inputs.block_tables))
         graphs = self.decode_graphs

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from vlmdeploy.config import ModelConfig
+from vlmdeploy.distributed.state import tp_rank
 from vlmdeploy.models.fast_paths import apply_fast_paths
 from vlmdeploy.models.internvl import InternVLForCausalLM
-from vlmdeploy.models.loader import load_weights
+from vlmdeploy.models.loader import load_weights, param_layout
 
 
 def build_model(
@@ -20,10 +21,11 @@ def build_model(
     device: torch.device,
     load_format: str = "auto",
 ) -> InternVLForCausalLM:
-    """Construct on the meta device (no wasted init), materialise on ``device``, fill from the
-    checkpoint — or, with ``load_format='dummy'``, with seeded random weights made on the device
-    (for sizes too large to write to disk; only config.json and the tokenizer are read) — then
-    rewire it for speed (:func:`apply_fast_paths`), which leaves its parameters as they are."""
+    """Construct this rank's shard (:mod:`vlmdeploy.distributed.state`) on the meta device (no
+    wasted init), materialise on ``device``, fill from the checkpoint — or, with
+    ``load_format='dummy'``, with seeded random weights made on the device (for sizes too large
+    to write to disk; only config.json and the tokenizer are read) — then rewire it for speed
+    (:func:`apply_fast_paths`), which leaves its parameters as they are."""
     with torch.device("meta"):
         model = InternVLForCausalLM(model_cfg)
     model = model.to_empty(device=device).to(dtype)
@@ -37,8 +39,14 @@ def build_model(
 @torch.no_grad()
 def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
     """Random weights that keep activations finite in bf16: matrices ~ N(0, 0.02), norm weights 1,
-    biases 0, layer scales 0.1."""
-    gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    biases 0, layer scales 0.1.
+
+    Under tensor parallelism each rank draws its shards from a stream of its own, so the shared
+    stream, which fills the replicated parameters (the vision tower on every rank), stays the
+    same on every rank."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    shard_gen = torch.Generator(device).manual_seed(seed + 1 + tp_rank())
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("ls1", "ls2"):
@@ -48,4 +56,5 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
         elif p.dim() == 1:  # norm weights
             p.fill_(1.0)
         else:
-            p.normal_(0.0, 0.02, generator=gen)
+            sharded = param_layout(model, name, p).is_sharded
+            p.normal_(0.0, 0.02, generator=shard_gen if sharded else gen)

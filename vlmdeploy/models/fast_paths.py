@@ -16,8 +16,12 @@ place so that it computes the same function through fused kernels.
 * **The lm_head of one row** is a ``linear_row`` too: a matrix-vector kernel that streams the head
   once, with no split-K reduction after it.
 
+Tensor parallel: a row-parallel projection's product is a partial sum, so beyond one rank the
+residual add cannot ride in ``linear_row``: the sum is all-reduced first, then added. One rank's
+lm_head logits are all-gathered like the plain head's.
+
 Each transform swaps a module's class for a subclass that overrides one method (as
-``torch.nn.utils.parametrize`` does): parameters, their names, the loader's ``fused`` declarations
+``torch.nn.utils.parametrize`` does): parameters, their names, the loader's shard declarations
 and the KV-cache views stay as they are, and no wrapper module adds a call. The overrides branch
 on shapes only, so CUDA graphs capture them like the plain model. On the CPU every fused op runs
 its PyTorch reference, which composes the unfused ops, so the plain and the transformed model
@@ -30,6 +34,8 @@ import torch
 from torch import nn
 
 from vlmdeploy import kernels
+from vlmdeploy.distributed.state import all_reduce
+from vlmdeploy.layers.linear import RowParallelLinear
 from vlmdeploy.layers.norm import norm_params
 from vlmdeploy.models.internvit import VisionEncoder, VisionLayer
 from vlmdeploy.models.internvl import InternVLForCausalLM
@@ -119,9 +125,20 @@ def forward_row(
     attn, mlp = layer.self_attn, layer.mlp
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
     qkv = kernels.linear_row(h, attn.qkv_proj.weight, norm1.weight, norm1.eps)  # (T, q + 2 kv)
-    h = kernels.linear_row(attn.attend(qkv, cos, sin), attn.o_proj.weight, residual=h)
+    h = add_row_parallel(attn.attend(qkv, cos, sin), attn.o_proj, h)
     gate_up = kernels.linear_row(h, mlp.gate_up_proj.weight, norm2.weight, norm2.eps)
-    return kernels.linear_row(gate_up, mlp.down_proj.weight, silu_mul=True, residual=h)
+    return add_row_parallel(gate_up, mlp.down_proj, h, silu_mul=True)
+
+
+def add_row_parallel(
+    x: torch.Tensor, proj: RowParallelLinear, residual: torch.Tensor, silu_mul: bool = False
+) -> torch.Tensor:
+    """``residual + proj(x)`` (``x`` through SiLU-and-mul first with ``silu_mul``). On one rank
+    the add is fused into the kernel; beyond, each rank's product is a partial sum, reduced
+    before the residual (whole on every rank) is added."""
+    if proj.tp_size == 1:
+        return kernels.linear_row(x, proj.weight, silu_mul=silu_mul, residual=residual)
+    return all_reduce(kernels.linear_row(x, proj.weight, silu_mul=silu_mul)) + residual
 
 
 class RowPathQwen3ForCausalLM(Qwen3ForCausalLM):
@@ -129,5 +146,5 @@ class RowPathQwen3ForCausalLM(Qwen3ForCausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[0] == 1:  # a matrix-vector kernel streams the (V, H) head once
-            return kernels.linear_row(hidden, self.lm_head.weight)
+            return self.lm_head.gather(kernels.linear_row(hidden, self.lm_head.weight))
         return super().compute_logits(hidden)

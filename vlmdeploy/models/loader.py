@@ -6,6 +6,10 @@ split tensors are routed into fused parameters (q/k/v → ``qkv``/``qkv_proj``, 
 unexpected, duplicated or misshapen tensor is an error naming it, so nothing is ever left silently
 random. Only ``.safetensors`` files are read (a shard index may only name files beside it); no code
 from the checkpoint runs.
+
+Under tensor parallelism a parameter holds a shard (a :class:`ShardLayout`, declared by the
+parallel layers): a rank reads only those rows of each checkpoint tensor, and checks the tensor's
+full shape.
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from vlmdeploy.layers.linear import Shard, ShardLayout, shard_layout
 
 # transformers-native (-HF) names → original names. Legacy -HF checkpoints drop the leading
 # "model.".
@@ -112,7 +119,18 @@ def safetensors_files(model_path: str | Path) -> list[Path]:
     return files
 
 
-def iter_tensors(files: list[Path], progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+@dataclass
+class LoadStats:
+    """What :func:`load_weights` read: checkpoint tensors opened, and bytes of tensor data read
+    (this rank's slices only)."""
+
+    tensors: int = 0
+    bytes_read: int = 0
+
+
+def _open_files(files: list[Path], progress: bool) -> Iterator:
+    """Each file's safetensors handle, in order (a progress bar over the files with
+    ``progress``)."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -120,57 +138,95 @@ def iter_tensors(files: list[Path], progress: bool = False) -> Iterator[tuple[st
         bar = tqdm(total=len(files), desc="Loading weights", unit="shard")
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                yield name, sf.get_tensor(name)
+            yield sf
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
 
 
-def _fused_sizes(model: nn.Module, param_name: str) -> list[int] | None:
-    """Row split of a fused parameter, declared by its owning module in ``fused``; None if the
-    parameter is not fused."""
-    owner, leaf, _ = param_name.rsplit(".", 2)
-    return getattr(model.get_submodule(owner), "fused", {}).get(leaf)
+def param_layout(model: nn.Module, param_name: str, param: torch.Tensor) -> ShardLayout:
+    """How ``param`` is cut from the checkpoint. A parallel layer declares it
+    (``shard_layouts``); a fused parameter of a replicated module is declared by its owner as row
+    sizes (``fused``: ``{leaf: [rows, ...]}``); anything else is one whole tensor."""
+    path, leaf = param_name.rsplit(".", 1)
+    module = model.get_submodule(path)
+    layout = shard_layout(module, leaf)
+    if layout is not None:
+        return layout
+    if "." in path:
+        owner, child = path.rsplit(".", 1)
+        sizes = getattr(model.get_submodule(owner), "fused", {}).get(child)
+        if sizes is not None:
+            return ShardLayout(0, tuple(Shard.whole(n) for n in sizes))
+    return ShardLayout(0, (Shard.whole(param.shape[0]),))
 
 
-def _fused_rows(model: nn.Module, param_name: str, shard: int) -> tuple[int, int]:
-    """Row range of ``shard`` inside a fused parameter."""
-    sizes = _fused_sizes(model, param_name)
-    start = sum(sizes[:shard])
-    return start, start + sizes[shard]
-
-
-def load_weights(model: nn.Module, model_path: str | Path, progress: bool = False) -> None:
+def load_weights(model: nn.Module, model_path: str | Path, progress: bool = False) -> LoadStats:
     """Fill every parameter of ``model`` from the checkpoint; raise on anything missing, extra,
-    written twice or misshapen."""
+    written twice or misshapen. A tensor-parallel rank reads only the slices its shards hold
+    (``safe_open(...).get_slice``), so its host memory stays near its shard; shapes are checked
+    against the whole checkpoint tensor, so a wrong checkpoint fails on every rank alike."""
     params = dict(model.named_parameters())
-    written: dict[str, set[int | None]] = {}  # parameter → shards written (None: the whole)
+    layouts = {name: param_layout(model, name, p) for name, p in params.items()}
+    for name, p in params.items():  # rows past the parts (vocabulary padding) are never read
+        layout = layouts[name]
+        pad = p.shape[layout.dim] - layout.local
+        if pad > 0:
+            p.data.narrow(layout.dim, layout.local, pad).zero_()
+    written: dict[str, set[int | None]] = {}  # parameter → parts written (None: the whole)
+    stats = LoadStats()
     files = safetensors_files(model_path)
-    for ckpt_name, tensor in iter_tensors(files, progress and len(files) > 1):
-        name = to_original_name(ckpt_name)
-        target, shard = _route(name)
-        if target not in params:
-            raise WeightLoadError(
-                f"unexpected tensor {ckpt_name!r} in checkpoint (no parameter {target!r})"
-            )
-        done = written.setdefault(target, set())
-        # A second writer (two layouts' names for one tensor, or a fused tensor and its parts)
-        # would make the result depend on file order.
-        if shard in done or None in done or (shard is None and done):
-            raise WeightLoadError(f"tensor {ckpt_name!r} writes {target!r} a second time")
-        param = params[target]
-        if shard is None:
-            _copy(param.data, tensor, ckpt_name)
-        elif _fused_sizes(model, target) is None:
-            raise WeightLoadError(f"unexpected tensor {ckpt_name!r}: {target!r} is not fused")
-        else:
-            start, end = _fused_rows(model, target, shard)
-            _copy(param.data[start:end], tensor, ckpt_name)
-        done.add(shard)
-    _tie_lm_head(params, written)
-    _check_complete(model, params, written)
+    for sf in _open_files(files, progress and len(files) > 1):
+        for ckpt_name in sf.keys():
+            name = to_original_name(ckpt_name)
+            target, part = _route(name)
+            if target not in params:
+                raise WeightLoadError(
+                    f"unexpected tensor {ckpt_name!r} in checkpoint (no parameter {target!r})"
+                )
+            done = written.setdefault(target, set())
+            # A second writer (two layouts' names for one tensor, or a fused tensor and its
+            # parts) would make the result depend on file order.
+            if part in done or None in done or (part is None and done):
+                raise WeightLoadError(f"tensor {ckpt_name!r} writes {target!r} a second time")
+            layout = layouts[target]
+            if part is not None and len(layout.parts) == 1:
+                raise WeightLoadError(f"unexpected tensor {ckpt_name!r}: {target!r} is not fused")
+            _read_into(params[target].data, layout, part, sf.get_slice(ckpt_name), ckpt_name, stats)
+            done.add(part)
+    _tie_lm_head(params, layouts, written)
+    _check_complete(params, layouts, written)
+    return stats
+
+
+def _read_into(
+    param: torch.Tensor,
+    layout: ShardLayout,
+    part: int | None,
+    src,
+    name: str,
+    stats: LoadStats,
+) -> None:
+    """Copy this rank's rows of checkpoint tensor ``src`` (a safetensors slice; all parts of
+    ``layout`` with ``part`` None, else part ``part``) into ``param``, reading nothing else."""
+    dim = layout.dim
+    full = layout.full if part is None else layout.parts[part].full
+    expected = (*param.shape[:dim], full, *param.shape[dim + 1 :])
+    shape = tuple(src.get_shape())
+    if shape != expected:
+        raise WeightLoadError(f"tensor {name!r} has shape {shape}, expected {expected}")
+    src_offset = dst = 0
+    for i, p in enumerate(layout.parts):
+        if (part is None or part == i) and p.size:
+            a = src_offset + p.start
+            piece = src[(slice(None),) * dim + (slice(a, a + p.size),)]
+            param.narrow(dim, dst, p.size).copy_(piece)
+            stats.bytes_read += piece.numel() * piece.element_size()
+        if part is None:
+            src_offset += p.full
+        dst += p.size
+    stats.tensors += 1
 
 
 def _route(name: str) -> tuple[str, int | None]:
@@ -188,34 +244,30 @@ def _part_name(param_name: str, shard: int) -> str:
     return f"{param_name}[block {shard}]"
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
-    if tuple(dst.shape) != tuple(src.shape):
-        raise WeightLoadError(
-            f"tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
-        )
-    dst.copy_(src)
-
-
-def _tie_lm_head(params: dict[str, nn.Parameter], written: dict[str, set[int | None]]) -> None:
+def _tie_lm_head(
+    params: dict[str, nn.Parameter],
+    layouts: dict[str, ShardLayout],
+    written: dict[str, set[int | None]],
+) -> None:
     head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
     if head in params and head not in written and embed in written:
+        if layouts[head] != layouts[embed]:  # split alike by construction, so a shard ties
+            raise WeightLoadError("lm_head and embed_tokens are sharded differently: cannot tie")
         params[head].data.copy_(params[embed].data)  # tie only when the checkpoint has no lm_head
         written[head] = {None}
 
 
 def _check_complete(
-    model: nn.Module, params: dict[str, nn.Parameter], written: dict[str, set[int | None]]
+    params: dict[str, nn.Parameter],
+    layouts: dict[str, ShardLayout],
+    written: dict[str, set[int | None]],
 ) -> None:
     for name in params:
         done = written.get(name, set())
         if None in done:
             continue
-        sizes = _fused_sizes(model, name)
-        missing = (
-            [name]
-            if sizes is None
-            else [_part_name(name, i) for i in range(len(sizes)) if i not in done]
-        )
+        n = len(layouts[name].parts)
+        missing = [name] if n == 1 else [_part_name(name, i) for i in range(n) if i not in done]
         if missing:
             raise WeightLoadError(
                 f"the checkpoint has no tensor for {', '.join(map(repr, missing))} "

@@ -5,6 +5,11 @@ both halves pre-normed with RMSNorm. q/k/v and gate/up are fused projections; th
 row blocks. The residual stream travels beside the layer outputs un-normed, so each RMSNorm adds it
 in the same op (``norm(x + residual)``, returning the sum as the next residual).
 
+Tensor parallel (Megatron): each rank builds its shard, as :mod:`vlmdeploy.models.tp_plan` splits
+it. qkv and gate/up are column-parallel (this rank's heads, its slice of the intermediate), o_proj
+and down row-parallel (one all-reduce each), the vocabulary split in the embedding and the head.
+At one rank every layer is the plain one.
+
 This file is the model as published. The engine runs it through
 :func:`vlmdeploy.models.fast_paths.apply_fast_paths`, which gives steps of a few tokens a path
 where each projection is one ``linear_row`` with its neighbours fused; both compute the same
@@ -18,27 +23,31 @@ from torch import nn
 
 from vlmdeploy import kernels
 from vlmdeploy.config import TextConfig
+from vlmdeploy.distributed.state import tp_rank, tp_size
 from vlmdeploy.layers.attention import PagedAttention
+from vlmdeploy.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from vlmdeploy.layers.linear import ColumnParallelLinear, RowParallelLinear, Shard
 from vlmdeploy.layers.norm import RMSNorm
+from vlmdeploy.models.tp_plan import local_kv_heads, qkv_shards
 
 
 class Qwen3Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
+        tp = tp_size()
+        self.num_heads, self.num_kv_heads, self.head_dim = (  # this rank's heads
+            cfg.num_heads // tp,
+            local_kv_heads(cfg.num_kv_heads, tp),
             cfg.head_dim,
         )
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, qkv_shards(cfg, tp, tp_rank()))
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.fused = {"qkv_proj": [self.q_size, self.kv_size, self.kv_size]}  # loader's row split
         self.attn = PagedAttention(
-            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5
+            self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5
         )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -61,9 +70,10 @@ class Qwen3MLP(nn.Module):
             raise ValueError(
                 f"unsupported hidden_act {cfg.hidden_act!r} for Qwen3 (expected 'silu')"
             )
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.fused = {"gate_up_proj": [cfg.intermediate_size] * 2}
+        self.gate_up_proj = ColumnParallelLinear(
+            cfg.hidden_size, [Shard.even(cfg.intermediate_size)] * 2
+        )
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
@@ -95,7 +105,7 @@ class Qwen3Model(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -118,7 +128,8 @@ class Qwen3ForCausalLM(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.model = Qwen3Model(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(T, H) → the full logits (T, V), on every rank."""
         return self.lm_head(hidden)
