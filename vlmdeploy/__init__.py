@@ -8,9 +8,17 @@ without the engine.
 
 from typing import Any
 
-from vlmdeploy.messages import GenerationConfig, PytorchEngineConfig, Response, VisionConfig
+from vlmdeploy.messages import (
+    GenerationConfig,
+    PytorchEngineConfig,
+    Response,
+    TurbomindEngineConfig,
+    VisionConfig,
+)
+from vlmdeploy.model import ChatTemplateConfig
 
-__all__ = ["pipeline", "GenerationConfig", "PytorchEngineConfig", "Response", "VisionConfig"]
+__all__ = ["pipeline", "ChatTemplateConfig", "GenerationConfig", "PytorchEngineConfig",
+           "Response", "TurbomindEngineConfig", "VisionConfig"]
 __version__ = "0.1.0"
 
 

@@ -63,8 +63,8 @@ def test_unknown_config_fields_are_named():
         PytorchEngineConfig(no_such_field=1)
     with pytest.raises(TypeError, match="no_such_field"):
         GenerationConfig(no_such_field=1)
-    with pytest.raises(NotImplementedError, match="tp"):
-        PytorchEngineConfig(tp=2)
+    with pytest.raises(NotImplementedError, match="dp"):
+        PytorchEngineConfig(dp=2)
     with pytest.raises(ValueError, match="top_p"):
         GenerationConfig(top_p=1.5)
 
@@ -128,11 +128,15 @@ def test_memory_profiling_step_runs(pipe):
     still_serves(pipe)
 
 
-def test_hub_ids_and_unsupported_vision_config_are_clear_errors(tiny_ckpts):
+def test_hub_ids_and_unsupported_vision_config_are_clear_errors(tiny_ckpts, monkeypatch,
+                                                                tmp_path):
+    from huggingface_hub import constants
+
     from vlmdeploy import VisionConfig
 
-    with pytest.raises(FileNotFoundError, match="does not download"):
-        pipeline("OpenGVLab/InternVL3_5-8B")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # ids resolve: tests/test_hub.py
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache"):
+        pipeline("OpenGVLab/InternVL3_5-8B", PytorchEngineConfig(download_dir=str(tmp_path)))
     with pytest.raises(NotImplementedError, match="vision_config"):
         pipeline(tiny_ckpts["original"], vision_config=VisionConfig(max_batch_size=8))
 

@@ -116,3 +116,16 @@ def test_a_held_inline_image_is_not_even_decoded(preparer, monkeypatch):
 def test_a_per_image_tile_limit_changes_the_parameters(preparer):
     assert preparer.params(ImageRef("x")) is PARAMS
     assert preparer.params(ImageRef("x", max_dynamic_patch=6)) == TilingParams(6, 1, 448, True)
+
+
+def test_an_image_that_cannot_be_fetched_says_why_in_the_error_and_the_log(preparer, caplog):
+    from vlmdeploy.errors import ImageError
+
+    ref = ImageRef("http://127.0.0.1:9/cat.png", param="messages[0].content[1].image_url.url")
+    with pytest.raises(ImageError) as err:
+        preparer.prepare([ref], MediaPolicy.server_default())
+    assert err.value.code == "invalid_image_url"
+    assert err.value.message.endswith(": the host is a private, loopback or reserved address.")
+    assert "127.0.0.1" not in err.value.message  # the reason never echoes the input
+    logged = [r.getMessage() for r in caplog.records if r.name == "vlmdeploy"]
+    assert any("messages[0].content[1].image_url.url" in m and "private" in m for m in logged)

@@ -186,11 +186,11 @@ def test_unknown_part_type():
     [
         {"role": "hacker", "content": "x"},
         {"content": "x"},
-        {"role": "tool", "content": "x"},
+        {"role": "function", "content": "x"},  # OpenAI's old role; "tool" is supported
         {"role": None, "content": "x"},
         "not a dict",
     ],
-    ids=["hacker", "missing", "tool", "none", "str"],
+    ids=["hacker", "missing", "function", "none", "str"],
 )
 def test_bad_roles(msg):
     with pytest.raises(InvalidRequestError) as err:

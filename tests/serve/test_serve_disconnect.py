@@ -57,7 +57,8 @@ def test_non_stream_disconnect_aborts_the_engine_request(slow):
 
 
 def test_full_server_answers_429_with_retry_after(slow):
-    app = create_app(slow, ServerConfig(max_concurrent_requests=2))
+    # no room to wait either (beyond the slots, requests queue: tests/serve/test_serve_queue.py)
+    app = create_app(slow, ServerConfig(max_concurrent_requests=2, max_queued_requests=0))
     with run_live(app) as url, httpx.Client(base_url=url) as http:
         with http.stream("POST", URL, json={**LONG, "stream": True}) as first:
             first_lines = first.iter_lines()  # keep a reference: a collected iterator hangs up

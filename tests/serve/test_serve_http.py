@@ -185,9 +185,12 @@ def test_h8_wrong_method_is_405_in_envelope(client):
 
 # ---- H9: API keys ------------------------------------------------------------------------------
 
+# /metrics itself is open, as vLLM's (tests/serve/test_serve_metrics.py: --protect-metrics);
+# other spellings of it are not
 PROTECTED = [
     ("GET", "/v1/models"), ("GET", "/v1/models/fake-model"), ("POST", "/v1/chat/completions"),
-    ("POST", "/v1/completions"), ("GET", "/metrics"), ("POST", "//v1/chat/completions"),
+    ("POST", "/v1/completions"), ("GET", "//metrics"), ("GET", "/%6Detrics"),
+    ("POST", "//v1/chat/completions"),
     ("POST", "/v1/%63hat/completions"), ("POST", "/v1//chat/completions"), ("GET", "/health/"),
     ("GET", "/%68ealth"), ("GET", "/HEALTH"), ("GET", "/nonexistent"), ("GET", "/docs"),
     ("GET", "/openapi.json"),

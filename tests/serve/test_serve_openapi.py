@@ -51,7 +51,8 @@ def test_request_schemas_are_the_validating_models(doc):
     assert request["properties"]["n"]["maximum"] == 16
     assert "messages" in request["required"]
     message = request["properties"]["messages"]["items"]
-    assert message["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant"]
+    assert message["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant",
+                                                     "tool"]
     completion = schemas["CompletionRequest"]
     assert "prompt" in completion["required"] and completion["properties"]["max_tokens"]
 

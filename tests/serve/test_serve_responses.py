@@ -153,10 +153,12 @@ def test_reasoning_parser_splits_think_block(stream):
     if stream:
         chunks = events(response)
         reasoning, content = content_of(chunks, "reasoning_content"), content_of(chunks)
+        assert content_of(chunks, "reasoning") == reasoning  # vLLM's field, the same text
         assert not any("<think>" in json.dumps(c) or "</think>" in json.dumps(c) for c in chunks)
     else:
         message = response.json()["choices"][0]["message"]
         reasoning, content = message["reasoning_content"], message["content"]
+        assert message["reasoning"] == reasoning  # vLLM's field, the same text
     assert (reasoning, content) == ("let me see", "It is 42.")
 
 
@@ -170,7 +172,8 @@ def test_without_parser_think_tags_stay_in_content():
 def test_reasoning_parser_plain_answer_has_no_reasoning():
     client = make_client(FakePipeline(), reasoning_parser="qwen3")
     message = client.post(URL, json=chat()).json()["choices"][0]["message"]
-    assert message == {"role": "assistant", "content": "Hello, world!", "reasoning_content": None}
+    assert message == {"role": "assistant", "content": "Hello, world!", "reasoning_content": None,
+                       "reasoning": None}
 
 
 def test_r1_style_parser_starts_inside_reasoning():

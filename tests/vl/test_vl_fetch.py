@@ -107,7 +107,9 @@ def test_private_targets_make_no_connection(template, listener, dialled):
         "public-and-private.test": [PUBLIC_IP, "127.0.0.1"],
     })  # fmt: skip
     err = refused(template.format(port=listener.port), MediaPolicy(resolver=dns, timeout_s=2))
-    assert err.message == media_policy.MSG_URL
+    # the same refusal for every spelling, saying why (never which address)
+    assert err.message == media_policy.MSG_URL.rstrip(".") + \
+        ": the host is a private, loopback or reserved address."
     assert log == [] and listener.connections() == 0
 
 
@@ -306,8 +308,14 @@ def test_dns_pinning_defeats_rebinding(http_server, dialled):
 def test_error_statuses_and_html(http_server):
     port = http_server.server_address[1]
     policy = MediaPolicy(allow_private_networks=True, timeout_s=2)
+    reasons = {"/missing": "the server answered HTTP 404",
+               "/html": "the answer is text/html, not an image",
+               "/no-location": "a redirect without a Location"}
     for path in ["/missing", "/error", "/html", "/no-location"]:
-        refused(f"http://127.0.0.1:{port}{path}", policy)
+        err = refused(f"http://127.0.0.1:{port}{path}", policy)
+        assert err.message.startswith("The image could not be fetched from its URL: ")
+        if path in reasons:  # the 400 says why (issue 23)
+            assert err.message.endswith(reasons[path] + "."), err.message
     # Declared image/png but the body is HTML: decided by the bytes.
     refused(f"http://127.0.0.1:{port}/fake-png", policy, "invalid_image_format")
 
@@ -347,7 +355,7 @@ def test_connection_refused_is_a_fetch_error(listener):
     port = listener.port
     listener.sock.close()
     err = refused(f"http://127.0.0.1:{port}/", MediaPolicy(allow_private_networks=True))
-    assert err.message == media_policy.MSG_FETCH
+    assert err.message == media_policy.MSG_FETCH.rstrip(".") + ": the connection was refused."
 
 
 # ------------------------------------------------------------------------------------------ TLS

@@ -1,9 +1,13 @@
 """`vlmdeploy chat [MODEL]`: a multi-turn terminal chat that streams the answer as it is generated.
 
-Lines are read from stdin (a terminal or a pipe). Commands: `/image PATH` attaches an image (a local
-file or a URL) to the next message, `/reset` starts a new conversation, `/exit` quits. The chat runs
-on the user's own files, so local image paths are allowed here (the HTTP server refuses them unless
-an operator opts in).
+In a terminal, input works as in LMDeploy's `chat`: a message may span several lines and is sent
+by an empty line; `exit` quits and `end` starts a new conversation; Ctrl-C at the prompt quits and
+Ctrl-C during an answer stops that answer (the turn is dropped). Piped stdin sends one message per
+line. Commands: `/image PATH` attaches an image (a local file or a URL) to the next message,
+`/reset` starts a new conversation, `/exit` quits. The chat runs on the user's own files, so local
+image paths are allowed here (the HTTP server refuses them unless an operator opts in).
+
+Every flag of LMDeploy 0.18's `chat` is accepted (`vlmdeploy.cli.lmdeploy_flags`).
 """
 
 from __future__ import annotations
@@ -15,24 +19,34 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 from vlmdeploy.cli.flags import add_dataclass_flags, build
-from vlmdeploy.cli.serve import add_engine_flags, configure_logging, engine_config, resolve_model
+from vlmdeploy.cli.lmdeploy_flags import CHAT, add_foreign_flags, check_foreign_flags
+from vlmdeploy.cli.serve import (
+    add_common_arguments,
+    add_engine_flags,
+    chat_template_config,
+    configure_logging,
+    engine_config,
+    resolve_model,
+)
 from vlmdeploy.errors import InvalidRequestError
 from vlmdeploy.messages import GenerationConfig
 
 GEN_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
               "repetition_penalty")
 HELP = "commands: /image PATH (attach an image), /reset (new conversation), /exit"
+TERMINAL_HELP = ("a message may span lines; an empty line sends it. exit: quit, end: new "
+                 "conversation, Ctrl-C: stop the answer. " + HELP)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
-                        help="local checkpoint directory (default: the embedded default model)")
+    add_common_arguments(parser)
     parser.add_argument("--log-level", default="WARNING", type=str.upper,
                         choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"],
                         help="log level (default: WARNING)")
     group = parser.add_argument_group("generation arguments")
     add_dataclass_flags(group, GenerationConfig, "gen.", GEN_FIELDS)
     add_engine_flags(parser)
+    add_foreign_flags(parser, CHAT)
 
 
 class ChatSession:
@@ -86,53 +100,90 @@ class ChatSession:
         self.images = []
 
 
-def chat_loop(session: ChatSession, lines: Iterable[str], interactive: bool = False) -> int:
-    """Run the chat over `lines` (stdin); returns the exit code."""
+def chat_loop(session: ChatSession, messages: Iterable[str], interactive: bool = False) -> int:
+    """Run the chat over `messages` (stdin's lines, or a terminal's blocks); returns the exit
+    code."""
     if interactive:
-        print(HELP, file=session.err)
+        print(TERMINAL_HELP, file=session.err)
     with asyncio.Runner() as runner:
-        for raw in lines:
-            line = raw.strip()
-            if not line:
+        for raw in messages:
+            text = raw.strip()
+            if not text:
                 continue
-            if line.startswith("/"):
-                if not session.command(line):
+            if text == "exit":  # LMDeploy's words
+                break
+            if text == "end":
+                text = "/reset"
+            lines = text.split("\n")
+            if len(lines) > 1:  # a terminal block: its /image lines attach images
+                for line in (x.strip() for x in lines if x.strip().startswith("/image ")):
+                    session.attach(line.removeprefix("/image").strip())
+                text = "\n".join(x for x in lines if not x.strip().startswith("/image ")).strip()
+                if not text:
+                    continue
+            elif text.startswith("/"):
+                if not session.command(text):
                     break
                 continue
-            runner.run(session.ask(line))
+            try:
+                runner.run(session.ask(text))
+            except KeyboardInterrupt:  # Ctrl-C during an answer: stop it, drop the turn
+                print("\n(stopped)", file=session.err)
+                session.images = []
     return 0
 
 
-def _prompted(stream: TextIO, err: TextIO) -> Iterable[str]:
+def _blocks(stream: TextIO, err: TextIO) -> Iterable[str]:
+    """A terminal's messages, LMDeploy style: lines until an empty one (a command line alone is
+    taken at once)."""
     while True:
-        print("> ", end="", file=err, flush=True)
-        line = stream.readline()
-        if not line:
-            return
-        yield line
+        lines: list[str] = []
+        while True:
+            print("> " if not lines else ". ", end="", file=err, flush=True)
+            line = stream.readline()
+            if not line:  # end of input: send what is pending, then stop
+                if lines:
+                    yield "\n".join(lines)
+                return
+            line = line.rstrip("\n")
+            if not lines and (line.strip().startswith("/") or line.strip() in ("exit", "end")):
+                yield line
+                break
+            if not line.strip():
+                if lines:
+                    yield "\n".join(lines)
+                    break
+                continue
+            lines.append(line)
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
 
     parser: argparse.ArgumentParser = args.parser
+    check_foreign_flags(args, parser, CHAT)
     engine = engine_config(args, parser)
+    template = chat_template_config(args, parser)
     try:
         gen = build(GenerationConfig, args, "gen.")
     except (ValueError, NotImplementedError) as exc:
         parser.error(str(exc))
-    model = resolve_model(args.model_path, parser)
+    model = resolve_model(args.model_path, parser, engine)
     configure_logging(args.log_level)
     from vlmdeploy import pipeline
 
     try:
-        pipe = pipeline(model, backend_config=engine, log_level=args.log_level)
+        pipe = pipeline(model, backend_config=engine, log_level=args.log_level,
+                        chat_template_config=template)
     except Exception as exc:
         print(f"vlmdeploy: cannot load the model: {exc}", file=sys.stderr)
         return 1
     interactive = sys.stdin.isatty()
-    lines = _prompted(sys.stdin, sys.stderr) if interactive else sys.stdin
+    lines = _blocks(sys.stdin, sys.stderr) if interactive else sys.stdin
     try:
         return chat_loop(ChatSession(pipe, gen, sys.stdout, sys.stderr), lines, interactive)
+    except KeyboardInterrupt:  # Ctrl-C at the prompt: quit, as LMDeploy's chat does
+        print(file=sys.stderr)
+        return 0
     finally:
         pipe.close()

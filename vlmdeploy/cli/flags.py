@@ -68,6 +68,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGrou
             text += " (default: %(default)s)"
         if "action" not in spec:
             spec["metavar"] = (rename or {}).get(field.name, field.name).upper()
+        if "nargs" in field.metadata and "nargs" in spec:
+            spec["nargs"] = field.metadata["nargs"]
         parser.add_argument(flag_name(field.name, rename), dest=prefix + field.name,
                             default=field.default, help=text, **spec)
         added.append(field.name)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +44,8 @@ from vlmdeploy.vl.tiling import TilingParams, raw_tiles
 
 # A request's images together may take this many times the per-image fetch timeout.
 REQUEST_MEDIA_BUDGET = 2.0
+
+logger = logging.getLogger("vlmdeploy")
 
 
 def tiles_of(image: Image.Image, params: TilingParams) -> torch.Tensor:
@@ -210,6 +213,8 @@ class ImagePreparer:
             return load_image(ref.source, policy, cancel)
         except ImageError as exc:
             exc.param = exc.param or ref.param  # name the offending part: messages[i].content[j]…
+            if exc.code in ("invalid_image_url", "image_fetch_timeout"):
+                logger.warning("image %s not loaded: %s", exc.param, exc.message)
             raise
         except UnicodeError:  # a path (os.PathLike included) with no UTF-8 form: a lone surrogate
             raise ImageError(MSG_URL, code="invalid_image_url", param=ref.param) from None

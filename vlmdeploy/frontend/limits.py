@@ -119,6 +119,12 @@ def text_size(prompt: Any) -> tuple[int, int]:
                 chars += sum(len(p["text"]) for p in content
                              if isinstance(p, dict) and isinstance(p.get("text"), str))
                 pieces += len(content)
+            calls = item.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():  # an earlier turn's calls
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    chars += sum(len(v) for v in fn.values() if isinstance(v, str))
+                pieces += 1
             pieces += 1
     return chars, pieces
 

@@ -12,6 +12,7 @@ builds the parts and maps LMDeploy's call shapes onto them.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import gc
 import logging
@@ -65,7 +66,8 @@ class Pipeline:
                 "vision_config is not supported yet: the vision stage batches up to 64 tiles of "
                 "many requests per encoder call on its own"
             )
-        for name in ("chat_template_config", "log_level", "max_log_len"):  # handled by pipeline()
+        template_config = kwargs.pop("chat_template_config", None)
+        for name in ("log_level", "max_log_len"):  # handled by pipeline()
             kwargs.pop(name, None)
         if kwargs:
             raise TypeError(f"pipeline() got unexpected arguments: {', '.join(sorted(kwargs))}")
@@ -81,7 +83,10 @@ class Pipeline:
             self.tokenizer.image_ids["img_context"],
         )
         self.session_len = self.engine.session_len
-        self.preparer = Preparer(self.tokenizer, self.model_cfg, self.engine, max_prompt_chars)
+        self.preparer = Preparer(
+            self.tokenizer, self.model_cfg, self.engine, max_prompt_chars,
+            chat_template=template_config.jinja() if template_config is not None else None,
+            template_stop_words=getattr(template_config, "stop_words", None))
         self.streamer = Streamer(self.engine, self.tokenizer, self.preparer)
         # What is built by now (model, tokenizer, compiled kernels: some 10^5-10^6 objects) lives
         # as long as the pipeline, and a full collection walks every tracked object with no thread
@@ -89,6 +94,8 @@ class Pipeline:
         # serving creates.
         gc.collect()
         gc.freeze()
+        atexit.unregister(gc.unfreeze)  # once, however many pipelines (see close)
+        atexit.register(gc.unfreeze)
 
     # ---- the server's interface (see vlmdeploy.serve.contract) -----------------------------------
     def prepare_sync(
@@ -219,7 +226,12 @@ class Pipeline:
         return Session(session_id=self.new_session_id())
 
     def close(self) -> None:
-        """Stop the engine thread and release the model and KV cache (GPU memory included)."""
+        """Stop the engine thread and release the model and KV cache (GPU memory included).
+
+        A pipeline never closed is unfrozen at interpreter exit (an ``atexit`` hook): the
+        interpreter's last collection must reach the frozen heap, or the objects in its cycles
+        (Triton's compiled-kernel objects among them) outlive their extension modules, and
+        nanobind prints hundreds of "leaked" lines on stderr."""
         gc.unfreeze()  # first: the engine's collection must be able to reach the frozen heap
         self.engine.close()
         self.preparer.close()
@@ -241,24 +253,38 @@ def pipeline(
 ) -> Pipeline:
     """Load a model and return a :class:`Pipeline` (LMDeploy's signature).
 
-    ``model_path`` is a local checkpoint directory (original or -HF InternVL3.5 format); when
-    omitted, the embedded default model shipped with the package is used. ``log_level`` sets the
-    level of the ``vlmdeploy`` loggers (the CLI passes its ``--log-level`` here).
+    ``model_path`` is a local checkpoint directory (original or -HF InternVL3.5 format) or a
+    Hugging Face model id (``OpenGVLab/InternVL3_5-8B``: the local cache first, then a download
+    into ``backend_config.download_dir`` at ``backend_config.revision``, see
+    :mod:`vlmdeploy.hub`); when omitted, the embedded default model shipped with the package is
+    used. ``backend_config`` may be LMDeploy's ``TurbomindEngineConfig``: it runs on vlmdeploy's
+    engine (:meth:`~vlmdeploy.messages.TurbomindEngineConfig.to_pytorch`).
+    ``chat_template_config`` (:class:`~vlmdeploy.model.ChatTemplateConfig`) replaces the
+    checkpoint's template. ``log_level`` sets the level of the ``vlmdeploy`` loggers (the CLI
+    passes its ``--log-level`` here).
     """
-    from vlmdeploy.assets import resolve_model_path
+    from vlmdeploy.hub import resolve_model_path
+    from vlmdeploy.messages import TurbomindEngineConfig
+    from vlmdeploy.model import ChatTemplateConfig
 
     logger.setLevel(log_level)
     if chat_template_config is not None:
-        raise NotImplementedError(
-            "chat_template_config is not supported yet: the checkpoint's own chat template is used"
-        )
-    model_path = resolve_model_path(model_path)  # None or the default model's name: embedded
+        if not isinstance(chat_template_config, ChatTemplateConfig):
+            raise TypeError("chat_template_config must be a ChatTemplateConfig")
+        chat_template_config.jinja()  # refuses what it cannot render before the model loads
+    if isinstance(backend_config, TurbomindEngineConfig):
+        backend_config = backend_config.to_pytorch()
     if backend_config is not None and not isinstance(backend_config, PytorchEngineConfig):
         raise NotImplementedError(
             f"{type(backend_config).__name__} is not supported: vlmdeploy runs its "
             "PyTorch engine; pass a PytorchEngineConfig"
         )
-    return Pipeline(model_path, backend_config=backend_config, **kwargs)
+    resolved = resolve_model_path(model_path, backend_config)  # ids go through the HF hub
+    if model_path is not None and resolved != model_path and kwargs.get("model_name") is None:
+        kwargs["model_name"] = model_path  # a model id is served under its own name
+    model_path = resolved
+    return Pipeline(model_path, backend_config=backend_config,
+                    chat_template_config=chat_template_config, **kwargs)
 
 
 def _as_batch(prompts: Any) -> tuple[bool, list[Any]]:

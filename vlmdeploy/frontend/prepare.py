@@ -72,9 +72,14 @@ class Preparer:
         model_cfg: ModelConfig,
         engine: EngineLoop,
         max_prompt_chars: int | None = None,
+        chat_template: tuple[str, dict[str, Any]] | None = None,
+        template_stop_words: list[str] | None = None,
     ):
+        """``chat_template`` replaces the checkpoint's template; ``template_stop_words`` (a
+        ChatTemplateConfig's) are added to every request's stop words."""
         self.tokenizer = tokenizer
-        self.prompts = PromptEncoder(tokenizer)
+        self.prompts = PromptEncoder(tokenizer, chat_template)
+        self.template_stop_words = list(template_stop_words or [])
         self.engine = engine
         self.session_len = engine.session_len
         self.max_prompt_chars = max_prompt_chars or default_max_prompt_chars(self.session_len)
@@ -106,7 +111,7 @@ class Preparer:
     ) -> PreparedRequest:
         """Validate and preprocess one prompt; raises :class:`InvalidRequestError` on bad input.
         With ``do_preprocess=False`` a string prompt is used as is, without the chat template."""
-        gen = gen_config or GenerationConfig()
+        gen = self._with_template_stops(gen_config or GenerationConfig())
         param = "messages" if isinstance(prompt, list) else "prompt"
         check_prompt_size(prompt, self.max_prompt_chars, self.session_len, param)
         check_encodable(prompt, param)
@@ -165,10 +170,18 @@ class Preparer:
 
     def reconfigure(self, req: PreparedRequest, gen_config: GenerationConfig) -> PreparedRequest:
         """The same prepared prompt and images under another generation config (no re-fetch)."""
+        gen_config = self._with_template_stops(gen_config)
         check_encodable(gen_config.stop_words, "stop_words")
         sampling = self.sampling(gen_config, req.input_token_len)
         self._check_lengths(req.input_token_len, sampling)
         return dataclasses.replace(req, sampling=sampling, gen_config=gen_config)
+
+    def _with_template_stops(self, gen: GenerationConfig) -> GenerationConfig:
+        if not self.template_stop_words:
+            return gen
+        words = [*(gen.stop_words or []),
+                 *(w for w in self.template_stop_words if w not in (gen.stop_words or []))]
+        return dataclasses.replace(gen, stop_words=words)
 
     def sampling(self, gen: GenerationConfig, prompt_len: int) -> SamplingParams:
         """The engine's sampling parameters for ``gen``; without ``max_new_tokens``, up to

@@ -33,6 +33,7 @@ import jinja2
 import jinja2.sandbox
 
 from vlmdeploy.errors import InvalidRequestError
+from vlmdeploy.frontend.tools import inline_tools, template_renders_tools
 from vlmdeploy.vl.constants import IMAGE_TOKEN
 
 if TYPE_CHECKING:
@@ -57,7 +58,9 @@ THINKING_SYSTEM_PROMPT = (
     "4. The final answer should be standalone and not reference the thinking section."
 )
 
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
+# keys of a message that a chat template may read besides role and content (tool calls and results)
+_TOOL_KEYS = ("tool_calls", "tool_call_id", "name")
 
 # Upper bound on a request's per-image max_dynamic_patch (InternVL's "high" detail is 24): tiling
 # and encoding cost grow with it, so a request must not pick an arbitrary number.
@@ -78,7 +81,7 @@ class Conversation:
     """Messages with string contents (images replaced by ``IMAGE_TOKEN``) and the images in
     order."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     images: list[ImageRef] = field(default_factory=list)
 
 
@@ -136,8 +139,12 @@ def build_conversation(messages: list[dict[str, Any]]) -> Conversation:
                 code="invalid_role",
                 param=f"messages[{i}].role",
             )
-        text = _flatten(msg.get("content"), conv.images, explicit, f"messages[{i}].content")
-        conv.messages.append({"role": role, "content": text})
+        content = msg.get("content")
+        if content is None and (role == "assistant" and msg.get("tool_calls")):
+            content = ""  # an assistant turn that only called tools
+        text = _flatten(content, conv.images, explicit, f"messages[{i}].content")
+        conv.messages.append({"role": role, "content": text,
+                              **{k: msg[k] for k in _TOOL_KEYS if msg.get(k) is not None}})
     placed = sum(m["content"].count(IMAGE_TOKEN) for m in conv.messages)
     if placed != len(conv.images):
         raise InvalidRequestError(
@@ -229,7 +236,8 @@ class ChatTemplate:
     tokenizer's special tokens such as ``bos_token``), so both render the same text.
     """
 
-    def __init__(self, template: str | None, special_tokens: dict[str, str] | None = None):
+    def __init__(self, template: str | None, special_tokens: dict[str, str] | None = None,
+                 variables: dict[str, Any] | None = None):
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
@@ -237,26 +245,41 @@ class ChatTemplate:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         env.filters["tojson"] = _tojson
         self.template = env.from_string(template or CHATML_TEMPLATE)
-        self.special_tokens = dict(special_tokens or {})
+        self.special_tokens = {**(special_tokens or {}), **(variables or {})}
+        self.renders_tools = template_renders_tools(template)
 
     def render(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         enable_thinking: bool | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        assistant_prefix: str | None = None,
     ) -> str:
         """``enable_thinking=True`` adds InternVL3.5's thinking system prompt (unless the
         conversation has a system message); like any template variable it reaches the template
-        only when given."""
+        only when given. ``tools`` (OpenAI's function tools) reach a template that renders them;
+        for any other, they and the conversation's tool calls and results are written into the
+        messages in Qwen3's format (:mod:`vlmdeploy.frontend.tools`). ``assistant_prefix`` is
+        text the answer is made to start with (after the generation prompt)."""
         if enable_thinking and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": THINKING_SYSTEM_PROMPT}, *messages]
-        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-        return self.template.render(
+        extra: dict[str, Any] = {} if enable_thinking is None else {
+            "enable_thinking": enable_thinking}
+        if self.renders_tools:
+            if tools:
+                extra["tools"] = tools
+        elif tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            messages = inline_tools(messages, tools)
+        text = self.template.render(
             **self.special_tokens,
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             **extra,
         )
+        if assistant_prefix and add_generation_prompt:
+            text += assistant_prefix
+        return text
 
 
 def _tojson(
@@ -369,8 +392,12 @@ def has_images(prompt: Any) -> bool:
 class PromptEncoder:
     """The checkpoint's chat template and tokenizer applied to prompts."""
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.template = ChatTemplate(tokenizer.chat_template, tokenizer.hf.special_tokens_map)
+    def __init__(self, tokenizer: Tokenizer,
+                 template: tuple[str, dict[str, Any]] | None = None):
+        """``template``: a template and its variables in place of the checkpoint's (see
+        :class:`vlmdeploy.model.ChatTemplateConfig`)."""
+        source, variables = template or (tokenizer.chat_template, None)
+        self.template = ChatTemplate(source, tokenizer.hf.special_tokens_map, variables)
         self.encode = tokenizer.encode
         self.image_ids = tokenizer.image_ids
 

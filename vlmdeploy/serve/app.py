@@ -7,6 +7,7 @@ Middleware, outermost first: CORS (answers browser preflights, which carry no ke
 routing, so no spelling of a path skips it), then the router. `/openapi.json` and `/docs` publish
 the request and response schemas (`vlmdeploy.serve.openapi`); `/health` answers GET and HEAD (load
 balancers probe with either), 503 once the engine has failed or shutdown has begun.
+`--disable-fastapi-docs` and `--disable-metrics` (LMDeploy's flags) leave those routes out.
 """
 
 from __future__ import annotations
@@ -132,12 +133,20 @@ def create_app(pipe: ServedPipeline, config: ServerConfig | None = None, media_p
                on_engine_dead: Callable[[], None] | None = None) -> FastAPI:
     config = config or ServerConfig()
     media_policy = media_policy or media_policy_for(config)
+    admission = Admission(config.max_concurrent_requests, config.max_queued_requests)
+
+    def stats() -> dict[str, Any]:  # requests waiting for a server slot are waiting too
+        out = dict(pipe.stats())
+        out["num_waiting"] = out.get("num_waiting", 0) + admission.waiting
+        return out
+
     state = ServerState(pipe=pipe, config=config, media_policy=media_policy,
-                        metrics=ServerMetrics(pipe.model_name, pipe.stats),
-                        admission=Admission(config.max_concurrent_requests),
-                        on_engine_dead=on_engine_dead)
-    app = FastAPI(title="vlmdeploy", version=__version__, docs_url="/docs", redoc_url=None,
-                  openapi_url="/openapi.json", lifespan=_lifespan(state), **_no_telemetry())
+                        metrics=ServerMetrics(pipe.model_name, stats),
+                        admission=admission, on_engine_dead=on_engine_dead)
+    docs = not config.disable_fastapi_docs
+    app = FastAPI(title="vlmdeploy", version=__version__, docs_url="/docs" if docs else None,
+                  redoc_url=None, openapi_url="/openapi.json" if docs else None,
+                  lifespan=_lifespan(state), **_no_telemetry())
     app.state.server = state
     app.add_api_route("/v1/models", list_models, methods=["GET"], operation_id="listModels")
     app.add_api_route("/v1/models/{model:path}", retrieve_model, methods=["GET"],
@@ -148,12 +157,18 @@ def create_app(pipe: ServedPipeline, config: ServerConfig | None = None, media_p
                       operation_id="createCompletion")
     app.add_api_route("/health", health, methods=["GET"], operation_id="health")
     app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
-    app.add_api_route("/metrics", metrics, methods=["GET"], operation_id="metrics")
-    install_openapi(app)
+    if not config.disable_metrics:
+        app.add_api_route("/metrics", metrics, methods=["GET"], operation_id="metrics")
+    if docs:
+        install_openapi(app)
     install_handlers(app)
     if config.api_keys:
-        app.add_middleware(APIKeyMiddleware, api_keys=list(config.api_keys))
+        open_paths = ["/health"] if config.protect_metrics else ["/health", "/metrics"]
+        app.add_middleware(APIKeyMiddleware, api_keys=list(config.api_keys),
+                           open_paths=open_paths)
     if config.allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allow_origins),
-                           allow_methods=["GET", "POST"], allow_headers=["*"])
+                           allow_credentials=config.allow_credentials,
+                           allow_methods=list(config.allow_methods),
+                           allow_headers=list(config.allow_headers))
     return app

@@ -2,9 +2,10 @@
 
 The check is a raw ASGI middleware: it runs before the router decodes or normalizes the path, so
 `//v1/chat/completions`, `/v1/%63hat/completions` or a `root_path` prefix all need a key. Only the
-exact path `/health` is open (load balancers probe it without credentials). Keys are compared as
-SHA-256 digests with `hmac.compare_digest` against every configured key, so timing reveals neither a
-key nor which one matched.
+exact paths `/health` (load balancers probe it without credentials) and, unless
+`--protect-metrics`, `/metrics` (scraped as vLLM's is; it holds counts and timings only) are
+open. Keys are compared as SHA-256 digests with `hmac.compare_digest` against every configured
+key, so timing reveals neither a key nor which one matched.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vlmdeploy.serve.errors import APIError
 
-OPEN_PATH = "/health"
+OPEN_PATHS = ("/health", "/metrics")
 
 
 def _digest(key: str | bytes) -> bytes:
@@ -25,9 +26,11 @@ def _digest(key: str | bytes) -> bytes:
 
 
 class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, api_keys: Sequence[str]):
+    def __init__(self, app: ASGIApp, api_keys: Sequence[str],
+                 open_paths: Sequence[str] = OPEN_PATHS):
         self.app = app
         self._digests = [_digest(k) for k in api_keys]
+        self._open = {p: p.encode() for p in open_paths}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self._is_open(scope) or self._authorized(scope):
@@ -37,11 +40,10 @@ class APIKeyMiddleware:
                          headers={"WWW-Authenticate": "Bearer"})
         await error.response()(scope, receive, send)
 
-    @staticmethod
-    def _is_open(scope: Scope) -> bool:
-        raw = scope.get("raw_path")
-        return (scope["path"] == OPEN_PATH and not scope.get("root_path")
-                and (raw is None or raw == OPEN_PATH.encode()))
+    def _is_open(self, scope: Scope) -> bool:
+        raw, path = scope.get("raw_path"), scope["path"]
+        return (path in self._open and not scope.get("root_path")
+                and (raw is None or raw == self._open[path]))
 
     def _authorized(self, scope: Scope) -> bool:
         values = [v for k, v in scope["headers"] if k == b"authorization"]

@@ -1,5 +1,10 @@
 """`POST /v1/chat/completions`: text and image messages in, one answer per choice out, whole or as
-Server-Sent Events (one chunk per generated token)."""
+Server-Sent Events (one chunk per generated token).
+
+Each choice's text goes through a :class:`~vlmdeploy.serve.tool_parsers.ChoiceParser`: the
+`<think>` split (`--reasoning-parser`; reported as `reasoning_content` and, for vLLM's clients,
+`reasoning`) and, for requests with tools, the tool-call parser (`--tool-call-parser`;
+:mod:`vlmdeploy.serve.tools`)."""
 
 from __future__ import annotations
 
@@ -25,38 +30,66 @@ from vlmdeploy.serve.jobs import (
 )
 from vlmdeploy.serve.logprobs import chat_logprobs
 from vlmdeploy.serve.protocol import ChatCompletionRequest
-from vlmdeploy.serve.reasoning import ReasoningSplitter, split_all
 from vlmdeploy.serve.sampling import check_chat_request, template_kwargs
 from vlmdeploy.serve.state import ServerState
 from vlmdeploy.serve.streaming import DONE, merge, sse
+from vlmdeploy.serve.tool_parsers import ChoiceParser, ToolCall
+from vlmdeploy.serve.tools import ToolPlan, plan_tools
 
 
 async def _parse(request: Request, state: ServerState) -> tuple[Any, list[Any], dict | None]:
     req = await read_request(request, state, ChatCompletionRequest, prompt_field="messages")
     check_chat_request(req, state.pipe.session_len)
+    plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls,
+                      state.config.tool_call_parser, state.max_prompt_chars)
     messages = parse_messages(req.messages, state.config.max_images_per_request)
-    check_text(messages=messages, stop=req.stop)
-    return req, [messages], template_kwargs(req.chat_template_kwargs)
+    check_text(messages=messages, stop=req.stop, tools=plan.tools)
+    req.tool_plan = plan
+    if plan.skip_special_tokens is not None:
+        req.skip_special_tokens = plan.skip_special_tokens
+    kwargs = {**(template_kwargs(req.chat_template_kwargs) or {}), **plan.template_kwargs}
+    return req, [messages], kwargs or None
 
 
 def _enable_thinking(req: ChatCompletionRequest) -> bool | None:
     return (req.chat_template_kwargs or {}).get("enable_thinking")
 
 
+def _choice_parser(state: ServerState, req: ChatCompletionRequest) -> ChoiceParser:
+    plan: ToolPlan = req.tool_plan
+    return ChoiceParser(state.splitter(_enable_thinking(req)), plan.new_parser(), plan.prefix)
+
+
+def _reasoning_shown(state: ServerState, parser: ChoiceParser) -> bool:
+    return parser.splitter is not None or (
+        parser.tools is not None and parser.tools.handles_reasoning) or (
+        state.config.reasoning_parser is not None)
+
+
+def _finish(reason: str | None, calls: bool) -> str | None:
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
 def _body(state: ServerState, job: Job, results: list[ChoiceResult]) -> dict[str, Any]:
     req: ChatCompletionRequest = job.req
+    plan: ToolPlan = req.tool_plan
     choices = []
     for r in results:
-        splitter = state.splitter(_enable_thinking(req))
-        message: dict[str, Any] = {"role": "assistant", "content": r.text}
-        if splitter is not None:
-            message["reasoning_content"], message["content"] = split_all(splitter, r.text)
+        parser = _choice_parser(state, req)
+        parsed = parser.parse_all(r.text)
+        calls = plan.check(parsed.calls) if parser.tools is not None else []
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+        if _reasoning_shown(state, parser):
+            message["reasoning_content"] = message["reasoning"] = parsed.reasoning or None
+        if calls:
+            message["content"] = parsed.content or None
+            message["tool_calls"] = [c.openai() for c in calls]
         logprobs = None
         if req.logprobs and r.logprobs is not None:
             logprobs = chat_logprobs(state.pipe.tokenizer, r.token_ids, r.logprobs,
                                      req.top_logprobs or 0)
         choice = {"index": r.index, "message": message, "logprobs": logprobs,
-                  "finish_reason": r.finish_reason}
+                  "finish_reason": _finish(r.finish_reason, bool(calls))}
         if req.return_token_ids:
             choice["token_ids"] = r.token_ids
         choices.append(choice)
@@ -72,8 +105,10 @@ class _ChunkWriter:
         self.head = {"id": job.id, "object": "chat.completion.chunk", "created": job.created,
                      "model": state.model_name}
         self.tail = {"usage": None} if self.req.include_usage else {}
-        self.splitters: list[ReasoningSplitter | None] = [
-            state.splitter(_enable_thinking(self.req)) for _ in job.prepared]
+        self.plan: ToolPlan = self.req.tool_plan
+        self.parsers = [_choice_parser(state, self.req) for _ in job.prepared]
+        self.reasoning = [_reasoning_shown(state, p) for p in self.parsers]
+        self.calls = [0] * len(job.prepared)
 
     def frame(self, index: int, delta: dict[str, Any], finish: str | None = None,
               logprobs: Any = None, token_ids: list[int] | None = None) -> bytes:
@@ -83,12 +118,16 @@ class _ChunkWriter:
         return sse({**self.head, "choices": [choice], **self.tail})
 
     def frames(self, index: int, d: Delta) -> list[bytes]:
-        reasoning, content = self._split(index, d.text, d.finish_reason is not None)
+        parser = self.parsers[index]
+        parsed = parser.feed(d.text, last=d.finish_reason is not None)
         delta: dict[str, Any] = {}
-        if content:
-            delta["content"] = content
-        if reasoning:
-            delta["reasoning_content"] = reasoning
+        if parsed.content:
+            delta["content"] = parsed.content
+        if parsed.reasoning and self.reasoning[index]:
+            delta["reasoning_content"] = delta["reasoning"] = parsed.reasoning
+        calls = self._calls(index, parsed.calls)
+        if d.finish_reason is not None and parser.tools is not None:
+            self.plan.check(parser.calls)  # a forced call that did not come: an error event
         logprobs = None
         if self.req.logprobs and d.logprobs:
             logprobs = chat_logprobs(self.state.pipe.tokenizer, d.token_ids, d.logprobs,
@@ -96,19 +135,26 @@ class _ChunkWriter:
         ids = d.token_ids if self.req.return_token_ids and d.token_ids else None
         out = [self.frame(index, delta, logprobs=logprobs, token_ids=ids)] if (
             delta or logprobs or ids) else []
+        out += calls
         if d.finish_reason is not None:
-            out.append(self.frame(index, {}, finish=d.finish_reason))
+            out.append(self.frame(index, {}, finish=_finish(d.finish_reason,
+                                                            self.calls[index] > 0)))
         return out
 
-    def _split(self, index: int, text: str, last: bool) -> tuple[str, str]:
-        splitter = self.splitters[index]
-        if splitter is None:
-            return "", text
-        reasoning, content = splitter.feed(text)
-        if last:
-            r, c = splitter.flush()
-            reasoning, content = reasoning + r, content + c
-        return reasoning, content
+    def _calls(self, index: int, calls: list[ToolCall]) -> list[bytes]:
+        """Each call as OpenAI streams it: its id, type and name with empty arguments, then the
+        arguments."""
+        out = []
+        for call in calls:
+            if not self.plan.parallel and self.calls[index]:
+                break
+            n, self.calls[index] = self.calls[index], self.calls[index] + 1
+            head = {"index": n, "id": call.id, "type": "function",
+                    "function": {"name": call.name, "arguments": ""}}
+            out.append(self.frame(index, {"tool_calls": [head]}))
+            out.append(self.frame(index, {"tool_calls": [
+                {"index": n, "function": {"arguments": call.arguments}}]}))
+        return out
 
 
 async def _events(state: ServerState, job: Job) -> AsyncGenerator[bytes, None]:

@@ -1,19 +1,21 @@
 """Validation of chat `messages`: roles, content and content parts, each error naming its exact
-
 place.
+
 The result is the normalized OpenAI-style list the pipeline's `prepare` takes: `developer` becomes
 `system`, unknown message keys are dropped, and an image part keeps only `url`, `detail` and
-`max_dynamic_patch`. Fetching and decoding images is not done here; `prepare` does it, before any
-engine work.
+`max_dynamic_patch`. An assistant message keeps its `tool_calls` (its content may then be null) and
+a `tool` message its `tool_call_id`, its content flattened to text. Fetching and decoding images is
+not done here; `prepare` does it, before any engine work.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from vlmdeploy.serve.errors import APIError, invalid
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 DETAILS = ("auto", "low", "medium", "high")
 MAX_DYNAMIC_PATCH = 64
 
@@ -82,6 +84,28 @@ def _content(content: Any, param: str, role: str) -> str | list[dict[str, Any]]:
     return [_part(part, f"{param}[{j}]", role) for j, part in enumerate(content)]
 
 
+def _tool_call(call: Any, param: str) -> dict[str, Any]:
+    """An earlier assistant turn's call, as OpenAI shapes it (`arguments` a JSON string)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise invalid(f"{param} must be {{'type': 'function', 'function': {{'name': ..., "
+                      "'arguments': ...}}.", param=f"{param}.function")
+    args = fn.get("arguments", "{}")
+    if isinstance(args, dict):
+        args = json.dumps(args, ensure_ascii=False)
+    if not isinstance(args, str):
+        raise invalid(f"{param}.function.arguments must be a JSON string.",
+                      param=f"{param}.function.arguments")
+    out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
+
+
+def _text_only(content: str | list[dict[str, Any]]) -> str:
+    return content if isinstance(content, str) else "".join(p["text"] for p in content)
+
+
 def _message(message: Any, param: str) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise invalid(f"{param} must be an object.", param=param)
@@ -91,8 +115,23 @@ def _message(message: Any, param: str) -> dict[str, Any]:
     if role not in ROLES:
         raise invalid(f"{param}.role must be one of {', '.join(ROLES)}.", param=f"{param}.role",
                       code="invalid_value")
-    content = _content(message.get("content"), f"{param}.content", role)
-    return {"role": "system" if role == "developer" else role, "content": content}
+    calls = message.get("tool_calls") if role == "assistant" else None
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise invalid(f"{param}.tool_calls must be a list.", param=f"{param}.tool_calls")
+        calls = [_tool_call(c, f"{param}.tool_calls[{j}]") for j, c in enumerate(calls)]
+    raw = message.get("content")
+    if raw is None and calls:  # an assistant turn that only called tools
+        raw = ""
+    content = _content(raw, f"{param}.content", role)
+    out: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+    if calls:
+        out["tool_calls"] = calls
+    if role == "tool":
+        out["content"] = _text_only(content)
+        if isinstance(message.get("tool_call_id"), str):
+            out["tool_call_id"] = message["tool_call_id"]
+    return out
 
 
 def parse_messages(messages: list[Any], max_images: int) -> list[dict[str, Any]]:

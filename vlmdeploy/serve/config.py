@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vlmdeploy.serve.reasoning import REASONING_PARSERS
+from vlmdeploy.serve.tool_parsers import TOOL_PARSERS, check_tool_parser
 
-LogLevel = Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"]
+LogLevel = Literal["CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NOTSET"]
 
 
 def _flag(default: object, help: str) -> Any:
@@ -19,6 +20,7 @@ def _flag(default: object, help: str) -> Any:
 
 
 _PARSERS = ", ".join(REASONING_PARSERS)
+_TOOL_PARSERS = ", ".join(TOOL_PARSERS)
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,26 @@ class ServerConfig:
     backend: Literal["pytorch", "turbomind"] = _flag(
         "pytorch", "inference backend; turbomind is accepted and runs the PyTorch engine")
     model_name: str | None = _flag(None, "served model name (default: the model directory's name)")
-    api_keys: tuple[str, ...] | None = _flag(
-        None, "accepted bearer keys, space separated; required on all routes but /health")
+    api_keys: tuple[str, ...] | None = field(default=None, metadata={
+        "nargs": "*", "help": "accepted bearer keys, space separated; required on all routes but "
+        "/health and /metrics (see --protect-metrics)"})
     allow_origins: tuple[str, ...] | None = _flag(None, "CORS allowed origins (default: CORS off)")
+    allow_credentials: bool = _flag(False, "CORS: allow credentials")
+    allow_methods: tuple[str, ...] = _flag(("GET", "POST"), "CORS: allowed methods")
+    allow_headers: tuple[str, ...] = _flag(("*",), "CORS: allowed headers")
     max_concurrent_requests: int | None = _flag(
-        1024, "generation requests in flight before answering 429 rate_limit_exceeded")
+        1024, "generation requests in flight; more wait for a slot, in arrival order, as with "
+        "LMDeploy (default: %(default)s)")
+    max_queued_requests: int = _flag(
+        4096, "requests waiting for a slot; beyond, 429 rate_limit_exceeded (default: "
+        "%(default)s)")
+    ssl: bool = _flag(False, "serve HTTPS with the key and certificate files named by the "
+                      "SSL_KEYFILE and SSL_CERTFILE environment variables (as LMDeploy)")
+    disable_fastapi_docs: bool = _flag(False, "serve no /docs and no /openapi.json")
+    disable_metrics: bool = _flag(False, "serve no /metrics")
+    protect_metrics: bool = _flag(
+        False, "require the --api-keys on /metrics too (default: /metrics is open, as vLLM's, "
+        "and holds only counts and timings)")
     allowed_media_domains: tuple[str, ...] | None = _flag(
         None, "fetch image URLs only from these domains (default: any public host)")
     allowed_local_media_path: str | None = _flag(
@@ -43,6 +60,9 @@ class ServerConfig:
         32, "images one request may carry (400 beyond, before any image is fetched)")
     reasoning_parser: str | None = _flag(
         None, f"split <think>...</think> into reasoning_content; one of: {_PARSERS}")
+    tool_call_parser: str | None = _flag(
+        None, f"parse tool calls out of answers to requests with tools; one of: {_TOOL_PARSERS} "
+        "(qwen3 for InternVL3.5, gpt-oss for its GPT-OSS model)")
     log_level: LogLevel = _flag("WARNING", "log level")
     max_body_bytes: int = _flag(64 << 20, "largest request body accepted, in bytes (413 beyond)")
     max_prompt_chars: int | None = _flag(
@@ -64,9 +84,14 @@ class ServerConfig:
             raise ValueError("server_port must be in 1..65535")
         if self.max_concurrent_requests is not None and self.max_concurrent_requests < 1:
             raise ValueError("max_concurrent_requests must be >= 1")
+        if self.max_queued_requests < 0:
+            raise ValueError("max_queued_requests must be >= 0")
+        if self.protect_metrics and not self.api_keys:
+            raise ValueError("--protect-metrics needs --api-keys")
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}; "
                              f"choose from {', '.join(REASONING_PARSERS)}")
+        check_tool_parser(self.tool_call_parser)
         if self.max_images_per_request < 0:
             raise ValueError("max_images_per_request must be >= 0")
         if self.max_body_bytes < 1024:

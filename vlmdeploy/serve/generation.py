@@ -72,7 +72,8 @@ async def run_choice(
 ) -> AsyncIterator[Delta]:
     """Deltas of one engine request; the last one has `finish_reason` and the token counts."""
     matcher = StopMatcher(stops)
-    finished, first_token_at, last = False, None, None
+    finished, first_token_at, last, reason = False, None, None, None
+    started = time.monotonic()
     stream = pipe.generate_prepared(prepared, session_id)
     try:
         async for out in stream:
@@ -92,13 +93,18 @@ async def run_choice(
                 break
         else:  # the engine ended the stream without a reason: report it as aborted
             if last is not None:
-                finished = True
+                finished, reason = True, "abort"
                 yield _delta(last, matcher.flush(), "abort", with_ids=False)
     finally:  # synchronous work first: under cancellation, the await below may be interrupted
         if not finished:
             _abort(pipe, session_id)
         if last is not None:
-            metrics.observe(arrival, first_token_at, last.input_token_len, last.generate_token_len)
+            requested = getattr(getattr(prepared, "gen_config", None), "max_new_tokens", None)
+            metrics.observe(arrival, first_token_at, last.input_token_len, last.generate_token_len,
+                            started=started, finish_reason=reason or "abort",
+                            max_tokens=requested or max(pipe.session_len - last.input_token_len,
+                                                        0),
+                            requested_max_tokens=requested)
         await stream.aclose()
 
 

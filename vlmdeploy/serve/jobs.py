@@ -8,9 +8,9 @@ admission, and `pipe.prepare` (image fetch/decode, chat template, tokenization, 
 check). A streaming client therefore gets a plain HTTP error, never a 200 followed by an error
 frame, for anything wrong with its input.
 
-A request is admitted (takes one of `max_concurrent_requests` slots) only once its body has been
-read and validated: clients that open connections and send nothing, or send slowly, never make
-real requests wait or get 429.
+A request is admitted (takes one of `max_concurrent_requests` slots, waiting for one in arrival
+order when all are taken) only once its body has been read and validated: clients that open
+connections and send nothing, or send slowly, never make real requests wait or get 429.
 """
 
 from __future__ import annotations
@@ -171,7 +171,9 @@ async def handle(request: Request, route: Route) -> Response:
     slot = None
     try:
         req, prompts, kwargs = await route.parse(request, state)
-        slot = state.admission.enter()
+        slot = state.admission.try_enter()
+        if slot is None:  # all slots taken: wait for one, unless the client leaves first
+            slot = await until_disconnected(request, state.admission.wait(), state.closing)
         job = await until_disconnected(request, prepare_job(
             state, req, prompts, kwargs, route.id_prefix, route.raw_prompts), state.closing)
         if req.stream:

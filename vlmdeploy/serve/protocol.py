@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -111,9 +112,20 @@ class ChatCompletionRequest(SamplingParams):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     chat_template_kwargs: dict[str, Any] | None = None
-    # accepted for the one value that means "nothing special"; anything else is refused
+    # validated by vlmdeploy.serve.tools (exact params)
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    _tool_plan: Any = PrivateAttr(None)  # set by the route (vlmdeploy.serve.tools)
+
+    @property
+    def tool_plan(self) -> Any:
+        return self._tool_plan
+
+    @tool_plan.setter
+    def tool_plan(self, plan: Any) -> None:
+        self._tool_plan = plan
+    # accepted for the one value that means "nothing special"; anything else is refused
     response_format: dict[str, Any] | None = None
     chat_template: str | None = None
     prompt_logprobs: int | None = None

@@ -23,10 +23,13 @@ REASONING_PARSERS: dict[str, bool] = {
     "deepseek-v3": False,
     "deepseek-r1": True,
     "qwen-qwq": True,
+    "deepseek-v32": False,
+    "deepseek-v3.2": False,
+    "deepseek-v4": False,
 }
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest proper prefix of `tag` that `text` ends with."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:k]):
@@ -81,7 +84,7 @@ class ReasoningSplitter:
             self._buf = self._buf[idx + len(CLOSE_TAG):]
             self._in_reasoning, self._closed, self._at_block_start = False, True, True
             return True
-        keep = _partial_suffix(self._buf, CLOSE_TAG)
+        keep = partial_suffix(self._buf, CLOSE_TAG)
         out.append(self._emit(self._buf[:len(self._buf) - keep]))
         self._buf = self._buf[len(self._buf) - keep:]
         return False
@@ -93,7 +96,7 @@ class ReasoningSplitter:
             self._buf = self._buf[idx + len(OPEN_TAG):]
             self._in_reasoning, self._at_block_start = True, True
             return True
-        keep = _partial_suffix(self._buf, OPEN_TAG)
+        keep = partial_suffix(self._buf, OPEN_TAG)
         out.append(self._emit(self._buf[:len(self._buf) - keep]))
         self._buf = self._buf[len(self._buf) - keep:]
         return False

@@ -35,10 +35,6 @@ def _unsupported(param: str, what: str) -> APIError:
 
 def check_chat_request(req: ChatCompletionRequest, session_len: int | None = None) -> None:
     """Refuse the chat parameters we do not implement (CVE-class inputs included)."""
-    if req.tools:
-        raise _unsupported("tools", "Tool calling")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise _unsupported("tool_choice", "tool_choice")
     if req.response_format is not None and req.response_format.get("type") != "text":
         raise _unsupported("response_format", "Structured output (response_format)")
     if req.chat_template is not None:

@@ -71,13 +71,27 @@ class ChatLogprobs(_Strict):
     content: list[TokenLogprob]
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str = Field(description="a JSON object, as text")
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(_Strict):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="null when the answer is only tool calls")
     reasoning_content: str | None = Field(None, description="with --reasoning-parser")
+    reasoning: str | None = Field(None, description="the same as reasoning_content (vLLM's name)")
+    tool_calls: list[ToolCall] | None = Field(None, description="with tools and "
+                                              "--tool-call-parser")
 
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class ChatChoice(_Strict):
@@ -146,12 +160,19 @@ _IMAGE_PART = {
 }
 _CONTENT: dict[str, Any] = {"anyOf": [
     _TEXT, {"type": "array", "minItems": 1, "items": {"anyOf": [_TEXT_PART, _IMAGE_PART]}}]}
+_TOOL_CALLS = {"type": "array", "items": {
+    "type": "object", "required": ["type", "function"],
+    "properties": {"id": _TEXT, "type": {"const": "function"},
+                   "function": {"type": "object", "required": ["name", "arguments"],
+                                "properties": {"name": _TEXT, "arguments": _TEXT}}}}}
 MESSAGES_SCHEMA: dict[str, Any] = {
     "type": "array", "minItems": 1,
     "items": {
-        "type": "object", "required": ["role", "content"],
-        "properties": {"role": {"enum": ["system", "developer", "user", "assistant"]},
-                       "content": _CONTENT},
-        "description": "images only in user messages",
+        "type": "object", "required": ["role"],
+        "properties": {"role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+                       "content": {"anyOf": [_CONTENT, {"type": "null"}]},
+                       "tool_calls": _TOOL_CALLS, "tool_call_id": _TEXT},
+        "description": "images only in user messages; content is required but for an assistant "
+                       "message with tool_calls",
     },
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -26,14 +27,34 @@ from vlmdeploy.serve.shutdown import SHUTDOWN_MARGIN_S
 logger = logging.getLogger("vlmdeploy.serve")
 
 
+# Python's level aliases that uvicorn does not know
+_UVICORN_LEVEL = {"FATAL": "critical", "WARN": "warning", "NOTSET": "debug"}
+
+
+def ssl_files(config: ServerConfig) -> dict[str, str]:
+    """`--ssl`: the key and certificate files named by SSL_KEYFILE and SSL_CERTFILE (LMDeploy's
+    variables)."""
+    if not config.ssl:
+        return {}
+    files = {name: os.environ.get(var) for name, var in
+             (("ssl_keyfile", "SSL_KEYFILE"), ("ssl_certfile", "SSL_CERTFILE"))}
+    missing = [var for var, value in zip(("SSL_KEYFILE", "SSL_CERTFILE"), files.values())
+               if not value]
+    if missing:
+        raise ValueError(f"--ssl needs the environment variables {' and '.join(missing)}")
+    return files  # type: ignore[return-value]
+
+
 def uvicorn_config(app: Any, config: ServerConfig, port: int | None = None) -> uvicorn.Config:
     protocol = header_deadline_protocol(config.header_timeout_s, config.max_connections,
                                         config.max_connections_per_client)
     return uvicorn.Config(
         app, host=config.server_name, port=config.server_port if port is None else port,
-        http=protocol, ws="none", lifespan="on", log_level=config.log_level.lower(),
+        http=protocol, ws="none", lifespan="on", log_level=_UVICORN_LEVEL.get(
+            config.log_level, config.log_level.lower()),
         timeout_keep_alive=5, access_log=False, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-        timeout_graceful_shutdown=config.shutdown_timeout + SHUTDOWN_MARGIN_S)
+        timeout_graceful_shutdown=config.shutdown_timeout + SHUTDOWN_MARGIN_S,
+        **ssl_files(config))
 
 
 class _Server(uvicorn.Server):

@@ -4,6 +4,7 @@ shutdown stage (:mod:`vlmdeploy.serve.shutdown`)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,24 +31,55 @@ class Slot:
 
     def release(self) -> None:
         if self._admission is not None:
-            self._admission.in_flight -= 1
+            self._admission.release()
             self._admission = None
 
 
 class Admission:
-    """Bounds generation requests in flight; a full server answers 429 at once instead of queueing
-    without limit (the SDKs back off on 429 and `Retry-After`)."""
+    """Bounds generation requests in flight. Beyond `limit`, requests wait for a slot in arrival
+    order (LMDeploy's `--max-concurrent-requests` semantics); beyond `max_waiting` waiting ones, a
+    request is answered 429 at once (the SDKs back off on 429 and `Retry-After`). A slot freed
+    goes straight to the longest-waiting request."""
 
-    def __init__(self, limit: int | None):
+    def __init__(self, limit: int | None, max_waiting: int = 0):
         self.limit = limit
+        self.max_waiting = max_waiting
         self.in_flight = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
-    def enter(self) -> Slot:
-        if self.limit is not None and self.in_flight >= self.limit:
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def try_enter(self) -> Slot | None:
+        """A slot now, or None if the request must wait (429 if it may not)."""
+        if self.limit is None or (self.in_flight < self.limit and not self.waiting):
+            self.in_flight += 1
+            return Slot(self)
+        if self.waiting >= self.max_waiting:
             raise APIError(429, "The server is handling too many requests; retry shortly.",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"})
-        self.in_flight += 1
+        return None
+
+    async def wait(self) -> Slot:
+        """Wait for a slot (after `try_enter` said so). Cancelled, it takes none."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():  # handed a slot as it was cancelled
+                self.release()
+            else:
+                self._waiters.remove(waiter)
+            raise
         return Slot(self)
+
+    def release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set_result(None)  # the slot passes on; in_flight stays
+        else:
+            self.in_flight -= 1
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import http.client
 import io
+import re
 import socket
 import ssl
 import threading
@@ -176,9 +177,27 @@ def fetch_http(url: str, policy: MediaPolicy, cancel: threading.Event | None = N
         raise
     except TimeoutError:
         raise fail("image_fetch_timeout", MSG_TIMEOUT) from None
-    except (OSError, http.client.HTTPException, ValueError):
-        raise fail("invalid_image_url", MSG_FETCH) from None
-    raise fail("invalid_image_url", MSG_URL)  # too many redirects
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise fail("invalid_image_url", MSG_FETCH, _reason(exc)) from None
+    raise fail("invalid_image_url", MSG_URL, f"more than {policy.max_redirects} redirects")
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a transfer failed, in a fixed phrase (never the library's text, which may hold
+    addresses)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "the connection was refused"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError):
+        return "the connection was closed by the server"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "the server's TLS certificate could not be verified"
+    if isinstance(exc, ssl.SSLError):
+        return "the TLS handshake failed"
+    if isinstance(exc, socket.gaierror):
+        return "the host name could not be resolved"
+    if isinstance(exc, http.client.HTTPException):
+        return "the server's answer is not valid HTTP"
+    return "a network error"
 
 
 def _request(
@@ -200,7 +219,7 @@ def _request(
         if response.status in _REDIRECTS:
             location = response.getheader("Location")
             if not location:
-                raise fail("invalid_image_url", MSG_FETCH)
+                raise fail("invalid_image_url", MSG_FETCH, "a redirect without a Location")
             return b"", location
         _check_response(response, policy)
         return _read_capped(response, policy.max_bytes), None
@@ -208,16 +227,22 @@ def _request(
         conn.close()
 
 
+_MEDIA_TYPE = re.compile(r"[a-z0-9.+-]{1,40}/[a-z0-9.+-]{1,60}")
+
+
 def _check_response(response: http.client.HTTPResponse, policy: MediaPolicy) -> None:
     if not 200 <= response.status < 300:
-        raise fail("invalid_image_url", MSG_FETCH)
+        raise fail("invalid_image_url", MSG_FETCH, f"the server answered HTTP {response.status}")
     encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
     transfer = (response.getheader("Transfer-Encoding") or "").strip().lower()
     if encoding != "identity" or transfer not in ("", "chunked"):  # no decompression (bombs)
-        raise fail("invalid_image_url", MSG_FETCH)
+        raise fail("invalid_image_url", MSG_FETCH,
+                   "the answer is compressed (Content-Encoding), which is not accepted")
     ctype = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
     if ctype and not ctype.startswith("image/") and ctype not in _OPAQUE_TYPES:
-        raise fail("invalid_image_url", MSG_FETCH)  # e.g. an HTML error page
+        shown = ctype if _MEDIA_TYPE.fullmatch(ctype) else "not an image type"
+        raise fail("invalid_image_url", MSG_FETCH,  # e.g. an HTML error page
+                   f"the answer is {shown}, not an image")
     length = response.getheader("Content-Length") or ""
     if length.isdigit() and int(length) > policy.max_bytes:
         raise fail("image_too_large", MSG_TOO_LARGE)
@@ -239,5 +264,6 @@ def _read_capped(response: http.client.HTTPResponse, max_bytes: int) -> bytes:
     if total > max_bytes:
         raise fail("image_too_large", MSG_TOO_LARGE)
     if response.length:  # the server closed before sending all it announced
-        raise fail("invalid_image_url", MSG_FETCH)
+        raise fail("invalid_image_url", MSG_FETCH,
+                   "the server closed the connection before the whole image arrived")
     return b"".join(chunks)

@@ -3,9 +3,10 @@ messages of the refusals.
 
 Every refusal is a ``vlmdeploy.errors.ImageError`` with a stable ``code`` (what clients branch on)
 and one of the messages below, which never contain the input, a path, an address or a library's
-text. :mod:`vlmdeploy.vl.media` (local and inline sources, decoding), :mod:`vlmdeploy.vl.ssrf`
-(which URLs and addresses may be fetched) and :mod:`vlmdeploy.vl.fetch` (the HTTP transfer) all
-enforce the one policy.
+text; a fetch that fails says why after it, in a fixed phrase ("the server answered HTTP 404",
+"the host name could not be resolved", ...). :mod:`vlmdeploy.vl.media` (local and inline
+sources, decoding), :mod:`vlmdeploy.vl.ssrf` (which URLs and addresses may be fetched) and
+:mod:`vlmdeploy.vl.fetch` (the HTTP transfer) all enforce the one policy.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ MSG_TIMEOUT = "Fetching the image timed out."
 MSG_CANCELLED = "The request was cancelled."
 
 
-def fail(code: str, message: str) -> ImageError:
+def fail(code: str, message: str, reason: str | None = None) -> ImageError:
+    """The refusal; ``reason`` (one of a fixed set of phrases, never the input) says why, in
+    the message: "The image could not be fetched from its URL: the server answered HTTP 404."."""
+    if reason:
+        message = f"{message.rstrip('.')}: {reason}."
     return ImageError(message, code=code)
 
 

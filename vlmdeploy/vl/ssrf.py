@@ -194,7 +194,7 @@ def check_host_allowed(target: Target, policy: MediaPolicy) -> None:
         target.host == d or (target.address is None and target.host.endswith("." + d))
         for d in domains
     ):
-        raise fail("invalid_image_url", MSG_URL)
+        raise fail("invalid_image_url", MSG_URL, "the host is not an allowed media domain")
 
 
 def checked_addresses(target: Target, policy: MediaPolicy, deadline: float) -> list[str]:
@@ -209,9 +209,10 @@ def checked_addresses(target: Target, policy: MediaPolicy, deadline: float) -> l
         except (TypeError, ValueError):  # e.g. scoped link-local 'fe80::1%eth0'
             raise fail("invalid_image_url", MSG_URL) from None
     if not addresses:
-        raise fail("invalid_image_url", MSG_FETCH)
+        raise fail("invalid_image_url", MSG_FETCH, "the host name could not be resolved")
     if not policy.allow_private_networks and not all(map(is_public_address, addresses)):
-        raise fail("invalid_image_url", MSG_URL)
+        raise fail("invalid_image_url", MSG_URL,
+                   "the host is a private, loopback or reserved address")
     return [str(a) for a in addresses]
 
 
@@ -237,7 +238,7 @@ def _call_before(deadline: float, fn: Callable, *args):
         raise fail("image_fetch_timeout", MSG_TIMEOUT)
     ok, value = result[0]
     if not ok:
-        raise fail("invalid_image_url", MSG_FETCH)
+        raise fail("invalid_image_url", MSG_FETCH, "the host name could not be resolved")
     return value
 
 
