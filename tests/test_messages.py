@@ -238,7 +238,6 @@ def test_unknown_field_is_a_type_error():
 
 GEN_UNIMPLEMENTED = {
     "n": 2,
-    "response_format": {"type": "json_object"},
     "logits_processors": [lambda ids, logits: logits],
     "output_logits": "all",
     "output_last_hidden_state": "generation",

@@ -86,7 +86,6 @@ class GenerationConfig:
 
     _UNIMPLEMENTED = {
         "n": 1,  # LMDeploy's pipeline serves one choice too; the HTTP server fans out ``n``
-        "response_format": None,
         "logits_processors": None,
         "output_logits": None,
         "output_last_hidden_state": None,

@@ -164,12 +164,39 @@ def test_p15_tools_are_refused(client):
     assert client.post(URL, json=chat(tool_choice="none")).status_code == 200
 
 
-@pytest.mark.parametrize("fmt", [{"type": "json_object"},
-                                 {"type": "json_schema", "json_schema": {"pattern": "(a+)+$"}},
-                                 {"type": "regex", "regex": "(a|a)*"}])
-def test_p16_structured_output_is_refused(client, fmt):
-    assert_error(client.post(URL, json=chat(response_format=fmt)), 400, "unsupported_parameter",
-                 "response_format")
+def _guided_json(schema):
+    return {"type": "json_schema", "json_schema": {"name": "guided_json", "schema": schema}}
+
+
+@pytest.mark.parametrize("body, want", [
+    ({"response_format": {"type": "json_object"}}, {"type": "json_object"}),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}},
+     {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}),
+    ({"guided_json": {"type": "object"}}, _guided_json({"type": "object"})),
+    ({"guided_json": '{"type": "integer"}'}, _guided_json({"type": "integer"})),
+    ({"guided_regex": "[0-9]+"}, {"type": "regex_schema", "regex_schema": "[0-9]+"}),
+    ({"guided_choice": ["yes", "no"]}, {"type": "choice", "choice": ["yes", "no"]}),
+    ({"guided_choice": ["yes"], "guided_decoding_backend": "xgrammar"},
+     {"type": "choice", "choice": ["yes"]}),
+])
+def test_p16_structured_output_reaches_the_generation_config(client, fake, body, want):
+    assert client.post(URL, json=chat(**body)).status_code == 200
+    assert fake.prepared[-1].gen_config.response_format == want
+
+
+@pytest.mark.parametrize("body, param, code", [
+    ({"response_format": {"type": "regex", "regex": "(a|a)*"}}, "response_format", None),
+    ({"guided_grammar": "root ::= 'a'"}, "guided_grammar", "unsupported_parameter"),
+    ({"structured_outputs": {"json": {}}}, "structured_outputs", "unsupported_parameter"),
+    ({"guided_json": "{not json"}, "guided_json", None),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, None, None),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex", None),
+])
+def test_p16_structured_output_that_cannot_be_honoured_is_a_400(client, fake, body, param, code):
+    error = assert_error(client.post(URL, json=chat(**body)), 400, code)
+    if param is not None:
+        assert error["param"] == param
+    assert fake.prepared == []
 
 
 def test_p16_text_response_format_is_fine(client):
@@ -192,10 +219,10 @@ def test_p17_chat_template_and_kwargs_allowlist(client, fake):
 
 def test_p18_unknown_fields_are_ignored_logged_and_never_forwarded(client, fake, caplog):
     caplog.set_level(logging.INFO, logger="vlmdeploy.serve")
-    body = chat(secret_knob="do-not-forward-me", guided_json={"x": 1})
+    body = chat(secret_knob="do-not-forward-me", other_knob={"x": 1})
     assert client.post(URL, json=body).status_code == 200
     text = caplog.text
-    assert "secret_knob" in text and "guided_json" in text
+    assert "secret_knob" in text and "other_knob" in text
     assert "do-not-forward-me" not in text
     prepared = fake.prepared[-1]
     assert prepared.extra == {"do_preprocess": True} and prepared.chat_template_kwargs is None

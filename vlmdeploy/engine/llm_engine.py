@@ -51,7 +51,7 @@ class _InFlight:
 
     result: SampleResult
     rows: list[tuple[Sequence, int, bool]]
-    wait_for_it: bool  # the next step needs these tokens on the host (penalised sampling)
+    wait_for_it: bool  # the next step needs these tokens on the host (penalties, grammars)
 
 
 class LLMEngine:
@@ -251,7 +251,7 @@ class LLMEngine:
             [s.num_output for s in sampled],
         )
         self.executor.share_tokens(result.tokens)
-        flight = _InFlight(result, [], any(s.sampling.penalised for s in sampled))
+        flight = _InFlight(result, [], any(s.sampling.needs_last_token for s in sampled))
         for row, seq in enumerate(sampled):
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
@@ -275,6 +275,10 @@ class LLMEngine:
             if token == NON_FINITE:
                 message = "the model produced non-finite logits (NaN or inf) for this request"
                 outputs.append(self._fail(seq, message))
+                continue
+            guide = seq.sampling.guide
+            if guide is not None and not guide.advance(token):
+                outputs.append(self._fail(seq, "the output left its response_format's grammar"))
                 continue
             seq.num_pending -= 1
             seq.token_ids[index] = token

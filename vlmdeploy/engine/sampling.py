@@ -10,6 +10,7 @@ batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +34,9 @@ class SamplingParams:
     bad_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None
     generator: torch.Generator | None = field(default=None, repr=False)
+    # Structured output: the request's grammar state (vlmdeploy.frontend.guided.Guide), which
+    # fills the mask of allowed tokens and advances with each token read.
+    guide: Any = field(default=None, repr=False)
 
     @property
     def penalised(self) -> bool:
@@ -41,6 +45,12 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+    @property
+    def needs_last_token(self) -> bool:
+        """The next step's sampling reads this step's token on the host (the penalties' history,
+        the grammar's state), so the engine reads the step before it launches the next."""
+        return self.penalised or self.guide is not None
 
 
 def _apply_penalties(logits: torch.Tensor, p: SamplingParams, history: list[int]) -> None:
@@ -88,6 +98,25 @@ def _mask_tokens(logits: torch.Tensor, p: SamplingParams, num_output: int) -> No
         banned += [t for t in p.stop_token_ids if 0 <= t < vocab]
     if banned:
         logits[h2d(banned, torch.long, logits.device)] = float("-inf")
+
+
+def _apply_guides(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+    """Tokens a row's grammar does not allow next get -inf: the masks of all guided rows are
+    filled on the host as one int32 bitmask and applied in one pass on the device."""
+    rows = [i for i, p in enumerate(params) if p.guide is not None]
+    if not rows:
+        return
+    vocab = logits.shape[-1]
+    words = (vocab + 31) // 32
+    bitmask = torch.zeros(len(rows), words, dtype=torch.int32)
+    for r, i in enumerate(rows):
+        params[i].guide.fill(bitmask, r)
+    dev = logits.device
+    shifts = torch.arange(32, device=dev, dtype=torch.int32)
+    bits = h2d(bitmask, torch.int32, dev)[:, :, None] >> shifts
+    allowed = (bits & 1).bool().flatten(1)[:, :vocab]  # (rows, V)
+    index = h2d(rows, torch.long, dev)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 
 NON_FINITE = -1  # what :meth:`SampleResult.resolve` reports for a row whose logits were NaN or inf
@@ -143,7 +172,9 @@ def sample_async(
     masked = [
         i
         for i, p in enumerate(params)
-        if p.bad_token_ids or (num_outputs[i] < p.min_new_tokens and p.stop_token_ids)
+        if p.bad_token_ids
+        or (num_outputs[i] < p.min_new_tokens and p.stop_token_ids)
+        or p.guide is not None
     ]
     if not masked and all(p.greedy and p.logprobs is None for p in params):
         # The common batch: argmax in the logits' own dtype (widening is exact, so the same
@@ -153,6 +184,7 @@ def sample_async(
     logits = raw.clone() if masked else raw  # copy (B x V) only when a row must be masked
     for i in masked:
         _mask_tokens(logits[i], params[i], num_outputs[i])
+    _apply_guides(logits, params)
     tokens = logits.argmax(-1)  # right for the greedy rows; sampled rows are overwritten below
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:  # all sampled rows together: one sort, one race

@@ -29,6 +29,7 @@ from vlmdeploy.engine.engine_loop import EngineLoop
 from vlmdeploy.engine.io import ImageInput
 from vlmdeploy.engine.sampling import SamplingParams
 from vlmdeploy.errors import ContextLengthExceeded, InvalidRequestError
+from vlmdeploy.frontend.guided import GuidedDecoding
 from vlmdeploy.frontend.images import ImagePreparer, PreparedImage
 from vlmdeploy.frontend.limits import check_encodable, check_prompt_size, default_max_prompt_chars
 from vlmdeploy.frontend.prompt import PromptEncoder, has_images, image_offsets
@@ -84,6 +85,7 @@ class Preparer:
         self.session_len = engine.session_len
         self.max_prompt_chars = max_prompt_chars or default_max_prompt_chars(self.session_len)
         self.tokens_per_tile = model_cfg.tokens_per_tile
+        self.guided = GuidedDecoding(tokenizer.hf, model_cfg.text.vocab_size)
         tiling = TilingParams(
             max_num=model_cfg.max_dynamic_patch,
             min_num=model_cfg.min_dynamic_patch,
@@ -208,6 +210,8 @@ class Preparer:
             stop_token_ids=frozenset(stop),
             bad_token_ids=tuple(self._bad_ids(gen)),
             logprobs=gen.logprobs,
+            # its own grammar state for every request; a grammar's end allows the turn's end
+            guide=self.guided.guide(gen.response_format, frozenset(stop | self.tokenizer.stop_ids)),
         )
 
     def close(self) -> None:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from vlmdeploy.messages import GenerationConfig
@@ -35,8 +36,6 @@ def _unsupported(param: str, what: str) -> APIError:
 
 def check_chat_request(req: ChatCompletionRequest, session_len: int | None = None) -> None:
     """Refuse the chat parameters we do not implement (CVE-class inputs included)."""
-    if req.response_format is not None and req.response_format.get("type") != "text":
-        raise _unsupported("response_format", "Structured output (response_format)")
     if req.chat_template is not None:
         raise _unsupported("chat_template", "A request-supplied chat template")
     if req.top_logprobs is not None and not req.logprobs:
@@ -109,6 +108,7 @@ def generation_config(req: SamplingParams, max_new_tokens: int | None, num_logpr
         min_new_tokens=req.min_tokens or None,
         skip_special_tokens=req.skip_special_tokens,
         logprobs=num_logprobs,
+        response_format=response_format(req),
     )
     for name in ("presence_penalty", "frequency_penalty"):
         if name in _GEN_FIELDS:
@@ -117,3 +117,49 @@ def generation_config(req: SamplingParams, max_new_tokens: int | None, num_logpr
         return GenerationConfig(**kwargs)
     except (ValueError, NotImplementedError) as exc:
         raise invalid(str(exc)) from None
+
+
+# vLLM's and LMDeploy's structured-output fields, as GenerationConfig.response_format shapes.
+_GUIDED = {
+    "guided_json": lambda v: {"type": "json_schema", "json_schema": {"name": "guided_json",
+                                                                     "schema": _schema(v)}},
+    "guided_regex": lambda v: {"type": "regex_schema", "regex_schema": v},
+    "guided_choice": lambda v: {"type": "choice", "choice": v},
+}
+# Fields that would change the output and that this server does not implement: refused.
+_GUIDED_REFUSED = ("guided_grammar", "guided_whitespace_pattern", "structured_outputs")
+_OPENAI_FORMATS = ("text", "json_object", "json_schema", "regex_schema")
+
+
+def _schema(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise invalid("guided_json must be a JSON schema (an object, or its JSON text).",
+                          param="guided_json") from None
+    return value
+
+
+def response_format(req: SamplingParams) -> dict[str, Any] | None:
+    """The request's structured-output format: OpenAI's ``response_format`` (``json_object``,
+    ``json_schema``; LMDeploy's ``regex_schema``) or one of vLLM's ``guided_json``,
+    ``guided_regex``, ``guided_choice``. ``guided_decoding_backend`` is accepted and has no
+    effect (one backend here); a field we cannot honour is a 400."""
+    extra = req.model_extra or {}
+    for name in _GUIDED_REFUSED:
+        if extra.get(name) is not None:
+            raise _unsupported(name, name)
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and fmt.get("type") not in _OPENAI_FORMATS:
+        raise invalid(f"response_format.type must be one of {', '.join(_OPENAI_FORMATS)}.",
+                      param="response_format")
+    if fmt is not None and fmt.get("type") == "text":
+        fmt = None
+    given = [name for name in _GUIDED if extra.get(name) is not None]
+    if len(given) + (fmt is not None) > 1:
+        raise invalid("Give at most one of response_format, guided_json, guided_regex and "
+                      "guided_choice.", param=given[0])
+    if given:
+        return _GUIDED[given[0]](extra[given[0]])
+    return fmt
