@@ -124,3 +124,38 @@ def test_the_sampler_picks_only_allowed_tokens(allowed):
     assert tokens[0] == int(logits[0].argmax())
     assert tokens[1] == max(allowed, key=lambda t: float(logits[1, t]))
     assert tokens[2] in allowed
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                         "unit": {"enum": ["c", "f"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "count_shapes", "parameters": {
+        "type": "object", "properties": {"shape": {"enum": ["circle", "star"]}},
+        "required": ["shape"], "additionalProperties": False}}},
+]
+
+
+@pytest.mark.parametrize("choice", ["required", "get_weather", "count_shapes"])
+def test_a_forced_tool_call_is_always_a_valid_call_of_a_declared_tool(pipe, choice):
+    """The embedded model knows nothing of tools; the grammar alone makes its answer a call."""
+    from fastapi.testclient import TestClient
+
+    from vlmdeploy.serve import ServerConfig, create_app
+
+    client = TestClient(create_app(pipe, ServerConfig(tool_call_parser="qwen3")))
+    tool_choice = choice if choice == "required" else {
+        "type": "function", "function": {"name": choice}}
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for seed in range(3):
+        body = {"model": pipe.model_name, "messages": [{"role": "user", "content": "Weather?"}],
+                "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 96, "seed": seed,
+                "temperature": 1.0}
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        message = response.json()["choices"][0]["message"]
+        (call,) = message["tool_calls"]
+        name = call["function"]["name"]
+        assert name == choice or (choice == "required" and name in schemas)
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[name])

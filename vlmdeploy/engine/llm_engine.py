@@ -152,6 +152,8 @@ class LLMEngine:
         reason = reason or admission.check_images(self.cfg, seq.token_ids, seq.images)
         if reason:
             raise ValueError(reason)
+        if seq.sampling.guide is not None:  # its own grammar state, whoever shares the request
+            seq.sampling.guide = seq.sampling.guide.fork()
         if seq.sampling.seed is not None and not seq.sampling.greedy:
             seq.sampling.generator = torch.Generator(self.cfg.device).manual_seed(seq.sampling.seed)
         seq.arrival = self._arrivals

@@ -11,7 +11,9 @@ OpenAI's ``response_format`` and vLLM's / LMDeploy's ``guided_*`` fields):
 * ``{"type": "regex_schema", "regex_schema": "..."}``: text matching the regular expression
   (LMDeploy's name);
 * ``{"type": "choice", "choice": ["a", "b"]}``: exactly one of the strings (vLLM's
-  ``guided_choice``).
+  ``guided_choice``);
+* ``{"type": "lark", "lark": "..."}``: a grammar in llguidance's Lark dialect (JSON schemas inline
+  with ``%json``): what the server uses to force a tool call's exact shape.
 
 llguidance was chosen over xgrammar: on this project's tokenizers it built masks in about half
 xgrammar's time per token (52 µs against 102 µs for a small JSON schema, CPU), compiled faster,
@@ -36,7 +38,7 @@ CACHE_SIZE = 256
 # JSON without free whitespace between tokens (a schema's own "x-guidance" may ask otherwise):
 # what clients parse is the same, and a model cannot spend its tokens on blanks.
 _JSON_DEFAULTS = {"whitespace_flexible": False}
-_FORMATS = ("text", "json_object", "json_schema", "regex_schema", "choice")
+_FORMATS = ("text", "json_object", "json_schema", "regex_schema", "choice", "lark")
 
 
 def grammar_of(fmt: dict[str, Any] | None) -> str | None:
@@ -74,6 +76,11 @@ def grammar_of(fmt: dict[str, Any] | None) -> str | None:
             if not isinstance(pattern, str):
                 raise InvalidRequestError("regex_schema must be a string", param="response_format")
             return llguidance.LLMatcher.grammar_from_regex(pattern)
+        if kind == "lark":
+            grammar = fmt.get("lark")
+            if not isinstance(grammar, str):
+                raise InvalidRequestError("lark must be a string", param="response_format")
+            return llguidance.LLMatcher.grammar_from_lark(grammar)
         choices = fmt.get("choice")
         if not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
             raise InvalidRequestError(
@@ -109,6 +116,11 @@ class Guide:
             for t in self.stop_ids:
                 if t < bitmask.shape[1] * 32:
                     bitmask[row, t // 32] |= _bit(t % 32)
+
+    def fork(self) -> Guide:
+        """A guide of its own for another request with the same grammar and state (the engine
+        forks at admission, so requests that share a prepared prompt never share a state)."""
+        return Guide(self.matcher.deep_copy(), self.stop_ids)
 
     def advance(self, token: int) -> bool:
         """Take the token chosen; False when the grammar refuses it (every token was masked)."""

@@ -161,5 +161,11 @@ def response_format(req: SamplingParams) -> dict[str, Any] | None:
         raise invalid("Give at most one of response_format, guided_json, guided_regex and "
                       "guided_choice.", param=given[0])
     if given:
-        return _GUIDED[given[0]](extra[given[0]])
+        fmt = _GUIDED[given[0]](extra[given[0]])
+    plan = getattr(req, "tool_plan", None)
+    if plan is not None and plan.grammar is not None:  # a forced tool call has its own grammar
+        if fmt is not None:
+            raise invalid("A forced tool call (tool_choice) cannot be combined with a response "
+                          "format.", param="tool_choice")
+        fmt = {"type": "lark", "lark": plan.grammar}
     return fmt

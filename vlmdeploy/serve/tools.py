@@ -6,13 +6,14 @@ of a forced call.
   for calls by the server's `--tool-call-parser`. Without one, a request with tools is refused
   (400), as LMDeploy does: the calls would come back as unparsed text.
 * `none`: the tools are left out of the prompt and the answer is not parsed.
-* `required` and a named function: there is no grammar-constrained decoding yet (it comes with
-  structured output), so the call is forced through the prompt: the answer is made to start
-  with the opening of a call (`<tool_call>\\n{"name": "` for `required`; the whole head up to the
-  arguments for a named function, whose tool alone is rendered). The model then writes the rest.
-  If what it writes is still not a valid call (of a declared tool; of that tool when named), the
-  request fails with 422 `tool_call_not_produced` rather than pretending; a stream ends with that
-  error event. `docs/tool_calls.md` says this for users.
+* `required` and a named function: the answer is made to start with the opening of a call
+  (`<tool_call>\\n{"name": "` for `required`; the whole head up to the arguments for a named
+  function, whose tool alone is rendered), and with a `<tool_call>` parser the rest is
+  constrained by a grammar (:func:`call_grammar`): a declared tool's name, arguments valid
+  against its JSON schema, the closing tag. GPT-OSS's format is forced through the prompt only.
+  If what comes back is still not a valid call (a grammar cut short by `max_tokens`, or the
+  harmony format), the request fails with 422 `tool_call_not_produced` rather than pretending;
+  a stream ends with that error event. `docs/tool_calls.md` says this for users.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class ToolPlan:
     parser: str | None  # parse the answer for calls with this parser
     prefix: str = ""  # the answer is made to start with this
     forced: str | None = None  # "required", or the function a call must name
+    grammar: str | None = None  # what may follow the prefix (Lark), for a forced call
     names: frozenset[str] = frozenset()
     parallel: bool = True
 
@@ -75,8 +77,8 @@ class ToolPlan:
             what = ("a call of one of the tools" if self.forced == "required"
                     else f"a call of {self.forced!r}")
             raise APIError(422, f"tool_choice asked for {what}, and the model's answer holds "
-                           "none (tool_choice is enforced through the prompt only; constrained "
-                           "decoding is not available yet). Retry, or use tool_choice='auto'.",
+                           "none (cut short by max_tokens, or a format enforced through the "
+                           "prompt only). Retry with more max_tokens, or use tool_choice='auto'.",
                            code="tool_call_not_produced", param="tool_choice")
         return calls
 
@@ -155,5 +157,25 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any, parallel: bool | None,
                         parallel=parallel is not False)
     rendered = tools if choice == "required" else [
         t for t in tools if t["function"]["name"] == choice]
+    harmony = TOOL_PARSERS[parser] is HarmonyToolParser
     return ToolPlan(tools=rendered, parser=parser, prefix=_prefix(parser, choice), forced=choice,
-                    names=frozenset(names), parallel=parallel is not False)
+                    names=frozenset(names), parallel=parallel is not False,
+                    grammar=None if harmony else call_grammar(rendered, choice))
+
+
+def call_grammar(tools: list[dict[str, Any]], forced: str) -> str:
+    """The Lark grammar (llguidance's dialect) of what follows :func:`_prefix` in a forced
+    `<tool_call>`: for `required`, one declared tool's name and its arguments; for a named
+    function, its arguments; then the closing of the call."""
+    tail = json.dumps('}\n</tool_call>')
+    rules, alternatives = [], []
+    for i, tool in enumerate(tools):
+        function = tool["function"]
+        schema = function.get("parameters") or {"type": "object"}
+        # compact JSON (the arguments' meaning is the same; no tokens spent on blanks)
+        schema = {"x-guidance": {"whitespace_flexible": False}, **schema}
+        rules.append(f"args_{i}: %json {json.dumps(schema)}")
+        head = "" if forced != "required" else json.dumps(function["name"] + '", "arguments": ')
+        alternatives.append(f"call_{i}")
+        rules.append(f"call_{i}: {head} args_{i} {tail}")
+    return "\n".join([f"start: {' | '.join(alternatives)}", *rules]) + "\n"
