@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import json
 import os
 import subprocess
 from collections.abc import Iterable
@@ -124,13 +125,50 @@ def merge(src: Path | str, dst: Path | str = HISTORY) -> int:
     return append(dst, fresh)
 
 
+# What tools/ab_engine.sh's JSON files hold, as history rows: (workload, metric, unit, keys).
+AB_METRICS = [
+    ("W1", "ttft_ms", "ms", ("w1", "ttft_ms")),
+    ("W1", "tpot_ms", "ms", ("w1", "tpot_ms")),
+    ("W2", "requests_per_s", "req/s", ("w2", "requests_per_s")),
+    ("W3", "output_tokens_per_s", "tok/s", ("w3", "output_tokens_per_s")),
+]
+
+
+def ab_rows(folder: Path | str, commits: dict[str, str], note: str,
+            model_shape: str = "InternVL3.5-8B") -> list[dict[str, str]]:
+    """The rows of an A/B call (``ab-<round>-<base|this>.json`` in ``folder``), each run stamped
+    with its own time and the commit of its tree (``commits``: base and this)."""
+    rows = []
+    for path in sorted(Path(folder).glob("ab-*-*.json")):
+        _, rnd, side = path.stem.split("-")
+        run = json.loads(path.read_text())
+        st = Stamp(run["date"], run["time_utc"], commits[side], run["device"])
+        for workload, metric, unit, (part, key) in AB_METRICS:
+            value = run.get(part, {}).get(key)
+            if value is not None:
+                rows.append(row(st, model_shape, workload, metric, "vlmdeploy", value, unit,
+                                f"{note}: {side}, round {rnd}"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Merge a run's results into the history.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="append a run's CSV to the history, skipping known rows")
     m.add_argument("src", type=Path)
     m.add_argument("--into", type=Path, default=HISTORY)
+    a = sub.add_parser("ab", help="append an A/B call's runs (tools/ab_engine.sh's JSON files)")
+    a.add_argument("folder", type=Path)
+    a.add_argument("--base-commit", required=True)
+    a.add_argument("--this-commit", required=True)
+    a.add_argument("--note", required=True)
+    a.add_argument("--into", type=Path, default=HISTORY)
     args = ap.parse_args(argv)
+    if args.cmd == "ab":
+        commits = {"base": args.base_commit, "this": args.this_commit}
+        n = append(args.into, ab_rows(args.folder, commits, args.note))
+        print(f"{n} rows appended to {args.into}")
+        return
     print(f"{merge(args.src, args.into)} rows appended to {args.into}")
 
 

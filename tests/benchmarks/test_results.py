@@ -4,6 +4,7 @@ stamp, and the history in docs/ itself (well-formed, and its plot up to date).""
 from __future__ import annotations
 
 import datetime
+import json
 import re
 import subprocess
 
@@ -70,3 +71,20 @@ def test_plot_is_drawn_from_the_history():
     """docs/results.svg is what benchmarks/plot_results.py draws from docs/results.csv."""
     svg = plot_results.svg(plot_results.ratios(results.read()))
     assert results.HISTORY.with_suffix(".svg").read_text() == svg
+
+
+def test_an_ab_call_becomes_rows_stamped_per_run(tmp_path):
+    from benchmarks.results import ab_rows
+
+    for rnd, side, tpot in [(1, "base", 5.55), (1, "this", 5.57)]:
+        run = {"date": "2026-12-07", "time_utc": f"13:3{rnd}:00", "device": "GPU X; torch 2",
+               "w1": {"ttft_ms": 17.0, "tpot_ms": tpot}, "w2": {"requests_per_s": 9.6}}
+        (tmp_path / f"ab-{rnd}-{side}.json").write_text(json.dumps(run))
+    rows = ab_rows(tmp_path, {"base": "aaa", "this": "bbb"}, "A/B")
+    assert [(r["commit"], r["workload"], r["metric"], r["value"]) for r in rows] == [
+        ("aaa", "W1", "ttft_ms", "17"), ("aaa", "W1", "tpot_ms", "5.55"),
+        ("aaa", "W2", "requests_per_s", "9.6"),
+        ("bbb", "W1", "ttft_ms", "17"), ("bbb", "W1", "tpot_ms", "5.57"),
+        ("bbb", "W2", "requests_per_s", "9.6"),
+    ]
+    assert {r["note"] for r in rows} == {"A/B: base, round 1", "A/B: this, round 1"}
