@@ -109,6 +109,15 @@ def test_flags_reach_the_configs(launched):
     assert config.reasoning_parser == "intern-s1" and config.log_level == "INFO"
 
 
+@pytest.mark.parametrize("backend", ["mp", "ray"])
+def test_tensor_parallel_flags_reach_the_engine(launched, backend):
+    rc = main(["serve", "api_server", "/models/x", "--tp", "8",
+               "--distributed-executor-backend", backend])
+    assert rc == 0
+    engine = launched["engine"]
+    assert (engine.tp, engine.distributed_executor_backend) == (8, backend)
+
+
 def test_defaults_are_lmdeploys(launched):
     assert main(["serve", "api_server", "/models/x"]) == 0
     config, engine = launched["config"], launched["engine"]
