@@ -1,4 +1,4 @@
-"""Engine benchmarks W1–W3 (DESIGN §5) and a two-turn chat (InternVL3.5, greedy, no EOS).
+"""Engine benchmarks W1–W3 (DESIGN §5), W4 and a two-turn chat (InternVL3.5, no EOS).
 
 * W1 latency: 1 request, one 448×448 image + ~30 text tokens, 512 output tokens, through
   ``stream_infer`` → TTFT and mean TPOT (and the weight bandwidth that TPOT implies).
@@ -10,6 +10,10 @@
   text tokens, 100 output tokens, through ``infer`` → requests/s, input and output tokens/s.
 * W3 decode-heavy: N requests, each a distinct 448×448 JPEG + ~30 text tokens, 512 output tokens →
   output tokens/s.
+* W4 mixed traffic (``benchmarks/w4.py``): N requests of 0–4 images of assorted sizes and aspect
+  ratios (1–13 tiles each), 20–2,000 text tokens, 16–1,024 output tokens, greedy or sampled with
+  their own settings, some repeating an image or a system prompt, some second turns →
+  requests/s and output tokens/s.
 
 Images travel as base64 ``data:image/jpeg`` URLs inside OpenAI-style messages, so JPEG decoding,
 tiling and normalisation are inside the timed region, as for the reference system's harness. Each
@@ -48,6 +52,8 @@ from benchmarks.baseline import transformers_w1
 from benchmarks.engine_report import summary_line, write_outputs
 from benchmarks.results import current_commit, device_line
 from benchmarks.step_stats import GcPauses, timeline, token_gaps, ttft_parts
+from benchmarks.w4 import W4Spec, w4_requests
+from benchmarks.w4 import summary as w4_summary
 from benchmarks.workloads import (
     gen,
     jpeg_url,
@@ -58,11 +64,11 @@ from benchmarks.workloads import (
     text_of,
     workload,
 )
-from vlmdeploy import PytorchEngineConfig, pipeline
+from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
 from vlmdeploy.vl.constants import IMAGE_TOKEN
 from vlmdeploy.vl.tiling import as_pixel_values
 
-WORKLOADS = ("w1", "chat2", "w2", "w3")  # the order they run in
+WORKLOADS = ("w1", "chat2", "w2", "w3", "w4")  # the order they run in
 
 _T0 = time.monotonic()
 
@@ -169,23 +175,39 @@ def run_chat2(pipe, tok) -> dict:
 
 
 def run_batch(pipe, tok, n: int, side: int, n_text: int, n_out: int, seed: int) -> dict:
-    prompts = workload(tok, n, side, n_text, seed)
     pipe(workload(tok, 1, side, n_text, seed + 1000), gen_config=gen(n_out))  # warm-up
+    return timed_batch(pipe, workload(tok, n, side, n_text, seed), [gen(n_out)] * n)
+
+
+def run_w4(pipe, tok, n: int, seed: int) -> dict:
+    """W4, mixed traffic (benchmarks/w4.py): each request its own images, lengths and sampling.
+    Sessions under 8,192 tokens get the mix scaled down to fit."""
+    session = pipe.session_len
+    warm = w4_requests(tok, seed + 1000, W4Spec.for_session(session, 2))
+    pipe([m for m, _ in warm], gen_config=[GenerationConfig(**g) for _, g in warm])
+    reqs = w4_requests(tok, seed, W4Spec.for_session(session, n))
+    res = timed_batch(pipe, [m for m, _ in reqs], [GenerationConfig(**g) for _, g in reqs])
+    return res | {"mix": w4_summary(reqs)}
+
+
+def timed_batch(pipe, prompts: list, configs: list[GenerationConfig]) -> dict:
+    """All ``prompts`` submitted at once, each with its config; throughput over the wall time."""
     sync()
     pipe.engine.observer.record_steps()  # the engine thread keeps one record per step
     with GcPauses() as pauses:
         t0 = time.perf_counter()
-        out = pipe(prompts, gen_config=gen(n_out))
+        out = pipe(prompts, gen_config=configs)
         wall = time.perf_counter() - t0
     trace = pipe.engine.observer.take_records()
     n_in, n_gen = sum(r.input_token_len for r in out), sum(r.generate_token_len for r in out)
     return {
-        "requests": n,
+        "requests": len(prompts),
         "wall_s": wall,
-        "requests_per_s": n / wall,
+        "requests_per_s": len(prompts) / wall,
         "input_tokens_per_s": n_in / wall,
         "output_tokens_per_s": n_gen / wall,
-        "short_outputs": sum(r.generate_token_len != n_out for r in out),
+        "short_outputs": sum(r.generate_token_len != c.max_new_tokens
+                             for r, c in zip(out, configs)),
         "timeline": timeline(trace, t0, t0 + wall) | pauses.summary(),
     }
 
@@ -246,6 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="of " + ",".join(WORKLOADS))
     ap.add_argument("--n2", type=int, default=256)
     ap.add_argument("--n3", type=int, default=256)
+    ap.add_argument("--n4", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=1, help="runs of W2 and W3 (median reported)")
     ap.add_argument("--session-len", type=int, default=8192)
     ap.add_argument(
@@ -356,6 +379,9 @@ def main(argv: list[str] | None = None) -> None:
                     args.repeats, "requests_per_s"),
                 "w3": lambda: repeated(
                     lambda i: run_batch(pipe, tok, args.n3, 448, 30, 512, seed=30 + 100 * i),
+                    args.repeats, "output_tokens_per_s"),
+                "w4": lambda: repeated(
+                    lambda i: run_w4(pipe, tok, args.n4, seed=40 + 100 * i),
                     args.repeats, "output_tokens_per_s"),
             }
             for name in WORKLOADS:

@@ -32,16 +32,30 @@ def sync() -> None:
 def text_of(tokenizer, n_tokens: int, rng: np.random.Generator) -> str:
     """Random words that tokenize to ``n_tokens`` tokens (approximately, never more)."""
     words: list[str] = []
-    while len(tokenizer.encode(" ".join(words))) < n_tokens:
-        words.append(VOCAB[rng.integers(len(VOCAB))])
-    while len(tokenizer.encode(" ".join(words))) > n_tokens:
-        words.pop()
-    return " ".join(words)
+    # Grow by half the tokens still missing (a word is at least one token), then keep the
+    # longest prefix within n_tokens, found by bisection: a few encodes per text, not one a word.
+    while (have := len(tokenizer.encode(" ".join(words)))) < n_tokens:
+        more = max(1, (n_tokens - have) // 2)
+        words.extend(VOCAB[i] for i in rng.integers(len(VOCAB), size=more))
+    lo, hi = 0, len(words)  # words[:lo] fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tokenizer.encode(" ".join(words[:mid]))) <= n_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return " ".join(words[:lo])
 
 
 def jpeg_url(side: int, rng: np.random.Generator) -> str:
+    return jpeg_url_of((side, side), rng)
+
+
+def jpeg_url_of(size: tuple[int, int], rng: np.random.Generator) -> str:
+    """A ``data:`` URL of a (width, height) JPEG of random pixels."""
+    width, height = size
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
         buf, "JPEG", quality=75
     )
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -60,7 +60,8 @@ def test_engine_benchmark_smoke(tiny_ckpts, tmp_path, monkeypatch):
             }
         )
     )
-    args = f"--model {tiny_ckpts['hf']} --n2 2 --n3 2 --session-len 4096 --baseline --repeats 2"
+    args = (f"--model {tiny_ckpts['hf']} --n2 2 --n3 2 --session-len 4096 --baseline "
+            "--repeats 2 --workloads w1,chat2,w2,w3")
     bench.main([*args.split(), "--out", str(out), "--json", str(raw), "--csv", str(csv),
                 "--lmdeploy", str(lmdeploy)])
     res = json.loads(raw.read_text())
@@ -209,3 +210,13 @@ def test_gc_pauses_count_full_collections():
     s = pauses.summary()
     assert s["gc_full"] == 1 and 0 < s["gc_full_s"] <= s["gc_s"]
     assert pauses not in gc.callbacks
+
+
+def test_w4_runs_its_mix_through_the_engine(tiny_ckpts, tmp_path):
+    raw = tmp_path / "bench.json"
+    bench.main(f"--model {tiny_ckpts['hf']} --workloads w4 --n4 4 --session-len 2048 "
+               f"--json {raw}".split())
+    w4 = json.loads(raw.read_text())["w4"]
+    assert w4["requests"] == 4 and w4["output_tokens_per_s"] > 0
+    assert w4["short_outputs"] == 0  # every request ran to its own length
+    assert w4["mix"]["requests"] == 4 and w4["mix"]["output_tokens"] > 0
