@@ -143,7 +143,7 @@ def _read_data_url(text: str, policy: MediaPolicy) -> bytes:
     if len(payload) > 4 * -(-policy.max_bytes // 3):
         raise fail("image_too_large", MSG_TOO_LARGE)
     try:
-        return b64decode_strict(payload)  # lets the GIL go: the engine thread launches meanwhile
+        return b64decode_strict(payload)
     except (binascii.Error, ValueError):
         raise fail("invalid_image_format", MSG_FORMAT) from None
 
