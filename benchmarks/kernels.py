@@ -1,6 +1,6 @@
-"""Per-kernel benchmark at InternVL3.5-8B shapes: the Triton kernels against the PyTorch reference
-path and, for attention, torch's SDPA flash kernel on contiguous (unpaged) K/V (for whole prompts
-also SDPA's cuDNN kernel).
+"""Per-kernel benchmark at InternVL3.5-8B shapes (the fused MoE at 30B-A3B's): the Triton kernels
+against the PyTorch reference path and, for attention, torch's SDPA flash kernel on contiguous
+(unpaged) K/V (for whole prompts also SDPA's cuDNN kernel).
 
 Every case counts the fewest bytes it must move and the FLOPs it must do; with the copy bandwidth
 and bf16 matmul rate measured at the start, ``max(bytes / bandwidth, flops / rate)`` is its floor
@@ -39,6 +39,7 @@ from benchmarks.gpu_timing import (
     today,
 )
 from vlmdeploy.kernels import reference
+from vlmdeploy.kernels.fused_moe_kernel import fused_moe_triton
 from vlmdeploy.kernels.triton_ops import (
     paged_attention_triton,
     qk_norm_rope_triton,
@@ -127,6 +128,35 @@ def bench_store_kv(T: int) -> Row:
     store_kv_triton(k, v, kc, vc, slots)
     reference.store_kv(k, v, kc2, vc2, slots)
     return Row("store_kv", f"T={T}, page {PAGE}", nbytes, 0, ours, ref, err=rel_err(kc, kc2))
+
+
+# ---------------------------------------------------------------- mixture of experts
+
+MOE_HIDDEN, MOE_INTER, MOE_EXPERTS, MOE_TOP_K = 2048, 768, 128, 8  # InternVL3.5-30B-A3B's
+
+
+def bench_fused_moe(T: int) -> Row:
+    """One Qwen3-30B-A3B MoE layer: bytes are the weights of the experts the batch routes to
+    (read once each) plus the activations; FLOPs the three projections of every (token, choice)
+    pair."""
+    h, i, e, k = MOE_HIDDEN, MOE_INTER, MOE_EXPERTS, MOE_TOP_K
+    w1 = (torch.randn(e, 2 * i, h, device=DEV) * h**-0.5).to(DTYPE)
+    w2 = (torch.randn(e, h, i, device=DEV) * i**-0.5).to(DTYPE)
+    sets = []
+    for _ in range(n_sets(3 * e * h * i * 2 * min(1.0, T * k / e))):
+        x = torch.randn(T, h, device=DEV, dtype=DTYPE)
+        weights, ids = reference.moe_route(torch.randn(T, e, device=DEV), k, True)
+        sets.append((x, weights, ids))
+    active = len(set(sets[0][2].flatten().tolist()))
+    nbytes = active * 3 * h * i * 2 + 2 * T * h * 2
+    flops = 2 * T * k * 3 * h * i
+    ours = graph_ms([lambda a=a: fused_moe_triton(a[0], w1, w2, a[1], a[2]) for a in sets])
+    x, weights, ids = sets[0]
+    ref = eager_ms(lambda: reference.fused_moe(x, w1, w2, weights, ids))  # host-syncs: no graph
+    err = rel_err(fused_moe_triton(x, w1, w2, weights, ids),
+                  reference.fused_moe(x, w1, w2, weights, ids))
+    case = f"T={T}, {e} experts top-{k}, {h}→{i} ({active} active)"
+    return Row("fused_moe", case, nbytes, flops, ours, ref, err=err)
 
 
 # ---------------------------------------------------------------- attention
@@ -328,6 +358,8 @@ def history_rows(rows: list[Row], bw: float, rate: float, st: results.Stamp) -> 
     for r in rows:
         case = f"{r.kernel}: {r.case}"
         floor = max(r.bytes / bw, r.flops / rate)
+        model = "InternVL3.5-30B-A3B" if r.kernel == "fused_moe" else shape
+        add = lambda *a, model=model: results.row(st, model, *a)
         out += [add(case, "time_us", "vlmdeploy", r.ours_ms * 1e3, "us", "Triton"),
                 add(case, "roofline_pct", "vlmdeploy", 100 * floor / (r.ours_ms * 1e-3), "%")]
         for system, ms, note in (("torch-reference", r.ref_ms, "eager (do_bench)"),
@@ -358,6 +390,8 @@ def main() -> None:
     for fn in (bench_rms_norm, bench_silu_and_mul, bench_qk_norm_rope, bench_store_kv):
         cases += [(fn.__name__, lambda fn=fn, T=T: fn(T)) for T in tokens]
     cases += [("bench_decode", lambda B=B, ctx=ctx: bench_decode(B, ctx)) for B, ctx in decode]
+    moe_tokens = [1, 256] if args.quick else [1, 16, 256, 2048]
+    cases += [("bench_fused_moe", lambda T=T: bench_fused_moe(T)) for T in moe_tokens]
     prefills = [
         ("1 prompt × 2,676", [2676], [2676], True),
         ("4 prompts × 2,676", [2676] * 4, [2676] * 4, True),

@@ -19,11 +19,30 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("InternVLChatModel", "InternVLForConditionalGeneration")
-SUPPORTED_LLMS = ("Qwen3ForCausalLM", "qwen3")
+SUPPORTED_LLMS = ("Qwen3ForCausalLM", "qwen3", "Qwen3MoeForCausalLM", "qwen3_moe")
 
 
 class UnsupportedModelError(ValueError):
     pass
+
+
+GPT_OSS_LLMS = ("GptOssForCausalLM", "gpt_oss")
+
+
+@dataclass(frozen=True)
+class YarnScaling:
+    """YaRN's RoPE extension as GPT-OSS configures it (``rope_type: yarn``): frequencies between
+    ``beta_slow`` and ``beta_fast`` rotations over ``original_max_position_embeddings`` blend
+    from interpolated (divided by ``factor``) to original; cos/sin are scaled by
+    ``attention_factor`` (None: ``0.1 ln(factor) + 1``). ``truncate`` rounds the blend's bounds
+    to whole dimensions (transformers' default when the key is absent)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +82,47 @@ class TextConfig:
     max_position_embeddings: int = 40960
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    # Qwen3-MoE (0 experts: a dense model). A layer is sparse unless listed in mlp_only_layers or
+    # off the decoder_sparse_step grid; dense layers keep intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    # GPT-OSS (model_type "gpt_oss"): biased q/k/v/o, a sink logit per head, the layers named
+    # "sliding_attention" in layer_types attend their last sliding_window keys, YaRN RoPE, a
+    # biased top-k router (num_experts, num_experts_per_tok) over clamped-SwiGLU experts of
+    # width intermediate_size.
+    model_type: str = "qwen3"
+    attention_bias: bool = False
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None
+    rope_scaling: YarnScaling | None = None
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+
+    @property
+    def is_gpt_oss(self) -> bool:
+        return self.model_type == "gpt_oss"
+
+    def layer_window(self, layer: int) -> int | None:
+        """The attention window of decoder layer ``layer`` (None: it sees the whole context)."""
+        if self.layer_types and self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` has a mixture-of-experts MLP (transformers' rule)."""
+        return (
+            self.is_moe
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
 
 
 @dataclass(frozen=True)
@@ -120,10 +180,10 @@ class ModelConfig:
 
 def _check_llm(llm: dict[str, Any]) -> None:
     archs = llm.get("architectures") or [llm.get("model_type")]
-    if not any(a in SUPPORTED_LLMS for a in archs) and llm.get("model_type") != "qwen3":
+    if not any(a in SUPPORTED_LLMS for a in archs + [llm.get("model_type")]):
         raise UnsupportedModelError(
-            f"unsupported language model {archs!r}: vlmdeploy supports dense Qwen3 "
-            "(Qwen3ForCausalLM) language models"
+            f"unsupported language model {archs!r}: vlmdeploy supports Qwen3 "
+            "(Qwen3ForCausalLM) and Qwen3-MoE (Qwen3MoeForCausalLM) language models"
         )
     # Options our Qwen3 does not implement would otherwise be dropped silently, changing the math.
     for key in ("attention_bias", "use_sliding_window"):
@@ -145,7 +205,77 @@ def _rope_theta(llm: dict[str, Any]) -> float:
     return float(params.get("rope_theta", llm.get("rope_theta", 10000.0)))
 
 
+def _is_gpt_oss(llm: dict[str, Any]) -> bool:
+    archs = list(llm.get("architectures") or []) + [llm.get("model_type")]
+    return any(a in GPT_OSS_LLMS for a in archs)
+
+
+def _gpt_oss_text_config(llm: dict[str, Any], tie_default: bool) -> TextConfig:
+    """GPT-OSS's block (``llm_config`` or ``text_config``); absent keys take transformers'
+    ``GptOssConfig`` defaults (those of gpt-oss-20b but its depth and experts)."""
+    heads = llm.get("num_attention_heads", 64)
+    layers = llm.get("num_hidden_layers", 36)
+    types = llm.get("layer_types") or [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
+    ]
+    if len(types) != layers or set(types) - {"sliding_attention", "full_attention"}:
+        raise UnsupportedModelError(f"unsupported GPT-OSS layer_types {types!r}")
+    params = llm.get("rope_parameters") or {}
+    scaling = params if "rope_type" in params or "type" in params else llm.get("rope_scaling")
+    if not scaling:  # transformers' GptOssConfig fills in gpt-oss's own YaRN
+        scaling = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                   "truncate": False, "original_max_position_embeddings": 4096}
+    if llm.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError("GPT-OSS experts use their clamped SwiGLU (hidden_act silu)")
+    hidden = llm.get("hidden_size", 2880)
+    return TextConfig(
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=llm.get("num_key_value_heads") or heads,
+        head_dim=llm.get("head_dim") or hidden // heads,
+        intermediate_size=llm.get("intermediate_size", 2880),
+        vocab_size=llm.get("vocab_size", 201088),
+        rms_norm_eps=llm.get("rms_norm_eps", 1e-5),
+        rope_theta=float(params.get("rope_theta", llm.get("rope_theta", 150000.0))),
+        max_position_embeddings=llm.get("max_position_embeddings", 131072),
+        tie_word_embeddings=llm.get("tie_word_embeddings", tie_default),
+        num_experts=int(llm.get("num_local_experts", llm.get("num_experts", 128))),
+        num_experts_per_tok=int(
+            llm.get("num_experts_per_tok", llm.get("experts_per_token", 4))
+        ),
+        moe_intermediate_size=llm.get("intermediate_size", 2880),
+        model_type="gpt_oss",
+        attention_bias=bool(llm.get("attention_bias", True)),
+        layer_types=tuple(types),
+        sliding_window=llm.get("sliding_window", 128),
+        rope_scaling=_yarn(scaling),
+        swiglu_alpha=float(llm.get("swiglu_alpha", 1.702)),
+        swiglu_limit=float(llm.get("swiglu_limit", 7.0)),
+    )
+
+
+def _yarn(scaling: dict[str, Any] | None) -> YarnScaling | None:
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind in ("default", None):
+        return None
+    if kind != "yarn":
+        raise UnsupportedModelError(f"unsupported rope_type {kind!r} for GPT-OSS (yarn or default)")
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        raise UnsupportedModelError("YaRN with mscale / mscale_all_dim is not supported")
+    return YarnScaling(
+        factor=float(scaling["factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        beta_fast=float(scaling.get("beta_fast") or 32.0),
+        beta_slow=float(scaling.get("beta_slow") or 1.0),
+        truncate=bool(scaling.get("truncate", True)),
+        attention_factor=scaling.get("attention_factor"),
+    )
+
+
 def _text_config(llm: dict[str, Any], tie_default: bool) -> TextConfig:
+    if _is_gpt_oss(llm):
+        return _gpt_oss_text_config(llm, tie_default)
     _check_llm(llm)
     heads = llm["num_attention_heads"]
     return TextConfig(
@@ -161,6 +291,27 @@ def _text_config(llm: dict[str, Any], tie_default: bool) -> TextConfig:
         max_position_embeddings=llm.get("max_position_embeddings", 40960),
         tie_word_embeddings=llm.get("tie_word_embeddings", tie_default),
         hidden_act=llm.get("hidden_act", "silu"),
+        **_moe_fields(llm),
+    )
+
+
+def _moe_fields(llm: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3-MoE's expert fields (none for a dense Qwen3); absent keys take transformers'
+    ``Qwen3MoeConfig`` defaults, so both read a config alike."""
+    is_moe = llm.get("model_type") == "qwen3_moe" or "Qwen3MoeForCausalLM" in (
+        llm.get("architectures") or []
+    )
+    if not is_moe:
+        return {}
+    return dict(
+        # transformers 5 writes the count as num_local_experts (its attribute map)
+        num_experts=int(next((llm[k] for k in ("num_experts", "num_local_experts")
+                              if llm.get(k) is not None), 128)),
+        num_experts_per_tok=int(llm.get("num_experts_per_tok", 8)),
+        moe_intermediate_size=int(llm.get("moe_intermediate_size", 768)),
+        norm_topk_prob=bool(llm.get("norm_topk_prob", False)),
+        decoder_sparse_step=int(llm.get("decoder_sparse_step", 1)),
+        mlp_only_layers=tuple(int(i) for i in llm.get("mlp_only_layers") or ()),
     )
 
 

@@ -88,9 +88,9 @@ def _run(path: str, tp: int, images) -> tuple[list[list[int]], dict, dict]:
 def test_tensor_parallel_matches_one_rank(ckpts, pictures, name, tp):
     ref_tokens, ref_logits, ref_stats = _run(ckpts[name], 1, pictures)
     tokens, logits, stats = _run(ckpts[name], tp, pictures)
-    assert ref_stats["num_preemptions"] > 0  # the schedule under test includes preemption
+    # Both schedules include preemption (how often depends on when each request arrived).
+    assert ref_stats["num_preemptions"] > 0 and stats["num_preemptions"] > 0
     assert tokens == ref_tokens
-    assert stats["num_preemptions"] == ref_stats["num_preemptions"]
     # Every answer token's logits, in both runs (a preempted request's recomputed prefill may add
     # a key to one of them).
     common = logits.keys() & ref_logits.keys()

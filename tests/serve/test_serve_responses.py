@@ -293,3 +293,27 @@ def test_metrics_survive_a_dead_engine(client, fake):
     response = client.get("/metrics")
     assert response.status_code == 200
     assert "vllm:num_requests_running{" not in response.text
+
+
+HARMONY = ("<|channel|>analysis<|message|>", "the user ", "asks for 42", "<|end|>",
+           "<|start|>assistant<|channel|>final<|message|>", "It is ", "42.", "<|return|>")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("name", ["gpt-oss", "openai_gptoss"])
+def test_gpt_oss_reasoning_channel_is_reasoning_content(stream, name):
+    """GPT-OSS's harmony analysis channel reaches reasoning_content (its markers are special
+    tokens, so the answer is decoded with them kept), the final channel content."""
+    fake = FakePipeline(reply=HARMONY)
+    client = make_client(fake, reasoning_parser=name)
+    response = client.post(URL, json=chat(stream=stream))
+    if stream:
+        chunks = events(response)
+        reasoning, content = content_of(chunks, "reasoning_content"), content_of(chunks)
+        assert not any("<|channel|>" in json.dumps(c) for c in chunks)
+    else:
+        message = response.json()["choices"][0]["message"]
+        reasoning, content = message["reasoning_content"], message["content"]
+        assert message.get("tool_calls") in (None, [])
+    assert (reasoning, content) == ("the user asks for 42", "It is 42.")
+    assert fake.prepared[-1].gen_config.skip_special_tokens is False

@@ -8,7 +8,7 @@ import torch
 from vlmdeploy.testing import configs, weights
 from vlmdeploy.testing.presets import PRESETS, get_preset
 
-REAL = ['1b', '2b', '4b', '8b', '14b', '38b']
+REAL = ['1b', '2b', '4b', '8b', '14b', '38b', '30b-a3b', '241b-a28b']
 
 
 @pytest.mark.parametrize('name', REAL)
@@ -74,3 +74,48 @@ def test_overrides():
         get_preset('7b')
     with pytest.raises(TypeError):
         get_preset('tiny', vision_overrides={'no_such_field': 1})
+
+
+def test_moe_presets():
+    for name, layers, hidden, heads, inter in [('30b-a3b', 48, 2048, 32, 768),
+                                               ('241b-a28b', 94, 4096, 64, 1536)]:
+        t = PRESETS[name].text
+        assert (t.num_hidden_layers, t.hidden_size, t.num_attention_heads, t.num_key_value_heads,
+                t.num_experts, t.num_experts_per_tok, t.moe_intermediate_size,
+                t.norm_topk_prob) == (layers, hidden, heads, 4, 128, 8, inter, True)
+        assert all(t.is_sparse_layer(i) for i in range(layers))
+    assert PRESETS['241b-a28b'].vision == PRESETS['38b'].vision  # InternViT-6B
+    tiny = PRESETS['tiny-moe'].text
+    assert [tiny.is_sparse_layer(i) for i in range(3)] == [True, False, True]
+
+
+@pytest.mark.parametrize('fmt', ['original', 'hf', 'hf-legacy'])
+def test_experts_per_expert_or_fused_hold_the_same_values(fmt):
+    preset = PRESETS['tiny-moe']
+    split = {ft.name: ft for ft in weights.file_tensors(preset, fmt)}
+    fused = {ft.name: ft for ft in weights.file_tensors(preset, fmt, fused_experts=True)}
+    gate_up = next(n for n in fused if n.endswith('layers.2.mlp.experts.gate_up_proj'))
+    down = next(n for n in fused if n.endswith('layers.2.mlp.experts.down_proj'))
+    assert fused[gate_up].shape == (8, 96, 64) and fused[down].shape == (8, 64, 48)
+    stacked = weights.make_file_tensor(fused[gate_up], 0, True, torch.float32, 'cpu')
+    stem = gate_up.removesuffix('gate_up_proj')
+    for e in (0, 5):
+        parts = [weights.make_file_tensor(split[f'{stem}{e}.{p}_proj.weight'], 0, True,
+                                          torch.float32, 'cpu') for p in ('gate', 'up')]
+        assert torch.equal(stacked[e], torch.cat(parts))
+    assert not any('layers.1.mlp.experts' in n for n in fused)  # the dense layer
+
+
+def test_gpt_oss_presets():
+    """gpt-oss-20b's shape (openai/gpt-oss-20b's config.json) with InternViT-300M; ~20.6B with the
+    synthetic tokenizer's vocabulary (gpt-oss-20b itself: 20.9B over 201,088 ids)."""
+    big = PRESETS['gpt-oss-20b']
+    t = big.text
+    assert (t.num_hidden_layers, t.hidden_size, t.num_attention_heads, t.num_key_value_heads,
+            t.head_dim, t.num_local_experts, t.num_experts_per_tok, t.intermediate_size,
+            t.sliding_window) == (24, 2880, 64, 8, 64, 32, 4, 2880, 128)
+    assert big.vision == PRESETS['8b'].vision
+    assert t.layer_types[:2] == ['sliding_attention', 'full_attention']
+    assert abs(big.param_counts()['language'] / 1e9 - 20.6) < 0.1
+    tiny = PRESETS['tiny-gpt-oss'].text
+    assert tiny.sliding_window < 16 and tiny.num_hidden_layers == 4

@@ -97,7 +97,9 @@ class EngineConfig:
 
     @property
     def use_cuda_graphs(self) -> bool:
-        return self.device.type == "cuda" and not self.eager_mode
+        """On CUDA unless ``eager_mode``; GPT-OSS always runs eagerly for now: its expert loop
+        reads the routing on the host, which a graph cannot capture."""
+        return self.device.type == "cuda" and not self.eager_mode and not self.model.text.is_gpt_oss
 
     @property
     def kv_heads_per_rank(self) -> int:

@@ -48,7 +48,7 @@ def plan_num_blocks(model: InternVLForCausalLM, cfg: EngineConfig) -> int:
     peak = activation_peak(model, cfg)
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(cfg.device)
-    reserve = peak + (0 if cfg.eager_mode else cfg.graph_pool_reserve)
+    reserve = peak + (cfg.graph_pool_reserve if cfg.use_cuda_graphs else 0)
     return max(1, int((free - reserve) * cfg.cache_max_entry_count) // per_block)
 
 

@@ -67,3 +67,5 @@ paged_attention = _dispatch("paged_attention")
 paged_attention_norm_rope = _dispatch("paged_attention_norm_rope")
 linear_row = _dispatch("linear_row")
 rope_cos_sin = reference.rope_cos_sin
+fused_moe = _dispatch("fused_moe")
+moe_route = _dispatch("moe_route")

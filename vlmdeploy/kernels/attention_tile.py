@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+LOG2E_C = tl.constexpr(LOG2E)  # the same, for use inside kernels (sinks are logits in base e)
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_tile import LOG2E, attend_tile, dot_precision, load_kv_tile
+from .attention_tile import LOG2E, LOG2E_C, attend_tile, dot_precision, load_kv_tile
 from .device import multiprocessors
 from .pdl import pdl_args, pdl_enabled, pdl_wait
 from .qk_norm_rope_kernel import (
@@ -40,7 +40,7 @@ FUSE_MIN_SPLITS = 8  # contexts split this many ways take q/k norm, RoPE and sto
 # compile another variant when one turns 1 or a multiple of 16, in the middle of serving).
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr, out_ptr,
-                   part_o_ptr, part_lse_ptr, qk_scale, n_q_heads, num_splits,
+                   part_o_ptr, part_lse_ptr, sinks_ptr, window, qk_scale, n_q_heads, num_splits,
                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
                    k_new_ptr, v_new_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot_ptr, eps,
@@ -48,7 +48,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_pt
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, NORM_ROPE: tl.constexpr,
-                   ROUND_QW: tl.constexpr, ROUND_KW: tl.constexpr, PDL: tl.constexpr):
+                   ROUND_QW: tl.constexpr, ROUND_KW: tl.constexpr, PDL: tl.constexpr,
+                   HAS_SINKS: tl.constexpr, WINDOW: tl.constexpr):
     pdl_wait(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -57,8 +58,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_pt
     if tl.load(cu_q_ptr + b + 1) == t:
         return
     kv_len = tl.load(kv_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * split_len
+    if WINDOW:  # only the last `window` keys: the splits share those out
+        first = tl.maximum(kv_len - window, 0)
+        split_len = tl.cdiv(tl.cdiv(kv_len - first, num_splits), BLOCK_N) * BLOCK_N
+        lo = first + split * split_len
+    else:
+        split_len = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * split_len
     hi = tl.minimum(lo + split_len, kv_len)
 
     g = tl.arange(0, BLOCK_G)
@@ -120,15 +126,18 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_pt
         tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None],
                  mask=g_mask)
     else:
+        if HAS_SINKS:  # the sink's share of the softmax: a key of logit sink and value zero
+            sink = tl.load(sinks_ptr + heads, mask=g < GROUP, other=0.0).to(tl.float32)
+            l_i += tl.exp2(sink * LOG2E_C - m_i)
         o = acc / l_i[:, None]
         tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=g_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _merge_splits_kernel(part_o_ptr, part_lse_ptr, cu_q_ptr, out_ptr, n_q_heads, num_splits,
-                         stride_ot, stride_oh, BLOCK_S: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+def _merge_splits_kernel(part_o_ptr, part_lse_ptr, cu_q_ptr, out_ptr, sinks_ptr, n_q_heads,
+                         num_splits, stride_ot, stride_oh, BLOCK_S: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, PDL: tl.constexpr, HAS_SINKS: tl.constexpr):
     pdl_wait(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -140,10 +149,14 @@ def _merge_splits_kernel(part_o_ptr, part_lse_ptr, cu_q_ptr, out_ptr, n_q_heads,
     s_mask = s < num_splits
     part = (t * n_q_heads + head) * num_splits + s  # (BLOCK_S,)
     lse = tl.load(part_lse_ptr + part, mask=s_mask, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, axis=0))  # split 0 is never empty, so the max is finite
+    m = tl.max(lse, axis=0)  # split 0 is never empty, so the max is finite
+    w = tl.exp2(lse - m)
     o = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None],
                 other=0.0)  # (BLOCK_S, D)
-    merged = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+    total = tl.sum(w, axis=0)
+    if HAS_SINKS:
+        total += tl.exp2(tl.load(sinks_ptr + head).to(tl.float32) * LOG2E_C - m)
+    merged = tl.sum(w[:, None] * o, axis=0) / total
     tl.store(out_ptr + t * stride_ot + head * stride_oh + d, merged.to(out_ptr.dtype.element_ty))
 
 
@@ -177,7 +190,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, block_tables: torch.Tensor,
                      scale: float, max_kv_len: int | None = None, num_splits: int | None = None,
                      out: torch.Tensor | None = None, norm_rope: tuple | None = None,
-                     fuse: bool | None = None) -> torch.Tensor:
+                     fuse: bool | None = None, sinks: torch.Tensor | None = None,
+                     window: int | None = None) -> torch.Tensor:
     """Attention for batches with q_len <= 1 per sequence; q (T, Hq, D) -> (T, Hq, D).
 
     ``num_splits`` overrides the split-K heuristic (tests); without it and without ``max_kv_len``
@@ -191,6 +205,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     does that itself: one launch less on a latency-bound step. With many sequences the kernel runs
     in several waves, each of which would repeat the work, so a separate launch does it first.
     ``fuse`` overrides the choice (tests).
+
+    ``sinks`` (Hq,) and ``window`` are :func:`vlmdeploy.kernels.reference.paged_attention`'s;
+    absent, the kernels are compiled without them. A window bounds the context the splits share.
     """
     T, n_q, D = q.shape
     n_kv, page = k_cache.shape[2], k_cache.shape[1]
@@ -198,6 +215,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits is None and T and B:
         if max_kv_len is None:
             max_kv_len = int(kv_lens.max().item())
+        if window is not None:
+            max_kv_len = min(max_kv_len, window)
         num_splits = choose_num_splits(B * n_kv, max_kv_len, q.device)
     if norm_rope is not None:
         k_new, v_new, qw, kw, cos, sin, eps, slots = norm_rope
@@ -231,18 +250,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits > 1:
         part_o = torch.empty(T, n_q, num_splits, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(T, n_q, num_splits, dtype=torch.float32, device=q.device)
+    options = dict(HAS_SINKS=sinks is not None, WINDOW=window is not None)
+    sinks = q if sinks is None else sinks.contiguous()  # a placeholder pointer without sinks
     _decode_kernel[(B, n_kv, num_splits)](
         q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, out, part_o, part_lse,
-        scale * LOG2E, n_q, num_splits, q.stride(0), q.stride(1),
+        sinks, window or 0, scale * LOG2E, n_q, num_splits, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), *extra,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE=page,
         SPLIT=num_splits > 1, PRECISION=dot_precision(out_dtype),
-        UPCAST=not q.is_cuda, **fused, **pdl, **_tile_config(q, norm_rope is not None))
+        UPCAST=not q.is_cuda, **fused, **pdl, **options,
+        **_tile_config(q, norm_rope is not None))
     if num_splits > 1:
         _merge_splits_kernel[(B, n_q)](
-            part_o, part_lse, cu_seqlens_q, out, n_q, num_splits, out.stride(0), out.stride(1),
-            BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=D,
-            num_warps=4, **pdl)
+            part_o, part_lse, cu_seqlens_q, out, sinks, n_q, num_splits, out.stride(0),
+            out.stride(1), BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=D,
+            num_warps=4, HAS_SINKS=options["HAS_SINKS"], **pdl)
     return out

@@ -16,17 +16,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_tile import LOG2E, attend_tile, dot_precision, load_kv_tile
+from .attention_tile import LOG2E, LOG2E_C, attend_tile, dot_precision, load_kv_tile
 
 
 # The block-table width and the first sequence change from batch to batch: not specialised on
 @triton.jit(do_not_specialize=["stride_bt", "seq_offset"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr, out_ptr,
-                    qk_scale, seq_offset, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
-                    stride_vb, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
+                    sinks_ptr, window, qk_scale, seq_offset, stride_qt, stride_qh, stride_kb,
+                    stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, stride_ot,
+                    stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                    UPCAST: tl.constexpr):
+                    UPCAST: tl.constexpr, HAS_SINKS: tl.constexpr, WINDOW: tl.constexpr):
     # the heaviest causal tiles (last rows) are launched first so the tail of the grid is short
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1) + seq_offset
@@ -49,15 +50,23 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_p
                 mask=r_mask, other=0.0)  # (BLOCK_M, D)
     q_pos = ctx_start + qi  # padding rows get positions >= kv_len and stay finite
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     bt = bt_ptr + b.to(tl.int64) * stride_bt
     first_q = row0 // GROUP
     last_q = tl.minimum((row0 + BLOCK_M - 1) // GROUP, q_len - 1)
-    full_end = (ctx_start + first_q + 1) // BLOCK_N * BLOCK_N  # keys below: visible to every row
     hi = ctx_start + last_q + 1  # keys at or above: visible to no row
-    for start in range(0, full_end, BLOCK_N):
+    if WINDOW:
+        # Each row sees its last `window` keys, so a tile may hide every key from some rows: a
+        # finite running max keeps such a tile's contribution at exactly zero (no inf - inf).
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+        lo = tl.maximum(ctx_start + first_q - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_end = lo  # no tile is visible to every row: all are masked below
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        lo = 0
+        full_end = (ctx_start + first_q + 1) // BLOCK_N * BLOCK_N  # keys below: seen by all rows
+    for start in range(lo, full_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt, n, n, kv_head, d,
                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -71,9 +80,13 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_p
                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                             PAGE, True)
         causal = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        if WINDOW:
+            causal &= n[None, :] > q_pos[:, None] - window
         m_i, l_i, acc = attend_tile(q, k, v, causal, m_i, l_i, acc, qk_scale, PRECISION, True,
                                     UPCAST)
 
+    if HAS_SINKS:  # the sink's share of the softmax: a key of logit sink and value zero
+        l_i += tl.exp2(tl.load(sinks_ptr + heads).to(tl.float32) * LOG2E_C - m_i)
     o = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=r_mask)
@@ -93,7 +106,9 @@ def _tile_config(q: torch.Tensor) -> dict:
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, block_tables: torch.Tensor,
                       scale: float, max_q_len: int | None = None,
-                      out: torch.Tensor | None = None, seq_offset: int = 0) -> torch.Tensor:
+                      out: torch.Tensor | None = None, seq_offset: int = 0,
+                      sinks: torch.Tensor | None = None, window: int | None = None
+                      ) -> torch.Tensor:
     """Causal attention of packed queries q (T, Hq, D) over their paged contexts -> (T, Hq, D).
 
     Without ``max_q_len`` the longest new-token run is read from the device once. Only sequences
@@ -101,6 +116,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     (T, Hq, D) if given): the rows before belong to another kernel (a mixed batch's decode rows).
     An offset rather than sliced metadata keeps every pointer as aligned as its tensor, so the
     kernel is compiled once, not once per alignment the slices happen to have.
+
+    ``sinks`` (Hq,) and ``window`` are :func:`vlmdeploy.kernels.reference.paged_attention`'s;
+    absent, the kernel is compiled without them.
     """
     T, n_q, D = q.shape
     n_kv, page = k_cache.shape[2], k_cache.shape[1]
@@ -116,11 +134,14 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     group = n_q // n_kv
     cfg = _tile_config(q)
     grid = (triton.cdiv(max_q_len * group, cfg["BLOCK_M"]), B - seq_offset, n_kv)
+    options = dict(HAS_SINKS=sinks is not None, WINDOW=window is not None)
+    sinks = q if sinks is None else sinks.contiguous()  # a placeholder pointer without sinks
     _prefill_kernel[grid](
-        q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, out, scale * LOG2E, seq_offset,
+        q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, out, sinks, window or 0,
+        scale * LOG2E, seq_offset,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=D, PAGE=page, PRECISION=dot_precision(q.dtype),
-        UPCAST=not q.is_cuda, **cfg)
+        UPCAST=not q.is_cuda, **options, **cfg)
     return out

@@ -162,6 +162,8 @@ def paged_attention(
     max_q_len: int | None = None,
     max_kv_len: int | None = None,
     num_decode: int = 0,
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries q (T, Hq, D) over each sequence's paged context.
 
@@ -172,7 +174,17 @@ def paged_attention(
 
     Query i of a sequence with q_len new tokens and kv_len context sits at position kv_len - q_len +
     i and sees keys 0..that position. GQA: query head h reads kv head h // (Hq // Hkv).
+
+    GPT-OSS's two options (absent, the attention is the plain one above):
+
+    * ``sinks`` (Hq,): a learned logit per query head that joins every row's softmax as one more
+      key, unscaled, whose value is zero: it takes probability mass and adds nothing.
+    * ``window``: sliding-window attention, a query at position p sees keys p - window + 1..p
+      (the last ``window`` positions, itself included).
     """
+    if sinks is not None or window is not None:
+        return _paged_attention_sinks_window(q, k_cache, v_cache, cu_seqlens_q, kv_lens,
+                                             block_tables, scale, sinks, window)
     out = torch.empty_like(q)
     group = q.shape[1] // k_cache.shape[2]
     starts, lens = cu_seqlens_q.tolist(), kv_lens.tolist()
@@ -189,6 +201,42 @@ def paged_attention(
         mask = q_pos[:, None] >= torch.arange(kv_len, device=q.device)[None, :]
         o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
         out[s:e] = o.transpose(0, 1)
+    return out
+
+
+def _paged_attention_sinks_window(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sinks: torch.Tensor | None,
+    window: int | None,
+) -> torch.Tensor:
+    """:func:`paged_attention` with sinks and/or a window, written out in fp32."""
+    out = torch.empty_like(q)
+    group = q.shape[1] // k_cache.shape[2]
+    starts, lens = cu_seqlens_q.tolist(), kv_lens.tolist()
+    for b in range(len(lens)):
+        s, e, kv_len = starts[b], starts[b + 1], lens[b]
+        if e == s:
+            continue
+        k = gather_kv(k_cache, block_tables[b], kv_len).float().repeat_interleave(group, dim=1)
+        v = gather_kv(v_cache, block_tables[b], kv_len).float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), k) * scale  # (Hq, q_len, kv_len)
+        q_pos = torch.arange(kv_len - (e - s), kv_len, device=q.device)[:, None]
+        k_pos = torch.arange(kv_len, device=q.device)[None, :]
+        visible = k_pos <= q_pos
+        if window is not None:
+            visible &= k_pos > q_pos - window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        if sinks is not None:
+            sink = sinks.float()[:, None, None].expand(-1, e - s, 1)  # (Hq, q_len, 1)
+            scores = torch.cat([scores, sink], dim=-1)
+        probs = scores.softmax(dim=-1)[..., :kv_len]  # the sink's share is dropped
+        out[s:e] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
     return out
 
 
@@ -219,3 +267,47 @@ def paged_attention_norm_rope(
     return paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
                            max_q_len, max_kv_len, num_decode)
 
+
+
+def moe_route(
+    logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A softmax router's choice: router logits (T, E) → ``(weights (T, k) fp32, expert ids (T,
+    k) int32)``, the ``top_k`` largest probabilities of an fp32 softmax, rescaled to sum to one
+    with ``renormalize`` (Qwen3-MoE's ``norm_topk_prob``)."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Mixture of SwiGLU experts: ``y_t = Σ_j w_tj · down_e(silu(gate_e x_t) · up_e x_t)`` over
+    the experts ``e = topk_ids[t, j]`` each token chose.
+
+    x (T, H); w_gate_up (E, 2I, H): each expert's gate rows, then its up rows; w_down (E, H, I);
+    topk_weights (T, k); topk_ids (T, k) → (T, H) in x's dtype. Each expert's projections and
+    its SwiGLU are rounded to x's dtype as when run apart; the weighted sum over the k choices
+    (the combine) is taken in fp32 and rounded once.
+    """
+    t, k = topk_ids.shape
+    flat = topk_ids.reshape(-1).long()  # (T·k,) expert of each (token, choice) pair
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+    counts = torch.bincount(flat, minlength=w_gate_up.shape[0]).tolist()
+    y = x.new_empty(t * k, w_down.shape[1])  # (T·k, H) each pair's expert output
+    start = 0
+    for e, n in enumerate(counts):  # only the experts that have tokens are read
+        if n:
+            pairs = order[start : start + n]
+            h = silu_and_mul(F.linear(x[pairs // k], w_gate_up[e]))  # (n, I)
+            y[pairs] = F.linear(h, w_down[e])
+            start += n
+    out = (y.view(t, k, -1).float() * topk_weights.float()[..., None]).sum(1)  # combine
+    return out.to(x.dtype)

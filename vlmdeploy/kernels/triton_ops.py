@@ -11,7 +11,9 @@ import torch
 
 from . import _TRITON
 from .decode_attention import decode_attention
+from .fused_moe_kernel import fused_moe_triton
 from .linear_row_kernel import linear_row_triton
+from .moe_route_kernel import moe_route_triton
 from .prefill_attention import prefill_attention
 from .qk_norm_rope_kernel import qk_norm_rope_store_triton, qk_norm_rope_triton
 from .rms_norm_kernel import rms_norm_triton
@@ -23,7 +25,9 @@ from .store_kv_kernel import store_kv_triton
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor,
                            block_tables: torch.Tensor, scale: float, max_q_len: int | None = None,
-                           max_kv_len: int | None = None, num_decode: int = 0) -> torch.Tensor:
+                           max_kv_len: int | None = None, num_decode: int = 0,
+                           sinks: torch.Tensor | None = None,
+                           window: int | None = None) -> torch.Tensor:
     """Triton twin of :func:`vlmdeploy.kernels.reference.paged_attention`.
 
     A pure decode batch (``max_q_len == 1``) takes the split-K decode kernel; prefill and chunked
@@ -31,23 +35,25 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     token each, the scheduler puts them first) take the decode kernel and the rest the prefill
     kernel, both writing into one output: the prefill kernel's grid is sized by the longest chunk,
     so one-token rows in it would be mostly empty programs. Without hints, one device read decides.
+    ``sinks`` and ``window`` (GPT-OSS) reach both kernels.
     """
+    opts = dict(sinks=sinks, window=window)
     if max_q_len is None and q.shape[0] > 0:
         max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
     if max_q_len == 1:
         return decode_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
-                                max_kv_len=max_kv_len)
+                                max_kv_len=max_kv_len, **opts)
     nd = num_decode
     if nd <= 0:
         return prefill_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
-                                 max_q_len=max_q_len)
+                                 max_q_len=max_q_len, **opts)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # the decode rows are tokens 0..nd-1 (prefix slices start where the tensors do); the prefill
     # kernel skips the first nd sequences
     decode_attention(q[:nd], k_cache, v_cache, cu_seqlens_q[: nd + 1], kv_lens[:nd],
-                     block_tables[:nd], scale, max_kv_len=max_kv_len, out=out[:nd])
+                     block_tables[:nd], scale, max_kv_len=max_kv_len, out=out[:nd], **opts)
     prefill_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
-                      max_q_len=max_q_len, out=out, seq_offset=nd)
+                      max_q_len=max_q_len, out=out, seq_offset=nd, **opts)
     return out
 
 
@@ -79,4 +85,6 @@ _TRITON.update(
     paged_attention=paged_attention_triton,
     paged_attention_norm_rope=paged_attention_norm_rope_triton,
     linear_row=linear_row_triton,
+    fused_moe=fused_moe_triton,
+    moe_route=moe_route_triton,
 )

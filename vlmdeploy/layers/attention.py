@@ -56,21 +56,29 @@ def current_metadata() -> AttentionMetadata:
 
 class PagedAttention(nn.Module):
     """Stores k/v of the new tokens, then attends q over the paged context. q: (T, Hq, D), k/v: (T,
-    Hkv, D)."""
+    Hkv, D). With ``window`` (GPT-OSS's sliding layers) each query sees its last ``window`` keys."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 window: int | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        self.window = window
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norm_rope: tuple | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        norm_rope: tuple | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """With ``norm_rope`` = ``(q_weight, k_weight, cos, sin, eps)``, q and k are raw
         projections, normalised per head and rotated (:func:`kernels.qk_norm_rope`) in the same
-        launches that store k and v (and, for a decode batch, attend)."""
+        launches that store k and v (and, for a decode batch, attend). ``sinks`` (Hq,): a sink
+        logit per head (GPT-OSS; :func:`kernels.paged_attention`)."""
         meta = current_metadata()
         layout = (meta.cu_seqlens_q, meta.kv_lens, meta.block_tables, self.scale)
         hints = dict(
@@ -81,6 +89,8 @@ class PagedAttention(nn.Module):
                 q, k, v, *norm_rope, self.k_cache, self.v_cache, meta.slot_mapping, *layout, **hints
             )
         kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if sinks is not None or self.window is not None:
+            hints.update(sinks=sinks, window=self.window)
         return kernels.paged_attention(q, self.k_cache, self.v_cache, *layout, **hints)
 
 

@@ -12,7 +12,9 @@ place so that it computes the same function through fused kernels.
   projection is one :func:`kernels.linear_row` with the RMSNorm before it, the SiLU-and-mul before
   ``down`` or the residual add after it fused in. Such a step is bound by reading the weights, and
   the small ops between the GEMMs would otherwise each cost a launch. The stream comes out of each
-  layer already summed, so no residual travels beside it.
+  layer already summed, so no residual travels beside it. A Qwen3-MoE layer's sparse MLP runs as
+  on the general path (its norm, then :func:`kernels.fused_moe`, which reads only the chosen
+  experts), its attention on the row path.
 * **The lm_head of one row** is a ``linear_row`` too: a matrix-vector kernel that streams the head
   once, with no split-K reduction after it.
 
@@ -36,10 +38,13 @@ from torch import nn
 from vlmdeploy import kernels
 from vlmdeploy.distributed.state import all_reduce
 from vlmdeploy.layers.linear import RowParallelLinear
+from vlmdeploy.layers.moe import SparseMoeBlock
 from vlmdeploy.layers.norm import norm_params
+from vlmdeploy.models.gpt_oss import GptOssForCausalLM
 from vlmdeploy.models.internvit import VisionEncoder, VisionLayer
 from vlmdeploy.models.internvl import InternVLForCausalLM
 from vlmdeploy.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3Model
+from vlmdeploy.models.qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeModel
 
 # Steps of up to this many tokens take the row path. Up to here linear_row (one row: a
 # matrix-vector kernel; more: a tensor-core kernel that reads each weight tile once for all rows)
@@ -51,8 +56,14 @@ ROW_PATH_TOKENS = 16
 def apply_fast_paths(model: InternVLForCausalLM) -> InternVLForCausalLM:
     """Rewire ``model`` in place and return it; applying it again changes nothing."""
     _swap(model.vision_model.encoder, VisionEncoder, FusedNormVisionEncoder)
-    _swap(model.language_model.model, Qwen3Model, RowPathQwen3Model)
-    _swap(model.language_model, Qwen3ForCausalLM, RowPathQwen3ForCausalLM)
+    if isinstance(model.language_model, GptOssForCausalLM):
+        return model  # GPT-OSS stays on its plain path (no row path for it yet)
+    if isinstance(model.language_model, Qwen3MoeForCausalLM):
+        _swap(model.language_model.model, Qwen3MoeModel, RowPathQwen3MoeModel)
+        _swap(model.language_model, Qwen3MoeForCausalLM, RowPathQwen3MoeForCausalLM)
+    else:
+        _swap(model.language_model.model, Qwen3Model, RowPathQwen3Model)
+        _swap(model.language_model, Qwen3ForCausalLM, RowPathQwen3ForCausalLM)
     return model
 
 
@@ -108,7 +119,7 @@ class RowPathQwen3Model(Qwen3Model):
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # Every layer of a step sees the same token count, so the path is chosen once per step.
         if inputs_embeds.shape[0] > ROW_PATH_TOKENS:
-            return super().forward(inputs_embeds, positions)
+            return Qwen3Model.forward(self, inputs_embeds, positions)  # (shared with MoE)
         cos, sin = self.rope(positions, inputs_embeds.dtype)
         h = inputs_embeds  # (T, H): the stream itself; each layer adds its updates to it
         for layer in self.layers:
@@ -126,6 +137,8 @@ def forward_row(
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
     qkv = kernels.linear_row(h, attn.qkv_proj.weight, norm1.weight, norm1.eps)  # (T, q + 2 kv)
     h = add_row_parallel(attn.attend(qkv, cos, sin), attn.o_proj, h)
+    if isinstance(mlp, SparseMoeBlock):  # the experts' own fused op, after its norm
+        return h + mlp(norm2(h))
     gate_up = kernels.linear_row(h, mlp.gate_up_proj.weight, norm2.weight, norm2.eps)
     return add_row_parallel(gate_up, mlp.down_proj, h, silu_mul=True)
 
@@ -147,4 +160,15 @@ class RowPathQwen3ForCausalLM(Qwen3ForCausalLM):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[0] == 1:  # a matrix-vector kernel streams the (V, H) head once
             return self.lm_head.gather(kernels.linear_row(hidden, self.lm_head.weight))
-        return super().compute_logits(hidden)
+        return Qwen3ForCausalLM.compute_logits(self, hidden)  # (shared with MoE)
+
+
+class RowPathQwen3MoeModel(Qwen3MoeModel):
+    """Qwen3-MoE on the row path: attention and dense MLPs as in :class:`RowPathQwen3Model`, each
+    sparse MLP through :func:`kernels.fused_moe` (which reads only the chosen experts)."""
+
+    forward = RowPathQwen3Model.forward
+
+
+class RowPathQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
+    compute_logits = RowPathQwen3ForCausalLM.compute_logits

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from vlmdeploy.config import ModelConfig
+from vlmdeploy.models.gpt_oss import GptOssForCausalLM
 from vlmdeploy.models.internvit import InternViT
 from vlmdeploy.models.qwen3 import Qwen3ForCausalLM
+from vlmdeploy.models.qwen3_moe import Qwen3MoeForCausalLM
 
 
 def pixel_shuffle(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
@@ -48,7 +50,12 @@ class InternVLForCausalLM(nn.Module):
         self.cfg = cfg
         self.vision_model = InternViT(cfg.vision, cfg.select_layer)
         self.mlp1 = Projector(cfg)
-        self.language_model = Qwen3ForCausalLM(cfg.text)
+        if cfg.text.is_gpt_oss:
+            self.language_model = GptOssForCausalLM(cfg.text)
+        else:
+            self.language_model = (
+                Qwen3MoeForCausalLM(cfg.text) if cfg.text.is_moe else Qwen3ForCausalLM(cfg.text)
+            )
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N tiles, 3, 448, 448) → (N, 256, H) language-model embeddings."""

@@ -4,8 +4,13 @@ Checkpoint names are first rewritten to the original layout (the model's own par
 split tensors are routed into fused parameters (q/k/v → ``qkv``/``qkv_proj``, gate/up →
 ``gate_up_proj``) by row block. Every parameter must be written exactly once in full: a missing,
 unexpected, duplicated or misshapen tensor is an error naming it, so nothing is ever left silently
-random. Only ``.safetensors`` files are read (a shard index may only name files beside it); no code
-from the checkpoint runs.
+random. GPT-OSS's MXFP4 expert pairs (``*_blocks`` + ``*_scales``) are dequantised on load
+(:mod:`vlmdeploy.models.mxfp4`). Only ``.safetensors`` files are read (a shard index may only
+name files beside it); no code from the checkpoint runs.
+
+A mixture-of-experts MLP's experts live in fused 3-D parameters; a checkpoint may store them so,
+or one tensor per expert and projection (``mlp.experts.{e}.gate_proj.weight``), each read into
+its expert's slice.
 
 Under tensor parallelism a parameter holds a shard (a :class:`ShardLayout`, declared by the
 parallel layers): a rank reads only those rows of each checkpoint tensor, and checks the tensor's
@@ -25,6 +30,7 @@ from safetensors import safe_open
 from torch import nn
 
 from vlmdeploy.layers.linear import Shard, ShardLayout, shard_layout
+from vlmdeploy.models import mxfp4
 
 # transformers-native (-HF) names → original names. Legacy -HF checkpoints drop the leading
 # "model.".
@@ -84,6 +90,17 @@ _STACKED: list[tuple[str, str, int]] = [
     (".mlp.gate_up_proj.", ".mlp.gate_proj.", 0),
     (".mlp.gate_up_proj.", ".mlp.up_proj.", 1),
 ]
+
+# One expert's tensor of a mixture-of-experts MLP → (fused 3-D parameter, part); the expert index
+# selects the slice along the parameter's first dim. Checkpoints that store the experts fused
+# (``mlp.experts.gate_up_proj`` (E, 2I, H), ``mlp.experts.down_proj`` (E, H, I), as transformers
+# 5 holds them) match the parameters by name.
+_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_PARTS = {
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", 0),
+}
 
 
 class WeightLoadError(ValueError):
@@ -174,27 +191,42 @@ def load_weights(model: nn.Module, model_path: str | Path, progress: bool = Fals
         pad = p.shape[layout.dim] - layout.local
         if pad > 0:
             p.data.narrow(layout.dim, layout.local, pad).zero_()
-    written: dict[str, set[int | None]] = {}  # parameter → parts written (None: the whole)
+    written: dict[str, set] = {}  # parameter → parts written: None (the whole), i, (expert, i)
     stats = LoadStats()
     files = safetensors_files(model_path)
+    packed = mxfp4.PackedExperts()  # GPT-OSS's MXFP4 experts: dequantised once both halves are in
     for sf in _open_files(files, progress and len(files) > 1):
         for ckpt_name in sf.keys():
+            src = sf.get_slice(ckpt_name)
+            if ckpt_name.endswith(mxfp4.SUFFIXES):
+                pair = packed.add(ckpt_name, sf.get_tensor(ckpt_name))
+                if pair is None:
+                    continue
+                ckpt_name, src = pair  # the whole dequantised tensor, under its plain name
             name = to_original_name(ckpt_name)
-            target, part = _route(name)
+            target, part, expert = _route(name)
             if target not in params:
                 raise WeightLoadError(
                     f"unexpected tensor {ckpt_name!r} in checkpoint (no parameter {target!r})"
                 )
+            piece = part if expert is None else (expert, part)
             done = written.setdefault(target, set())
             # A second writer (two layouts' names for one tensor, or a fused tensor and its
             # parts) would make the result depend on file order.
-            if part in done or None in done or (part is None and done):
+            if piece in done or None in done or (piece is None and done):
                 raise WeightLoadError(f"tensor {ckpt_name!r} writes {target!r} a second time")
-            layout = layouts[target]
-            if part is not None and len(layout.parts) == 1:
+            param, layout = params[target].data, layouts[target]
+            if expert is not None:  # one expert's slice; its layout drops the expert dim
+                if layout.dim < 1 or expert >= param.shape[0]:
+                    raise WeightLoadError(f"unexpected tensor {ckpt_name!r}: no expert {expert}")
+                param, layout = param[expert], ShardLayout(layout.dim - 1, layout.parts)
+                part = part if len(layout.parts) > 1 else None
+            elif part is not None and len(layout.parts) == 1:
                 raise WeightLoadError(f"unexpected tensor {ckpt_name!r}: {target!r} is not fused")
-            _read_into(params[target].data, layout, part, sf.get_slice(ckpt_name), ckpt_name, stats)
-            done.add(part)
+            _read_into(param, layout, part, src, ckpt_name, stats)
+            done.add(piece)
+    if packed.unpaired():
+        raise WeightLoadError(f"MXFP4 tensors without their other half: {packed.unpaired()}")
     _tie_lm_head(params, layouts, written)
     _check_complete(params, layouts, written)
     return stats
@@ -229,11 +261,17 @@ def _read_into(
     stats.tensors += 1
 
 
-def _route(name: str) -> tuple[str, int | None]:
+def _route(name: str) -> tuple[str, int | None, int | None]:
+    """(parameter, part of a fused parameter or None, expert or None) that tensor ``name``
+    fills."""
+    m = _EXPERT.search(name)
+    if m:
+        leaf, part = _EXPERT_PARTS[m.group(2)]
+        return f"{name[: m.start()]}.mlp.experts.{leaf}", part, int(m.group(1))
     for fused, part, shard in _STACKED:
         if part in name:
-            return name.replace(part, fused), shard
-    return name, None
+            return name.replace(part, fused), shard, None
+    return name, None, None
 
 
 def _part_name(param_name: str, shard: int) -> str:
@@ -247,7 +285,7 @@ def _part_name(param_name: str, shard: int) -> str:
 def _tie_lm_head(
     params: dict[str, nn.Parameter],
     layouts: dict[str, ShardLayout],
-    written: dict[str, set[int | None]],
+    written: dict[str, set],
 ) -> None:
     head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
     if head in params and head not in written and embed in written:
@@ -260,14 +298,23 @@ def _tie_lm_head(
 def _check_complete(
     params: dict[str, nn.Parameter],
     layouts: dict[str, ShardLayout],
-    written: dict[str, set[int | None]],
+    written: dict[str, set],
 ) -> None:
     for name in params:
         done = written.get(name, set())
         if None in done:
             continue
         n = len(layouts[name].parts)
-        missing = [name] if n == 1 else [_part_name(name, i) for i in range(n) if i not in done]
+        if any(isinstance(piece, tuple) for piece in done):  # experts written one by one
+            experts = params[name].shape[0]
+            missing = [
+                f"{name}[expert {e}, part {i}]"
+                for e in range(experts)
+                for i in range(n)
+                if (e, i) not in done
+            ]
+        else:
+            missing = [name] if n == 1 else [_part_name(name, i) for i in range(n) if i not in done]
         if missing:
             raise WeightLoadError(
                 f"the checkpoint has no tensor for {', '.join(map(repr, missing))} "

@@ -3,8 +3,9 @@
 Attention splits by heads: each rank takes ``num_heads / tp`` query heads. Key/value heads split
 evenly while there are at least ``tp`` of them; with fewer, each is replicated on ``tp /
 num_kv_heads`` ranks, and rank ``r`` takes KV head ``r * num_kv_heads // tp``, the one its query
-heads share under grouped-query attention. The MLP splits the intermediate width, the vocabulary
-is padded up to a multiple of ``tp``. The vision tower and the projector are replicated.
+heads share under grouped-query attention. The MLP splits the intermediate width (every expert of
+a mixture-of-experts MLP its own), the vocabulary is padded up to a multiple of ``tp``. The vision
+tower, the projector and the experts' router are replicated.
 
 The engine calls :func:`check_tensor_parallel` before it loads a weight, and sizes each rank's KV
 cache with :func:`local_kv_heads`.
@@ -32,6 +33,11 @@ def check_text(t: TextConfig, tp: int) -> None:
     if t.intermediate_size % tp:
         raise ValueError(
             f"tp={tp} does not divide the language model's intermediate size {t.intermediate_size}"
+        )
+    if t.is_moe and t.moe_intermediate_size % tp:
+        raise ValueError(
+            f"tp={tp} does not divide the language model's expert intermediate size "
+            f"{t.moe_intermediate_size} (each expert splits along it)"
         )
     kv = t.num_kv_heads
     if kv >= tp and kv % tp:

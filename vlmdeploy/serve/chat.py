@@ -30,10 +30,11 @@ from vlmdeploy.serve.jobs import (
 )
 from vlmdeploy.serve.logprobs import chat_logprobs
 from vlmdeploy.serve.protocol import ChatCompletionRequest
+from vlmdeploy.serve.reasoning import HARMONY_PARSERS
 from vlmdeploy.serve.sampling import check_chat_request, template_kwargs
 from vlmdeploy.serve.state import ServerState
 from vlmdeploy.serve.streaming import DONE, merge, sse
-from vlmdeploy.serve.tool_parsers import ChoiceParser, ToolCall
+from vlmdeploy.serve.tool_parsers import ChoiceParser, HarmonyToolParser, ToolCall
 from vlmdeploy.serve.tools import ToolPlan, plan_tools
 
 
@@ -47,6 +48,8 @@ async def _parse(request: Request, state: ServerState) -> tuple[Any, list[Any], 
     req.tool_plan = plan
     if plan.skip_special_tokens is not None:
         req.skip_special_tokens = plan.skip_special_tokens
+    if state.config.reasoning_parser in HARMONY_PARSERS:  # its channel markers are special
+        req.skip_special_tokens = False
     kwargs = {**(template_kwargs(req.chat_template_kwargs) or {}), **plan.template_kwargs}
     return req, [messages], kwargs or None
 
@@ -57,7 +60,10 @@ def _enable_thinking(req: ChatCompletionRequest) -> bool | None:
 
 def _choice_parser(state: ServerState, req: ChatCompletionRequest) -> ChoiceParser:
     plan: ToolPlan = req.tool_plan
-    return ChoiceParser(state.splitter(_enable_thinking(req)), plan.new_parser(), plan.prefix)
+    tools = plan.new_parser()
+    if tools is None and state.config.reasoning_parser in HARMONY_PARSERS:
+        tools = HarmonyToolParser()  # GPT-OSS: the analysis channel is the reasoning
+    return ChoiceParser(state.splitter(_enable_thinking(req)), tools, plan.prefix)
 
 
 def _reasoning_shown(state: ServerState, parser: ChoiceParser) -> bool:

@@ -8,6 +8,11 @@ Parser names are LMDeploy's (and vLLM's) so existing launch scripts work. Intern
 Intern-S1 emit the opening tag themselves, so those parsers start in answer mode. DeepSeek-R1 and
 QwQ templates end the prompt with `<think>`, so their output starts inside the reasoning block
 (unless thinking was switched off).
+
+GPT-OSS writes no tags: its reasoning is harmony's ``analysis`` channel. Its parser names
+(:data:`HARMONY_PARSERS`) hand each answer to the harmony parser of
+:mod:`vlmdeploy.serve.tool_parsers`, which splits the channels (and reads any calls), with the
+special tokens that mark them kept in the decoded text.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ REASONING_PARSERS: dict[str, bool] = {
     "deepseek-v32": False,
     "deepseek-v3.2": False,
     "deepseek-v4": False,
+    "gpt-oss": False,  # harmony: see HARMONY_PARSERS
+    "openai_gptoss": False,
 }
+HARMONY_PARSERS = ("gpt-oss", "openai_gptoss")  # LMDeploy's and vLLM's names
 
 
 def partial_suffix(text: str, tag: str) -> int:

@@ -1,7 +1,8 @@
 """Random-weight InternVL3.5 checkpoints of any preset size, in all three on-disk layouts.
 
     make_checkpoint(out_dir, preset='tiny', fmt='original' | 'hf' | 'hf-legacy', seed=0,
-                    dtype=torch.float32, device='cpu', weights=True, max_shard_bytes=4e9)
+                    dtype=torch.float32, device='cpu', weights=True, max_shard_bytes=4e9,
+                    fused_experts=False)
 
 What tensors each layout holds and their values: :mod:`vlmdeploy.testing.weights`; the config
 files: :mod:`vlmdeploy.testing.configs`. This module writes them.
@@ -94,14 +95,14 @@ def write_safetensors(path: Path, tensors: Sequence[FileTensor], dtype: torch.dt
 
 
 def _write_weights(out: Path, preset: Preset, fmt: str, seed: int, dtype: torch.dtype,
-                   device: str, max_shard_bytes: int) -> dict[str, Any]:
+                   device: str, max_shard_bytes: int, fused_experts: bool) -> dict[str, Any]:
     for stale in [*out.glob('model*.safetensors'), out / 'model.safetensors.index.json']:
         stale.unlink(missing_ok=True)  # a stale shard of another split would confuse loaders
-    tensors = file_tensors(preset, fmt)
+    tensors = file_tensors(preset, fmt, fused_experts)
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards = plan_shards(tensors, itemsize, max_shard_bytes)
     meta = {'generator': 'vlmdeploy.testing', 'preset': preset.name, 'seed': str(seed),
-            'format': fmt}
+            'format': fmt, **({'experts': 'fused'} if fused_experts else {})}
 
     def produce(ft: FileTensor) -> torch.Tensor:
         return make_file_tensor(ft, seed, preset.noisy, dtype, device)
@@ -131,8 +132,12 @@ def make_checkpoint(
     *,
     vision_overrides: dict[str, Any] | None = None,
     text_overrides: dict[str, Any] | None = None,
+    fused_experts: bool = False,
 ) -> Path:
-    """Write a random-weight checkpoint directory and return its path (see module docstring)."""
+    """Write a random-weight checkpoint directory and return its path (see module docstring).
+    A mixture-of-experts model stores its experts one tensor per expert and projection (as the
+    published checkpoints do), or with ``fused_experts`` as 3-D tensors (as transformers 5 holds
+    them)."""
     if fmt not in FORMATS:
         raise ValueError(f'unknown format {fmt!r}; expected one of {FORMATS}')
     if dtype not in _SAFETENSORS_DTYPES:
@@ -150,7 +155,7 @@ def make_checkpoint(
     _write_json(out / 'generation_config.json', generation_config())
     write_tokenizer(out, 'original' if fmt == 'original' else 'hf')
     if weights:
-        _write_weights(out, p, fmt, seed, dtype, device, int(max_shard_bytes))
+        _write_weights(out, p, fmt, seed, dtype, device, int(max_shard_bytes), fused_experts)
     return out
 
 
@@ -186,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
     ap.add_argument('--device', default='cpu', help="where to generate: 'cpu' or 'cuda'")
     ap.add_argument('--no-weights', action='store_true', help='config and tokenizer only')
+    ap.add_argument('--fused-experts', action='store_true',
+                    help='MoE experts as 3-D tensors (default: one tensor per expert)')
     ap.add_argument('--max-shard-gb', type=float, default=DEFAULT_SHARD_BYTES / 1e9)
     ap.add_argument('--text', action='append', default=[], metavar='KEY=VALUE',
                     help='override a language-model shape field (repeatable)')
@@ -198,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = make_checkpoint(args.out, preset, args.fmt, seed=args.seed,
                           dtype=getattr(torch, args.dtype), device=args.device,
                           weights=not args.no_weights,
-                          max_shard_bytes=int(args.max_shard_gb * 1e9))
+                          max_shard_bytes=int(args.max_shard_gb * 1e9),
+                          fused_experts=args.fused_experts)
     info = {'out': str(out), 'preset': preset.name, 'format': args.fmt, 'seed': args.seed,
             'dtype': args.dtype, 'params': preset.param_counts()['total'],
             'shapes': {'vision': asdict(preset.vision), 'text': asdict(preset.text)},

@@ -10,14 +10,43 @@ from typing import Any
 
 import torch
 
+from vlmdeploy.testing.gpt_oss import GptOssShape
+from vlmdeploy.testing.gpt_oss import text_config as gpt_oss_text_config
 from vlmdeploy.testing.presets import Preset
-from vlmdeploy.testing.weights import canonical_specs
+from vlmdeploy.testing.weights import file_tensors
 
 BOS_ID, EOS_ID, IMG_CONTEXT_ID = 151643, 151645, 151671
 
 
 def text_config(preset: Preset, dtype: torch.dtype) -> dict[str, Any]:
-    """The Qwen3 block shared by `llm_config` (original) and `text_config` (-HF)."""
+    """The Qwen3 (or Qwen3-MoE) block shared by `llm_config` (original) and `text_config`
+    (-HF)."""
+    t = preset.text
+    if isinstance(t, GptOssShape):
+        return gpt_oss_text_config(preset, _dtype_name(dtype), BOS_ID, EOS_ID)
+    if t.num_experts:
+        return {**_qwen3_config(preset, dtype), **_moe_config(preset)}
+    return _qwen3_config(preset, dtype)
+
+
+def _moe_config(preset: Preset) -> dict[str, Any]:
+    """What Qwen3-MoE's config.json adds to (and changes in) Qwen3's."""
+    t = preset.text
+    return {
+        'architectures': ['Qwen3MoeForCausalLM'],
+        'model_type': 'qwen3_moe',
+        'decoder_sparse_step': t.decoder_sparse_step,
+        'mlp_only_layers': list(t.mlp_only_layers),
+        'moe_intermediate_size': t.moe_intermediate_size,
+        'norm_topk_prob': t.norm_topk_prob,
+        'num_experts': t.num_experts,
+        'num_experts_per_tok': t.num_experts_per_tok,
+        'output_router_logits': False,
+        'router_aux_loss_coef': 0.001,
+    }
+
+
+def _qwen3_config(preset: Preset, dtype: torch.dtype) -> dict[str, Any]:
     t = preset.text
     return {
         'architectures': ['Qwen3ForCausalLM'],
@@ -187,7 +216,8 @@ def check_against_transformers(preset: Preset) -> None:
     with torch.device('meta'):
         model = InternVLForConditionalGeneration(InternVLConfig(**kwargs))
     theirs = {k: tuple(t.shape) for k, t in model.state_dict().items()}
-    ours = {s.name: s.shape for s in canonical_specs(preset)}
+    # transformers holds experts fused in 3-D (its loader also reads them per expert)
+    ours = {ft.name: ft.shape for ft in file_tensors(preset, 'hf', fused_experts=True)}
     if theirs != ours:
         diff = sorted(set(theirs.items()) ^ set(ours.items()))[:10]
         raise RuntimeError(f'parameter layout differs from transformers: {diff}')

@@ -24,6 +24,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmdeploy.testing.gpt_oss import GptOssShape, text_params
+
 VOCAB_SIZE = 151936
 IMAGE_SIZE = 448
 PATCH_SIZE = 14
@@ -56,7 +58,8 @@ class VisionShape:
 
 @dataclass(frozen=True)
 class TextShape:
-    """Qwen3 dense decoder."""
+    """Qwen3 decoder; with `num_experts` > 0 Qwen3-MoE, whose layers are sparse except those in
+    `mlp_only_layers` or off the `decoder_sparse_step` grid (dense: `intermediate_size`)."""
 
     hidden_size: int
     num_hidden_layers: int
@@ -69,6 +72,16 @@ class TextShape:
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 40960
     tie_word_embeddings: bool = False
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
 
 @dataclass(frozen=True)
@@ -77,7 +90,7 @@ class Preset:
 
     name: str
     vision: VisionShape
-    text: TextShape
+    text: TextShape | GptOssShape
     downsample_ratio: float = 0.5
     noisy: bool = False
     published: tuple[float, float, float] | None = field(default=None, compare=False)
@@ -118,12 +131,19 @@ def _projector_params(d_in: int, h: int) -> int:
     return 2 * d_in + d_in * h + h + h * h + h
 
 
-def _text_params(t: TextShape) -> int:
+def _text_params(t: TextShape | GptOssShape) -> int:
+    if isinstance(t, GptOssShape):
+        return text_params(t)
     h, d = t.hidden_size, t.head_dim
     attn = h * t.num_attention_heads * d * 2 + h * t.num_key_value_heads * d * 2 + 2 * d
-    layer = attn + 3 * h * t.intermediate_size + 2 * h
+    layers = (attn + 2 * h) * t.num_hidden_layers
+    for i in range(t.num_hidden_layers):
+        if t.is_sparse_layer(i):  # router + experts
+            layers += t.num_experts * (h + 3 * h * t.moe_intermediate_size)
+        else:
+            layers += 3 * h * t.intermediate_size
     heads = 1 if t.tie_word_embeddings else 2
-    return heads * t.vocab_size * h + t.num_hidden_layers * layer + h
+    return heads * t.vocab_size * h + layers + h
 
 
 # InternViT-300M-448px-V2.5 (1B..14B) and InternViT-6B-448px-V2.5 (38B).
@@ -140,6 +160,13 @@ def _qwen3(hidden: int, layers: int, heads: int, inter: int) -> TextShape:
                      num_key_value_heads=8, intermediate_size=inter)
 
 
+def _qwen3_moe(hidden: int, layers: int, heads: int, inter: int, moe_inter: int) -> TextShape:
+    """Qwen3-MoE: 4 KV heads, 128 experts, top-8 renormalised, every layer sparse."""
+    return TextShape(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     num_key_value_heads=4, intermediate_size=inter, num_experts=128,
+                     num_experts_per_tok=8, moe_intermediate_size=moe_inter)
+
+
 _TINY_VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=128)
 _TINY_TEXT = TextShape(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -152,7 +179,30 @@ PRESETS: dict[str, Preset] = {
     '8b': Preset('8b', VIT_300M, _qwen3(4096, 36, 32, 12288), published=(0.3, 8.2, 8.5)),
     '14b': Preset('14b', VIT_300M, _qwen3(5120, 40, 40, 17408), published=(0.3, 14.8, 15.1)),
     '38b': Preset('38b', VIT_6B, _qwen3(5120, 64, 64, 25600), published=(5.5, 32.8, 38.4)),
+    # Qwen3-30B-A3B and Qwen3-235B-A22B (their config.json) with the towers InternVL3.5 pairs
+    # them with; 241b-a28b is meant for load_format='dummy' (about 480 GB in bf16).
+    '30b-a3b': Preset('30b-a3b', VIT_300M, _qwen3_moe(2048, 48, 32, 6144, 768),
+                      published=(0.3, 30.5, 30.8)),
+    '241b-a28b': Preset('241b-a28b', VIT_6B, _qwen3_moe(4096, 94, 64, 12288, 1536),
+                        published=(5.5, 235.1, 240.7)),
     'tiny': Preset('tiny', dataclasses.replace(VIT_300M, **_TINY_VISION), _TINY_TEXT, noisy=True),
+    # 8 experts top-2 over an expert width no power of two, layer 1 dense (mlp_only_layers).
+    'tiny-moe': Preset('tiny-moe', dataclasses.replace(VIT_300M, **_TINY_VISION),
+                       dataclasses.replace(_TINY_TEXT, num_hidden_layers=3, num_experts=8,
+                                           num_experts_per_tok=2, moe_intermediate_size=48,
+                                           mlp_only_layers=(1,)),
+                       noisy=True),
+    # InternVL3.5-GPT-OSS-20B-A4B-Preview: InternViT-300M + gpt-oss-20b (testing/gpt_oss.py).
+    'gpt-oss-20b': Preset('gpt-oss-20b', VIT_300M, GptOssShape(
+        hidden_size=2880, num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8,
+        intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4)),
+    # 4 layers (sliding, full, sliding, full) with a window of 8, 8 experts top-3 of width 24,
+    # 6 heads over 2 kv heads
+    'tiny-gpt-oss': Preset('tiny-gpt-oss', dataclasses.replace(VIT_300M, **_TINY_VISION),
+                           GptOssShape(hidden_size=64, num_hidden_layers=4, num_attention_heads=6,
+                                       num_key_value_heads=2, intermediate_size=24, head_dim=16,
+                                       num_local_experts=8, num_experts_per_tok=3,
+                                       sliding_window=8), noisy=True),
     'tiny-6b': Preset('tiny-6b', dataclasses.replace(VIT_6B, **_TINY_VISION), _TINY_TEXT,
                       noisy=True),
 }

@@ -46,11 +46,14 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class FileTensor:
-    """One tensor as stored: its on-disk name and the canonical tensors concatenated on dim 0."""
+    """One tensor as stored: its on-disk name and the canonical tensors concatenated on dim 0;
+    with `stack` > 0 (experts stored fused) the parts form `stack` equal groups, each
+    concatenated on dim 0, stacked along a new dim 0."""
 
     name: str
     shape: tuple[int, ...]
     parts: tuple[TensorSpec, ...]
+    stack: int = 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +114,10 @@ def _projector_specs(p: Preset) -> list[TensorSpec]:
 
 
 def _text_specs(p: Preset) -> list[TensorSpec]:
+    from vlmdeploy.testing.gpt_oss import GptOssShape, text_specs
+
+    if isinstance(p.text, GptOssShape):
+        return text_specs(p.text)
     t, h = p.text, p.text.hidden_size
     q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
     lm = 'model.language_model.'
@@ -123,15 +130,45 @@ def _text_specs(p: Preset) -> list[TensorSpec]:
                 TensorSpec(a + 'o_proj.weight', (h, q), 'normal'),
                 TensorSpec(a + 'q_norm.weight', (t.head_dim,), 'norm'),
                 TensorSpec(a + 'k_norm.weight', (t.head_dim,), 'norm'),
-                TensorSpec(m + 'gate_proj.weight', (t.intermediate_size, h), 'normal'),
-                TensorSpec(m + 'up_proj.weight', (t.intermediate_size, h), 'normal'),
-                TensorSpec(m + 'down_proj.weight', (h, t.intermediate_size), 'normal'),
+                *(_expert_specs(t, m) if t.is_sparse_layer(i) else _mlp_specs(t, m)),
                 TensorSpec(f'{lm}layers.{i}.input_layernorm.weight', (h,), 'norm'),
                 TensorSpec(f'{lm}layers.{i}.post_attention_layernorm.weight', (h,), 'norm')]
     out.append(TensorSpec(lm + 'norm.weight', (h,), 'norm'))
     if not t.tie_word_embeddings:
         out.append(TensorSpec('lm_head.weight', (t.vocab_size, h), 'normal'))
     return out
+
+
+def _mlp_specs(t, m: str) -> list[TensorSpec]:
+    h, f = t.hidden_size, t.intermediate_size
+    return [TensorSpec(m + 'gate_proj.weight', (f, h), 'normal'),
+            TensorSpec(m + 'up_proj.weight', (f, h), 'normal'),
+            TensorSpec(m + 'down_proj.weight', (h, f), 'normal')]
+
+
+def _expert_specs(t, m: str) -> list[TensorSpec]:
+    """A sparse MLP: the router, then each expert's gate, up and down (expert-major, the order
+    the fused 3-D tensors stack them in)."""
+    h, f = t.hidden_size, t.moe_intermediate_size
+    out = [TensorSpec(m + 'gate.weight', (t.num_experts, h), 'normal')]
+    for e in range(t.num_experts):
+        out += [TensorSpec(f'{m}experts.{e}.gate_proj.weight', (f, h), 'normal'),
+                TensorSpec(f'{m}experts.{e}.up_proj.weight', (f, h), 'normal'),
+                TensorSpec(f'{m}experts.{e}.down_proj.weight', (h, f), 'normal')]
+    return out
+
+
+# Per-expert tensors stored fused (as transformers 5's Qwen3-MoE holds them): gate and up of
+# expert e become rows [2I·e, 2I·e + 2I) of `gate_up_proj` (E, 2I, H), down `down_proj` (E, H, I).
+_FUSED_EXPERT = re.compile(r'\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$')
+
+
+def _fuse_experts(name: str) -> str:
+    m = _FUSED_EXPERT.search(name)
+    if not m:
+        return name
+    leaf = 'down_proj' if m.group(1) == 'down_proj' else 'gate_up_proj'
+    return f'{name[:m.start()]}.mlp.experts.{leaf}'
 
 
 # Ordered renames from -HF names to the other layouts (first matching prefix rule wins for the
@@ -161,8 +198,11 @@ _ORIGINAL_RULES = [
 ]
 
 
-def stored_name(name: str, fmt: str) -> str:
-    """The on-disk name of canonical tensor `name` in format `fmt` (q/k/v map to `qkv`)."""
+def stored_name(name: str, fmt: str, fused_experts: bool = False) -> str:
+    """The on-disk name of canonical tensor `name` in format `fmt` (q/k/v map to `qkv`); with
+    `fused_experts` each expert's tensors map to the 3-D `gate_up_proj` / `down_proj`."""
+    if fused_experts:
+        name = _fuse_experts(name)
     if fmt == 'hf':
         return name
     if fmt == 'hf-legacy':
@@ -177,15 +217,22 @@ def stored_name(name: str, fmt: str) -> str:
     raise ValueError(f'unknown format {fmt!r}; expected one of {FORMATS}')
 
 
-def file_tensors(preset: Preset, fmt: str) -> list[FileTensor]:
-    """The tensors a checkpoint of `fmt` holds, in write order; fused ones list their parts."""
+def file_tensors(preset: Preset, fmt: str, fused_experts: bool = False) -> list[FileTensor]:
+    """The tensors a checkpoint of `fmt` holds, in write order; fused ones list their parts.
+    `fused_experts`: experts as 3-D tensors (else one tensor per expert and projection)."""
     grouped: dict[str, list[TensorSpec]] = {}
     for spec in canonical_specs(preset):
-        grouped.setdefault(stored_name(spec.name, fmt), []).append(spec)
+        grouped.setdefault(stored_name(spec.name, fmt, fused_experts), []).append(spec)
     out = []
     for name, parts in grouped.items():
-        rows = sum(s.shape[0] for s in parts)  # q, k, v stack along the output dim
-        out.append(FileTensor(name, (rows, *parts[0].shape[1:]), tuple(parts)))
+        # per-expert parts stored as one 3-D tensor (GPT-OSS's canonical tensors are 3-D already)
+        fused = name.endswith(('.gate_up_proj', '.down_proj')) and bool(
+            _FUSED_EXPERT.search(parts[0].name))
+        stack = preset.text.num_experts if fused else 0
+        groups = len(parts) // stack if stack else len(parts)
+        rows = sum(s.shape[0] for s in parts[:groups])  # q, k, v stack along the output dim
+        shape = (rows, *parts[0].shape[1:])
+        out.append(FileTensor(name, (stack, *shape) if stack else shape, tuple(parts), stack))
     return out
 
 
@@ -227,5 +274,9 @@ def make_tensor(spec: TensorSpec, seed: int = 0, *, noisy: bool = False,
 def make_file_tensor(ft: FileTensor, seed: int, noisy: bool, dtype: torch.dtype,
                       device: str) -> torch.Tensor:
     parts = [make_tensor(s, seed, noisy=noisy, dtype=dtype, device=device) for s in ft.parts]
+    if ft.stack:  # experts: (E, 2I, H) from each expert's (gate; up), (E, H, I) from its down
+        per = len(parts) // ft.stack
+        groups = [torch.cat(parts[i:i + per], dim=0) for i in range(0, len(parts), per)]
+        return torch.stack(groups).to('cpu').contiguous()
     t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # (3C, C) for fused qkv
     return t.to('cpu').contiguous()

@@ -1,0 +1,216 @@
+"""GPT-OSS decoder (the language model of InternVL3.5-GPT-OSS-20B-A4B), over packed token batches.
+
+Per layer: ``h = x + o_proj(attn(rope(q), rope(k), v))``; ``out = h + moe(h)``, both halves
+pre-normed with RMSNorm. What differs from Qwen3:
+
+* attention: biases on q/k/v/o, no q/k norm, a learned **sink** logit per head in the softmax,
+  and a **sliding window** on the layers ``layer_types`` names ``sliding_attention`` (the others
+  see the whole context); RoPE with **YaRN** (:mod:`vlmdeploy.layers.rotary`).
+* MLP: a mixture of experts. The router (a biased linear) picks the top-k experts by logit and
+  weighs them by a softmax over those k logits only. Each expert is a biased gate/up projection,
+  GPT-OSS's clamped SwiGLU — ``gate = min(gate, limit)``, ``up = clamp(up, ±limit)``,
+  ``(up + 1) · gate · σ(alpha · gate)`` — and a biased down projection.
+
+Expert weights keep the checkpoint's layout (transformers' ``GptOssExperts``): ``gate_up_proj``
+(E, H, 2I) with gate and up **interleaved** along the last dimension (column 2j is gate j, 2j + 1
+is up j), ``down_proj`` (E, I, H), both applied as ``x @ W``. The experts run as a plain grouped
+loop over the experts that have tokens (only those weights are read); a fused kernel is later
+work, and the loop reads the routing on the host, so this model runs without CUDA graphs.
+
+Tensor parallel: heads (and their sinks) split over the ranks, o_proj row-parallel; every rank
+holds every expert's slice of the intermediate dimension — a contiguous run of the interleaved
+gate/up columns and the matching rows of ``down_proj`` — and one all-reduce after the combine
+completes the layer's MLP. The down biases are added once, after it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmdeploy import kernels
+from vlmdeploy.config import TextConfig
+from vlmdeploy.distributed.state import all_reduce, tp_rank, tp_size
+from vlmdeploy.kernels.reference import apply_rope
+from vlmdeploy.layers.attention import PagedAttention
+from vlmdeploy.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from vlmdeploy.layers.linear import ColumnParallelLinear, RowParallelLinear, Shard, ShardLayout
+from vlmdeploy.layers.norm import RMSNorm
+from vlmdeploy.layers.rotary import YarnRotary
+from vlmdeploy.models.tp_plan import local_kv_heads, qkv_shards
+
+
+class GptOssAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        tp = tp_size()
+        self.num_heads, self.num_kv_heads, self.head_dim = (  # this rank's heads
+            cfg.num_heads // tp,
+            local_kv_heads(cfg.num_kv_heads, tp),
+            cfg.head_dim,
+        )
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
+        bias = cfg.attention_bias
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size, qkv_shards(cfg, tp, tp_rank()), bias=bias
+        )
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads))  # this rank's heads' sinks
+        self.shard_layouts = {"sinks": ShardLayout(0, (Shard.even(cfg.num_heads),))}
+        self.attn = PagedAttention(
+            self.num_heads,
+            self.num_kv_heads,
+            cfg.head_dim,
+            cfg.head_dim**-0.5,
+            window=cfg.layer_window(layer),
+        )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)  # (T, Hq, D)
+        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)  # (T, Hkv, D)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        o = self.attn(q, k, v, sinks=self.sinks)  # (T, Hq, D)
+        return self.o_proj(o.flatten(1))
+
+
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPT-OSS's router choice: logits (T, E) → (weights (T, k), expert ids (T, k)): the k largest
+    logits and a softmax over those k alone, in the logits' dtype."""
+    top, ids = torch.topk(logits, top_k, dim=-1)
+    return torch.softmax(top, dim=-1), ids
+
+
+def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """(n, 2I) interleaved gate/up → (n, I): ``(up + 1) · gate · σ(alpha · gate)`` after the
+    clamps (the gate from above only)."""
+    gate = gate_up[..., 0::2].clamp(max=limit)
+    up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+class GptOssExperts(nn.Module):
+    """E experts of this rank's intermediate slice; ``forward`` computes the weighted sum of the
+    chosen experts' outputs, without their down biases (see :meth:`down_bias`)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        e, h = cfg.num_experts, cfg.hidden_size
+        inter = Shard.even(cfg.intermediate_size)  # this rank's slice of every expert
+        gate_up = Shard.even(2 * cfg.intermediate_size)  # = its gate/up column pairs
+        self.gate_up_proj = nn.Parameter(torch.empty(e, h, gate_up.size))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(e, gate_up.size))
+        self.down_proj = nn.Parameter(torch.empty(e, inter.size, h))
+        self.down_proj_bias = nn.Parameter(torch.empty(e, h))
+        self.shard_layouts = {
+            "gate_up_proj": ShardLayout(2, (gate_up,)),
+            "gate_up_proj_bias": ShardLayout(1, (gate_up,)),
+            "down_proj": ShardLayout(1, (inter,)),
+        }
+        self.alpha, self.limit = cfg.swiglu_alpha, cfg.swiglu_limit
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x (T, H), weights and ids (T, k) → Σ_j weights[t, j] · expert_ids[t, j](x_t), (T, H)."""
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "GPT-OSS's expert loop reads the routing on the host and cannot be captured in "
+                "a CUDA graph: run it with eager_mode=True"
+            )
+        k = ids.shape[1]
+        flat = ids.reshape(-1)  # (T·k,) the expert of each (token, choice) pair
+        order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):  # only the experts that have tokens are read
+            if not n:
+                continue
+            pairs = order[start : start + n]
+            start += n
+            tokens = pairs // k
+            h = x[tokens] @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]  # (n, 2I)
+            y = clamped_swiglu(h, self.alpha, self.limit) @ self.down_proj[e]  # (n, H)
+            out.index_add_(0, tokens, y * weights.reshape(-1)[pairs, None])
+        return out
+
+    def down_bias(self, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Σ_j weights[t, j] · down_proj_bias[ids[t, j]]: (T, H)."""
+        return (self.down_proj_bias[ids] * weights[..., None]).sum(1)
+
+
+class GptOssMLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=True)  # replicated
+        self.experts = GptOssExperts(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(self.router(x), self.top_k)  # (T, k) each
+        y = all_reduce(self.experts(x, weights, ids))  # partial sums over intermediate slices
+        return y + self.experts.down_bias(weights, ids)
+
+
+class GptOssDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.self_attn = GptOssAttention(cfg, layer)
+        self.mlp = GptOssMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` (T, H) and ``residual`` (None: ``x`` is the stream) → the same pair after this
+        layer; the sum is left to the next norm, which fuses it."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class GptOssModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(GptOssDecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = (
+            YarnRotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            if cfg.rope_scaling is not None
+            else None
+        )
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """inputs_embeds: (T, H); positions: (T,) → hidden states (T, H)."""
+        cos, sin = self.rope(positions, inputs_embeds.dtype)
+        x, residual = inputs_embeds, None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin)
+        return self.norm(x, residual)[0]
+
+    def rope(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables (cos, sin) of ``positions``, shared by every layer of a step."""
+        if self.rotary is None:
+            return kernels.rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+        return self.rotary(positions, dtype)
+
+
+class GptOssForCausalLM(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.model = GptOssModel(cfg)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(T, H) → the full logits (T, V), on every rank."""
+        return self.lm_head(hidden)
+
