@@ -38,5 +38,13 @@ class ImageError(InvalidRequestError):
             self.status = 413 if param == "body" else 400
 
 
+class VideoError(ImageError):
+    """A video could not be fetched, decoded or accepted (an ``ImageError``, so everything that
+    handles image refusals handles it). ``code`` is one of ``invalid_video_url``,
+    ``invalid_video_format`` (corrupt, empty, no video stream), ``unsupported_video_type``,
+    ``video_too_large`` (bytes, duration, frames, pixels), ``video_fetch_timeout``,
+    ``video_decode_timeout``, ``invalid_video_params`` or ``cancelled``."""
+
+
 class EngineDeadError(RuntimeError):
     """The engine loop failed; every in-flight and future request fails with this."""

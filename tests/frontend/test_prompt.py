@@ -174,7 +174,7 @@ def test_system_message_and_multi_turn_history():
 
 
 def test_unknown_part_type():
-    content = [{"type": "text", "text": "x"}, {"type": "video_url", "video_url": {"url": "v"}}]
+    content = [{"type": "text", "text": "x"}, {"type": "input_audio", "input_audio": {}}]
     with pytest.raises(InvalidRequestError) as err:
         build_conversation([{"role": "user", "content": content}])
     assert err.value.code == "unsupported_content_type"

@@ -66,8 +66,8 @@ def _texts(prompt: Any) -> tuple[str, list[str]]:
         for part in content:
             if part["type"] == "text":
                 text.append(part["text"])
-            else:
-                urls.append(part["image_url"]["url"])
+            elif part["type"] == "image_url":
+                urls.append(part["image_url"]["url"])  # video parts: taken, never decoded
     return " ".join(text), urls
 
 

@@ -61,8 +61,8 @@ def test_p3_bad_messages_name_the_exact_param(client, fake, messages, param):
     assert fake.prepared == []
 
 
-@pytest.mark.parametrize("part", [{"type": "video_url", "video_url": {"url": "x"}},
-                                  {"type": "input_audio"}, {"type": "file"}, {"type": "image"}])
+@pytest.mark.parametrize("part", [{"type": "video"}, {"type": "input_audio"}, {"type": "file"},
+                                  {"type": "image"}])
 def test_p4_unsupported_content_type(client, part):
     body = chat([{"type": "text", "text": "hi"}, part])
     assert_error(client.post(URL, json=body), 400, "unsupported_content_type",

@@ -13,7 +13,9 @@ Two shortcuts skip work the engine would not use:
   if the embedding was evicted in between.
 * An inline image (a ``data:`` URL or bytes) seen before is not even decoded: its source's digest
   maps to its content hash and tile count (:mod:`vlmdeploy.vl.source_memo`), and its TileSource
-  decodes it from the source should the tiles be needed. Paths, http URLs and PIL images are always
+  decodes it from the source should the tiles be needed. The frames of an inline video likewise
+  (keyed by the video's digest, its sampling and the frame's index): a follow-up question about
+  the same video decodes nothing. Paths, http URLs and PIL images are always
   loaded, since what they name may change.
 
 TileSources are frozen dataclasses of plain data (an image or its inline source, the limits it was
@@ -39,8 +41,9 @@ from vlmdeploy.errors import ContextLengthExceeded, ImageError, InvalidRequestEr
 from vlmdeploy.frontend.prompt import ImageRef
 from vlmdeploy.vl.media import MediaPolicy, load_image
 from vlmdeploy.vl.media_policy import MSG_URL
-from vlmdeploy.vl.source_memo import SourceMemo, source_key
+from vlmdeploy.vl.source_memo import SourceMemo, source_key, video_frame_key
 from vlmdeploy.vl.tiling import TilingParams, raw_tiles
+from vlmdeploy.vl.video import VideoFrame, load_video
 
 # A request's images together may take this many times the per-image fetch timeout.
 REQUEST_MEDIA_BUDGET = 2.0
@@ -97,6 +100,36 @@ class InlineImageTiles:
 
     def make_tiles(self) -> torch.Tensor:
         return tiles_of(load_image(self.source, self.policy), self.params)
+
+
+@dataclass(frozen=True, eq=False)
+class InlineVideoFrameTiles:
+    """A :class:`TileSource` for one frame of an inline video: the video decoded again from its
+    source and sampled as before, only if the engine dropped the frame's embedding."""
+
+    source: str | bytes
+    num_frames: int
+    start: float | None
+    end: float | None
+    index: int
+    policy: MediaPolicy
+    params: TilingParams
+
+    @classmethod
+    def of(
+        cls, frame: VideoFrame, policy: MediaPolicy, params: TilingParams
+    ) -> InlineVideoFrameTiles:
+        """Plain data that pickles: buffers copied, the policy's resolver dropped."""
+        clip = frame.clip
+        source = clip.source
+        if isinstance(source, (bytearray, memoryview)):
+            source = bytes(source)
+        policy = dataclasses.replace(policy, resolver=None)
+        return cls(source, clip.num_frames, clip.start, clip.end, frame.index, policy, params)
+
+    def make_tiles(self) -> torch.Tensor:
+        video = load_video(self.source, self.num_frames, self.start, self.end, policy=self.policy)
+        return tiles_of(video.frames[self.index], self.params)
 
 
 @dataclass
@@ -170,7 +203,8 @@ class ImagePreparer:
                     param=ref.param,
                 )
             params = self.params(ref)
-            key = source_key(ref.source, policy, params)
+            key = (video_frame_key(ref.source, policy, params) if isinstance(ref.source, VideoFrame)
+                   else source_key(ref.source, policy, params))
             item = self._recall(ref, policy, params, key) or self._load_sized(
                 ref, dataclasses.replace(policy, timeout_s=min(policy.timeout_s, remaining)),
                 params, key, cancel,
@@ -193,6 +227,9 @@ class ImagePreparer:
         if known is None or not self.is_cached(known[0]):
             return None
         digest, n = known
+        if isinstance(ref.source, VideoFrame):  # a repeated inline video: not even decoded
+            return PreparedImage(None, n, digest, InlineVideoFrameTiles.of(ref.source, policy,
+                                                                           params))
         return PreparedImage(None, n, digest, InlineImageTiles(ref.source, policy, params))
 
     def _load_sized(
@@ -210,6 +247,8 @@ class ImagePreparer:
         self, ref: ImageRef, policy: MediaPolicy, cancel: threading.Event | None = None
     ) -> Image.Image:
         try:
+            if isinstance(ref.source, VideoFrame):  # the first frame decodes the whole clip
+                return ref.source.image(policy, cancel)  # RGB, checked against video limits
             return load_image(ref.source, policy, cancel)
         except ImageError as exc:
             exc.param = exc.param or ref.param  # name the offending part: messages[i].content[j]…

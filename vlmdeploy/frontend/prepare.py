@@ -32,11 +32,12 @@ from vlmdeploy.errors import ContextLengthExceeded, InvalidRequestError
 from vlmdeploy.frontend.guided import GuidedDecoding
 from vlmdeploy.frontend.images import ImagePreparer, PreparedImage
 from vlmdeploy.frontend.limits import check_encodable, check_prompt_size, default_max_prompt_chars
-from vlmdeploy.frontend.prompt import PromptEncoder, has_images, image_offsets
+from vlmdeploy.frontend.prompt import ImageRef, PromptEncoder, has_images, image_offsets
 from vlmdeploy.frontend.tokenizer import Tokenizer
 from vlmdeploy.messages import GenerationConfig
 from vlmdeploy.vl.media import MediaPolicy
 from vlmdeploy.vl.tiling import TilingParams
+from vlmdeploy.vl.video import VideoFrame
 
 # Threads that fetch, decode, hash and tile images. Two keep up with the GPU on every workload
 # measured (docs/results.csv). More starve the engine thread: it gives the GIL up at every
@@ -119,7 +120,8 @@ class Preparer:
         check_encodable(prompt, param)
         check_encodable(gen.stop_words, "stop_words")
         check_encodable(gen.bad_words, "bad_words")
-        text, refs = self.prompts.render(prompt, chat_template_kwargs, do_preprocess)
+        policy = media_policy or MediaPolicy()
+        text, refs = self.prompts.render(prompt, chat_template_kwargs, do_preprocess, policy.video)
         segments = self.prompts.encode_text(text, len(refs))
         text_tokens = sum(map(len, segments)) + 2 * len(refs)  # + each image's <img>, </img>
         if text_tokens >= self.session_len:
@@ -128,7 +130,8 @@ class Preparer:
                 f"session_len={self.session_len}",
                 param=param,
             )
-        images = self.images.prepare(refs, media_policy, cancel, text_tokens)
+        self._check_video_room(refs, text_tokens)
+        images = self.images.prepare(refs, policy, cancel, text_tokens)
         sizes = [im.num_tiles * self.tokens_per_tile for im in images]
         ids = self.prompts.join(segments, sizes)
         inputs = _image_inputs(ids, images, sizes, self.tokenizer.image_ids["img_context"])
@@ -231,6 +234,17 @@ class Preparer:
                 f"request may have (max_new_tokens, and session_len={self.session_len} less the "
                 f"prompt's {num_prompt_tokens})",
                 param="min_new_tokens",
+            )
+
+    def _check_video_room(self, refs: list[ImageRef], text_tokens: int) -> None:
+        """Refuse, before any video is fetched or decoded, a prompt whose video frames (a tile
+        each at least) cannot fit ``session_len`` beside its text."""
+        frames = sum(isinstance(ref.source, VideoFrame) for ref in refs)
+        need = text_tokens + frames * self.tokens_per_tile
+        if frames and need >= self.session_len:
+            raise ContextLengthExceeded(
+                f"the prompt's text and {frames} video frames need {need} tokens or more, which "
+                f"does not fit session_len={self.session_len}; ask for fewer frames (num_frames)"
             )
 
     def _check_fits(self, num_prompt_tokens: int, sampling: SamplingParams) -> None:

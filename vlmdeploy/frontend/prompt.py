@@ -3,7 +3,11 @@ blocks.
 
 Accepted prompt forms (LMDeploy's): a string; a ``(text, image)`` or ``(text, [images])`` tuple (or
 the same with the image first); an OpenAI-style message list whose user contents may hold
-``text``, ``image_url`` and ``image`` parts. Placement rules:
+``text``, ``image_url`` and ``image`` parts. Videos: a :class:`~vlmdeploy.vl.video.Video` (from
+``load_video``) in place of an image in the tuple forms, or ``video_url`` / ``video`` parts. Each
+video becomes ``Frame{i}: IMAGE_TOKEN\n`` per frame (i from 1) where it stands, its frames
+ordinary images of ``max_dynamic_patch`` tiles each (1 unless asked), as the model card prompts
+videos. Placement rules:
 
 * if any user text contains ``IMAGE_TOKEN``, each occurrence takes the next image, in order, and
   image parts only supply the images;
@@ -35,6 +39,8 @@ import jinja2.sandbox
 from vlmdeploy.errors import InvalidRequestError
 from vlmdeploy.frontend.tools import inline_tools, template_renders_tools
 from vlmdeploy.vl.constants import IMAGE_TOKEN
+from vlmdeploy.vl.media_policy import VideoLimits
+from vlmdeploy.vl.video import Video, VideoClip, VideoFrame, check_sampling
 
 if TYPE_CHECKING:
     from vlmdeploy.frontend.tokenizer import Tokenizer
@@ -92,7 +98,7 @@ def to_messages(prompt: Any) -> list[dict[str, Any]]:
     if isinstance(prompt, tuple) and len(prompt) == 2 and _text_first(*prompt) is not None:
         text, images = prompt if _text_first(*prompt) else prompt[::-1]
         images = images if isinstance(images, list) else [images]
-        parts = [{"type": "image", "image": im} for im in images]
+        parts = [_media_part(im) for im in images]
         return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
         return prompt
@@ -102,6 +108,13 @@ def to_messages(prompt: Any) -> list[dict[str, Any]]:
         code="invalid_prompt",
         param="prompts",
     )
+
+
+def _media_part(item: Any) -> dict[str, Any]:
+    """A tuple prompt's image or :class:`~vlmdeploy.vl.video.Video` as a content part."""
+    if isinstance(item, Video):
+        return {"type": "video", "video": item}
+    return {"type": "image", "image": item}
 
 
 def _text_first(a: Any, b: Any) -> bool | None:
@@ -118,9 +131,11 @@ def _looks_like_image_url(s: str) -> bool:
     return s.startswith(("http://", "https://", "data:image", "file://"))
 
 
-def build_conversation(messages: list[dict[str, Any]]) -> Conversation:
+def build_conversation(
+    messages: list[dict[str, Any]], video: VideoLimits | None = None
+) -> Conversation:
     """Flatten message contents to strings, collecting images and placing ``IMAGE_TOKEN``
-    markers."""
+    markers. ``video``: how many frames a video part gets by default and may ask for."""
     if not messages:
         raise InvalidRequestError(
             "messages must not be empty", code="empty_array", param="messages"
@@ -130,7 +145,15 @@ def build_conversation(messages: list[dict[str, Any]]) -> Conversation:
         for m in messages
         if isinstance(m, dict) and m.get("role") == "user"
     )
+    if explicit and _has_video_parts(messages):
+        raise InvalidRequestError(
+            f"a prompt with videos cannot place images with {IMAGE_TOKEN} in its text; use "
+            "image parts where the images go",
+            code="invalid_prompt",
+            param="messages",
+        )
     conv = Conversation(messages=[])
+    video = video or VideoLimits()
     for i, msg in enumerate(messages):
         role = msg.get("role") if isinstance(msg, dict) else None
         if role not in _ROLES:
@@ -142,7 +165,7 @@ def build_conversation(messages: list[dict[str, Any]]) -> Conversation:
         content = msg.get("content")
         if content is None and (role == "assistant" and msg.get("tool_calls")):
             content = ""  # an assistant turn that only called tools
-        text = _flatten(content, conv.images, explicit, f"messages[{i}].content")
+        text = _flatten(content, conv.images, explicit, f"messages[{i}].content", video)
         conv.messages.append({"role": role, "content": text,
                               **{k: msg[k] for k in _TOOL_KEYS if msg.get(k) is not None}})
     placed = sum(m["content"].count(IMAGE_TOKEN) for m in conv.messages)
@@ -165,7 +188,9 @@ def _text_of(content: Any) -> str:
     return ""
 
 
-def _flatten(content: Any, images: list[ImageRef], explicit: bool, param: str) -> str:
+def _flatten(
+    content: Any, images: list[ImageRef], explicit: bool, param: str, video: VideoLimits
+) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -183,6 +208,10 @@ def _flatten(content: Any, images: list[ImageRef], explicit: bool, param: str) -
             images.append(_image_ref(part, f"{param}[{j}]"))
             if not explicit:
                 out.append(IMAGE_TOKEN + "\n")
+        elif kind in VIDEO_PART_TYPES:
+            frames = _video_frames(part, f"{param}[{j}]", video)
+            images.extend(frames)
+            out.extend(f"Frame{k}: {IMAGE_TOKEN}\n" for k in range(1, len(frames) + 1))
         else:
             raise InvalidRequestError(
                 f"unsupported content part type {kind!r}",
@@ -190,6 +219,52 @@ def _flatten(content: Any, images: list[ImageRef], explicit: bool, param: str) -
                 param=f"{param}[{j}].type",
             )
     return "".join(out)
+
+
+VIDEO_PART_TYPES = ("video_url", "video")
+
+
+def _has_video_parts(messages: list[Any]) -> bool:
+    return any(
+        isinstance(part, dict) and part.get("type") in VIDEO_PART_TYPES
+        for m in messages
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        for part in m["content"]
+    )
+
+
+def _video_frames(part: dict[str, Any], param: str, limits: VideoLimits) -> list[ImageRef]:
+    """A video part's frames as images: a loaded :class:`~vlmdeploy.vl.video.Video`'s frames,
+    or frames of a :class:`~vlmdeploy.vl.video.VideoClip` decoded when first needed.
+
+    Forms: ``{"type": "video_url", "video_url": {"url": ..., "num_frames": 8, "start": 0.0,
+    "end": 12.5, "max_dynamic_patch": 1}}`` (or ``"video_url": url``), and ``{"type": "video",
+    "video": Video | source, ...}`` with the same options beside ``video``."""
+    if part["type"] == "video":
+        spec, source, where = part, part.get("video"), param
+    else:
+        spec = part.get("video_url")
+        spec = {"url": spec} if isinstance(spec, str) else spec
+        if not isinstance(spec, dict) or "url" not in spec:
+            raise InvalidRequestError(
+                "video_url must be a string or an object with a 'url'",
+                code="invalid_video_url",
+                param=f"{param}.video_url",
+            )
+        source, where = spec["url"], f"{param}.video_url"
+    tiles = _tile_limit(spec.get("max_dynamic_patch"), f"{where}.max_dynamic_patch")
+    if isinstance(source, Video):
+        if not 1 <= len(source) <= limits.max_frames:
+            raise InvalidRequestError(
+                f"a video may have 1 to {limits.max_frames} frames", code="invalid_video_params",
+                param=where,
+            )
+        return [ImageRef(frame, tiles or source.max_dynamic_patch, where)
+                for frame in source.frames]
+    n = check_sampling(spec.get("num_frames"), spec.get("start"), spec.get("end"), limits, where)
+    clip = VideoClip(source, n, spec.get("start"), spec.get("end"), where)
+    url_param = where if part["type"] == "video" else f"{where}.url"
+    return [ImageRef(VideoFrame(clip, k), tiles or 1, url_param) for k in range(n)]
 
 
 def _image_ref(part: dict[str, Any], param: str) -> ImageRef:
@@ -382,7 +457,7 @@ def has_images(prompt: Any) -> bool:
     except InvalidRequestError:
         return False
     return any(
-        isinstance(part, dict) and part.get("type") in ("image_url", "image")
+        isinstance(part, dict) and part.get("type") in ("image_url", "image", *VIDEO_PART_TYPES)
         for m in messages
         if isinstance(m, dict) and isinstance(m.get("content"), list)
         for part in m["content"]
@@ -406,11 +481,13 @@ class PromptEncoder:
         prompt: Any,
         chat_template_kwargs: dict[str, Any] | None = None,
         do_preprocess: bool = True,
+        video: VideoLimits | None = None,
     ) -> tuple[str, list[ImageRef]]:
-        """The prompt's text with one ``IMAGE_TOKEN`` per image, and its images in order."""
+        """The prompt's text with one ``IMAGE_TOKEN`` per image (a video's frames included), and
+        its images in order. ``video``: the frame counts video parts get and may ask for."""
         if not do_preprocess:
             return raw_prompt(prompt), []
-        conv = build_conversation(to_messages(prompt))
+        conv = build_conversation(to_messages(prompt), video)
         return self.template.render(conv.messages, **(chat_template_kwargs or {})), conv.images
 
     def token_ids(self, text: str, image_tokens: list[int]) -> list[int]:

@@ -38,6 +38,7 @@ from vlmdeploy.serve.metrics import ServerMetrics
 from vlmdeploy.serve.openapi import install_openapi
 from vlmdeploy.serve.state import Admission, ServerState, get_state
 from vlmdeploy.vl.media import MediaPolicy
+from vlmdeploy.vl.media_policy import VideoLimits
 
 logger = logging.getLogger("vlmdeploy.serve")
 
@@ -115,8 +116,10 @@ def media_policy_for(config: ServerConfig) -> MediaPolicy:
     the operator opted in with `--allowed-local-media-path`."""
     root = config.allowed_local_media_path
     domains = tuple(config.allowed_media_domains) if config.allowed_media_domains else None
+    video = VideoLimits(default_frames=config.video_num_frames,
+                        max_frames=config.max_video_frames)
     return MediaPolicy.server_default(allow_local_files=root is not None, local_root=root,
-                                      allowed_domains=domains)
+                                      allowed_domains=domains, video=video)
 
 
 def _no_telemetry() -> dict[str, Any]:

@@ -3,9 +3,11 @@ place.
 
 The result is the normalized OpenAI-style list the pipeline's `prepare` takes: `developer` becomes
 `system`, unknown message keys are dropped, and an image part keeps only `url`, `detail` and
-`max_dynamic_patch`. An assistant message keeps its `tool_calls` (its content may then be null) and
-a `tool` message its `tool_call_id`, its content flattened to text. Fetching and decoding images is
-not done here; `prepare` does it, before any engine work.
+`max_dynamic_patch`, a video part (`video_url`, the shape vLLM accepts) only `url`, `num_frames`,
+`start`, `end` (seconds) and `max_dynamic_patch`. An assistant message keeps its `tool_calls` (its
+content may then be null) and a `tool` message its `tool_call_id`, its content flattened to text.
+Fetching and decoding images and videos is not done here; `prepare` does it, before any engine
+work.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from vlmdeploy.serve.errors import APIError, invalid
 ROLES = ("system", "developer", "user", "assistant", "tool")
 DETAILS = ("auto", "low", "medium", "high")
 MAX_DYNAMIC_PATCH = 64
+# Videos one request may carry; each is up to the server's --max-video-frames images.
+MAX_VIDEOS_PER_REQUEST = 4
 
 
 def _unsupported(kind: str, param: str) -> APIError:
-    return invalid(f"Content part type {kind!r} is not supported; use 'text' or 'image_url'.",
+    return invalid(f"Content part type {kind!r} is not supported; use 'text', 'image_url' or "
+                   "'video_url'.",
                    param=param, code="unsupported_content_type")
 
 
@@ -56,6 +61,34 @@ def _image_part(part: dict[str, Any], param: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": out}
 
 
+def _video_part(part: dict[str, Any], param: str) -> dict[str, Any]:
+    """A video: its URL and sampling options, types checked here, ranges by `prepare` (the frame
+    cap is the server's media policy)."""
+    spec = part.get("video_url")
+    where = f"{param}.video_url"
+    if not isinstance(spec, dict):
+        raise invalid(f"{where} must be an object with a 'url'.", param=where)
+    url = spec.get("url")
+    if not isinstance(url, str) or not url:
+        raise invalid(f"{where}.url must be a non-empty string.", param=f"{where}.url",
+                      code="invalid_video_url")
+    out: dict[str, Any] = {"url": url}
+    for key in ("num_frames", "max_dynamic_patch"):
+        value = spec.get(key)
+        if value is not None:
+            if type(value) is not int or value < 1:
+                raise invalid(f"{where}.{key} must be a positive integer.", param=f"{where}.{key}")
+            out[key] = value
+    for key in ("start", "end"):
+        value = spec.get(key)
+        if value is not None:
+            if type(value) not in (int, float) or not 0 <= value < float("inf"):
+                raise invalid(f"{where}.{key} must be a number of seconds >= 0.",
+                              param=f"{where}.{key}")
+            out[key] = value
+    return {"type": "video_url", "video_url": out}
+
+
 def _part(part: Any, param: str, role: str) -> dict[str, Any]:
     if not isinstance(part, dict):
         raise invalid(f"{param} must be an object.", param=param)
@@ -67,6 +100,11 @@ def _part(part: Any, param: str, role: str) -> dict[str, Any]:
             raise invalid(f"{param}: images are only allowed in user messages.", param=param,
                           code="unsupported_content_type")
         return _image_part(part, param)
+    if kind == "video_url":
+        if role != "user":
+            raise invalid(f"{param}: videos are only allowed in user messages.", param=param,
+                          code="unsupported_content_type")
+        return _video_part(part, param)
     if not isinstance(kind, str):
         raise invalid(f"{param}.type must be a string.", param=f"{param}.type")
     raise _unsupported(kind, f"{param}.type")
@@ -145,4 +183,9 @@ def parse_messages(messages: list[Any], max_images: int) -> list[dict[str, Any]]
     if images > max_images:
         raise invalid(f"A request may carry at most {max_images} images; this one has {images}.",
                       param="messages", code="too_many_images")
+    videos = sum(1 for m in parsed if isinstance(m["content"], list)
+                 for part in m["content"] if part["type"] == "video_url")
+    if videos > MAX_VIDEOS_PER_REQUEST:
+        raise invalid(f"A request may carry at most {MAX_VIDEOS_PER_REQUEST} videos; this one has "
+                      f"{videos}.", param="messages", code="too_many_videos")
     return parsed

@@ -58,6 +58,11 @@ class ServerConfig:
         None, "directory from which local image paths may be read (default: none)")
     max_images_per_request: int = _flag(
         32, "images one request may carry (400 beyond, before any image is fetched)")
+    video_num_frames: int = _flag(
+        8, "frames sampled from a video that names no num_frames (the model card's example "
+        "uses 8; each frame is one 448 tile: 256 tokens)")
+    max_video_frames: int = _flag(
+        64, "most frames a request may ask of one video (400 beyond)")
     reasoning_parser: str | None = _flag(
         None, f"split <think>...</think> into reasoning_content; one of: {_PARSERS}")
     tool_call_parser: str | None = _flag(
@@ -94,6 +99,8 @@ class ServerConfig:
         check_tool_parser(self.tool_call_parser)
         if self.max_images_per_request < 0:
             raise ValueError("max_images_per_request must be >= 0")
+        if not 1 <= self.video_num_frames <= self.max_video_frames:
+            raise ValueError("need 1 <= video_num_frames <= max_video_frames")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be >= 1024")
         if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:

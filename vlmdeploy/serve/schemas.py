@@ -158,8 +158,30 @@ _IMAGE_PART = {
         },
     },
 }
+_VIDEO_PART = {
+    "type": "object", "required": ["type", "video_url"],
+    "properties": {
+        "type": {"const": "video_url"},
+        "video_url": {
+            "type": "object", "required": ["url"],
+            "properties": {
+                "url": {"type": "string", "minLength": 1,
+                        "description": "http(s) URL or data:video/...;base64 URL (MP4, WebM, "
+                                       "MKV, AVI)"},
+                "num_frames": {"type": "integer", "minimum": 1,
+                               "description": "frames sampled at segment midpoints (default "
+                                              "and cap: the server's)"},
+                "start": {"type": "number", "minimum": 0, "description": "clip start, seconds"},
+                "end": {"type": "number", "minimum": 0, "description": "clip end, seconds"},
+                "max_dynamic_patch": {"type": "integer", "minimum": 1, "maximum": 64,
+                                      "description": "tiles per frame (default 1)"},
+            },
+        },
+    },
+}
 _CONTENT: dict[str, Any] = {"anyOf": [
-    _TEXT, {"type": "array", "minItems": 1, "items": {"anyOf": [_TEXT_PART, _IMAGE_PART]}}]}
+    _TEXT, {"type": "array", "minItems": 1,
+            "items": {"anyOf": [_TEXT_PART, _IMAGE_PART, _VIDEO_PART]}}]}
 _TOOL_CALLS = {"type": "array", "items": {
     "type": "object", "required": ["type", "function"],
     "properties": {"id": _TEXT, "type": {"const": "function"},
@@ -172,7 +194,7 @@ MESSAGES_SCHEMA: dict[str, Any] = {
         "properties": {"role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
                        "content": {"anyOf": [_CONTENT, {"type": "null"}]},
                        "tool_calls": _TOOL_CALLS, "tool_call_id": _TEXT},
-        "description": "images only in user messages; content is required but for an assistant "
-                       "message with tool_calls",
+        "description": "images and videos only in user messages; content is required but for an "
+                       "assistant message with tool_calls",
     },
 }

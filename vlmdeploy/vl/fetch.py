@@ -158,9 +158,12 @@ class _PinnedConnection(http.client.HTTPConnection):
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
-def fetch_http(url: str, policy: MediaPolicy, cancel: threading.Event | None = None) -> bytes:
+def fetch_http(
+    url: str, policy: MediaPolicy, cancel: threading.Event | None = None, media: str = "image"
+) -> bytes:
     """The body of ``url`` under ``policy``, every hop checked; any failure is an ImageError
-    (code ``cancelled`` once ``cancel`` is set)."""
+    (code ``cancelled`` once ``cancel`` is set). ``media`` ("image" or "video") is the
+    top-level type the answer's ``Content-Type`` may have (or a generic binary type)."""
     deadline = time.monotonic() + policy.timeout_s
     try:
         for _ in range(policy.max_redirects + 1):
@@ -169,7 +172,7 @@ def fetch_http(url: str, policy: MediaPolicy, cancel: threading.Event | None = N
             target = parse_http_url(url)
             check_host_allowed(target, policy)
             addresses = checked_addresses(target, policy, deadline)
-            body, location = _request(target, addresses, policy, deadline, cancel)
+            body, location = _request(target, addresses, policy, deadline, cancel, media)
             if location is None:
                 return body
             url = urljoin(url, location)  # the next hop is parsed and checked from scratch
@@ -206,13 +209,14 @@ def _request(
     policy: MediaPolicy,
     deadline: float,
     cancel: threading.Event | None = None,
+    media: str = "image",
 ) -> tuple[bytes, str | None]:
     """One GET. Returns (body, None), or (b"", location) for a redirect."""
     conn = _PinnedConnection(target, addresses, deadline, cancel)
     try:
         conn.putrequest("GET", target.path)  # also sends Host and 'Accept-Encoding: identity'
         conn.putheader("User-Agent", "vlmdeploy")
-        conn.putheader("Accept", "image/*")
+        conn.putheader("Accept", f"{media}/*")
         conn.putheader("Connection", "close")
         conn.endheaders()
         response = conn.getresponse()
@@ -221,7 +225,7 @@ def _request(
             if not location:
                 raise fail("invalid_image_url", MSG_FETCH, "a redirect without a Location")
             return b"", location
-        _check_response(response, policy)
+        _check_response(response, policy, media)
         return _read_capped(response, policy.max_bytes), None
     finally:
         conn.close()
@@ -230,7 +234,9 @@ def _request(
 _MEDIA_TYPE = re.compile(r"[a-z0-9.+-]{1,40}/[a-z0-9.+-]{1,60}")
 
 
-def _check_response(response: http.client.HTTPResponse, policy: MediaPolicy) -> None:
+def _check_response(
+    response: http.client.HTTPResponse, policy: MediaPolicy, media: str = "image"
+) -> None:
     if not 200 <= response.status < 300:
         raise fail("invalid_image_url", MSG_FETCH, f"the server answered HTTP {response.status}")
     encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
@@ -239,10 +245,11 @@ def _check_response(response: http.client.HTTPResponse, policy: MediaPolicy) -> 
         raise fail("invalid_image_url", MSG_FETCH,
                    "the answer is compressed (Content-Encoding), which is not accepted")
     ctype = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
-    if ctype and not ctype.startswith("image/") and ctype not in _OPAQUE_TYPES:
-        shown = ctype if _MEDIA_TYPE.fullmatch(ctype) else "not an image type"
+    if ctype and not ctype.startswith(f"{media}/") and ctype not in _OPAQUE_TYPES:
+        noun = "an image" if media == "image" else f"a {media}"
+        shown = ctype if _MEDIA_TYPE.fullmatch(ctype) else f"not {noun} type"
         raise fail("invalid_image_url", MSG_FETCH,  # e.g. an HTML error page
-                   f"the answer is {shown}, not an image")
+                   f"the answer is {shown}, not {noun}")
     length = response.getheader("Content-Length") or ""
     if length.isdigit() and int(length) > policy.max_bytes:
         raise fail("image_too_large", MSG_TOO_LARGE)

@@ -39,8 +39,41 @@ def fail(code: str, message: str, reason: str | None = None) -> ImageError:
 
 
 @dataclass(frozen=True)
+class VideoLimits:
+    """How a video is sampled and what it may cost (:mod:`vlmdeploy.vl.video`).
+
+    ``default_frames`` is the number of frames (the model card's ``num_segments``) a request gets
+    when it names none; ``max_frames`` caps what a request may ask. The file is bounded by
+    ``max_bytes``, its stated duration by ``max_duration_s``, the frames its index may list by
+    ``max_stream_frames``, each frame by ``max_pixels``, the sampled frames together by
+``max_total_pixels`` (they are held decoded until tiled), and demuxing plus decoding together by
+    ``decode_timeout_s``. Only the listed containers' demuxers and codecs' decoders ever run.
+    """
+
+    default_frames: int = 8
+    max_frames: int = 64
+    max_bytes: int = 256 * 1024 * 1024
+    max_duration_s: float = 4 * 3600.0
+    max_stream_frames: int = 1_000_000
+    max_pixels: int = 7680 * 4320
+    # the sampled frames are held decoded (RGB) until tiled: 64 frames of 1080p is 133 M pixels
+    max_total_pixels: int = 200_000_000
+    decode_timeout_s: float = 20.0
+    allowed_codecs: tuple[str, ...] = (
+        "h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mpeg2video", "mpeg1video", "mjpeg",
+    )
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.default_frames <= self.max_frames:
+            raise ValueError("video frames: need 1 <= default_frames <= max_frames")
+        if min(self.max_bytes, self.max_duration_s, self.max_stream_frames, self.max_pixels,
+               self.max_total_pixels, self.decode_timeout_s) <= 0:
+            raise ValueError("video limits must be positive")
+
+
+@dataclass(frozen=True)
 class MediaPolicy:
-    """Limits and permissions for loading one image.
+    """Limits and permissions for loading one image (and, with ``video``, one video).
 
     The defaults suit the Python API (local paths work, as in LMDeploy); `server_default` suits
     requests from the network. With ``local_root`` set, relative paths are taken from it (else
@@ -59,6 +92,7 @@ class MediaPolicy:
     max_redirects: int = 3
     allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
     resolver: Resolver | None = field(default=None, compare=False, repr=False)
+    video: VideoLimits = field(default_factory=VideoLimits)
 
     def __post_init__(self) -> None:
         if self.max_bytes <= 0 or self.max_pixels <= 0 or self.timeout_s <= 0:

@@ -35,6 +35,19 @@ def source_key(source: Any, policy: MediaPolicy, params: TilingParams) -> str | 
     return key.hexdigest()[:32]
 
 
+def video_frame_key(frame: Any, policy: MediaPolicy, params: TilingParams) -> str | None:
+    """The memo key of frame ``frame.index`` of an inline video clip (a
+    :class:`~vlmdeploy.vl.video.VideoFrame`) sampled as its clip says under ``policy``'s video
+    limits and tiled with ``params``, or None when the clip's source is not inline. The source's
+    digest is taken once per clip, not once per frame."""
+    digest = frame.clip.source_digest()
+    if digest is None:
+        return None
+    clip = frame.clip
+    what = (digest, clip.num_frames, clip.start, clip.end, frame.index, policy.video, params.key)
+    return hashlib.sha256(repr(what).encode()).hexdigest()[:32]
+
+
 class SourceMemo:
     """Thread-safe LRU map: source key → (content hash, tile count)."""
 
