@@ -147,7 +147,10 @@ def _device(device_type: str) -> torch.device:
     if device_type == "cuda" and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     if device_type == "cuda":
-        logger.warning("no CUDA device found: running on the CPU (fp32)")
+        # The default device_type is "cuda" (LMDeploy's): on a machine without a GPU the CPU is
+        # the expected fallback, said at INFO so a script's stderr stays clean. The CLI refuses
+        # an explicit --device cuda without a GPU.
+        logger.info("no CUDA device found: running on the CPU (fp32)")
     return torch.device("cpu")
 
 
