@@ -15,10 +15,11 @@ OpenAI's ``response_format`` and vLLM's / LMDeploy's ``guided_*`` fields):
 * ``{"type": "lark", "lark": "..."}``: a grammar in llguidance's Lark dialect (JSON schemas inline
   with ``%json``): what the server uses to force a tool call's exact shape.
 
-llguidance was chosen over xgrammar: on this project's tokenizers it built masks in about half
-xgrammar's time per token (52 µs against 102 µs for a small JSON schema, CPU), compiled faster,
-and it is one self-contained wheel where xgrammar brings its own runtime, Triton and transformers
-pins. Compiled grammars are cached by their text; each request gets a copy of the matcher.
+llguidance was chosen over xgrammar: on the embedded model's tokenizer (2-core CPU development
+machine, 2026-12-07) it built masks in about half xgrammar's time per token (52 µs against 102 µs
+for a small JSON schema) and compiled faster, and it is one self-contained wheel where xgrammar
+brings its own runtime, Triton and transformers pins. Not yet measured on a full-size vocabulary.
+Compiled grammars are cached by their text; each request gets a copy of the matcher.
 """
 
 from __future__ import annotations

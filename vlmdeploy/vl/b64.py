@@ -1,8 +1,9 @@
 """Strict base64 decoding of ``data:`` URLs, fast.
 
-pybase64's SIMD decoder does a 3 MB image in about 0.5 ms on this project's machines, 25× the
-standard library and 67× the numpy decoder it replaced, so the GIL is held for well under a
-millisecond per image even though it is not released. It accepts what Python 3.13's
+pybase64's SIMD decoder took 0.46 ms for 4 MB of base64 (a 3 MB image) on the 2-core CPU
+development machine (2026-12-07), against 11 ms for the standard library and 31 ms for the numpy
+decoder it replaced, so the GIL is held for well under a millisecond per image even though it is
+not released. It accepts what Python 3.13's
 ``base64.b64decode(text, validate=True)`` accepts (the standard alphabet, "=" only to complete the
 last group of four, no other characters) and returns the same bytes; Python 3.11 and 3.12 also
 accept "=" after a complete last group ("QUJD=="), which is not base64, and so does neither
