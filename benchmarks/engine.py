@@ -10,6 +10,9 @@
   text tokens, 100 output tokens, through ``infer`` → requests/s, input and output tokens/s.
 * W3 decode-heavy: N requests, each a distinct 448×448 JPEG + ~30 text tokens, 512 output tokens →
   output tokens/s.
+* W3s, W3 with structured output mixed in: the same requests, every 4th constrained to a JSON
+  schema (``response_format``), all of them 512 tokens (the constrained ones end their grammar
+  and then only an end token is allowed) → output tokens/s, to set beside W3's in the same run.
 * W4 mixed traffic (``benchmarks/w4.py``): N requests of 0–4 images of assorted sizes and aspect
   ratios (1–13 tiles each), 20–2,000 text tokens, 16–1,024 output tokens, greedy or sampled with
   their own settings, some repeating an image or a system prompt, some second turns →
@@ -68,7 +71,7 @@ from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
 from vlmdeploy.vl.constants import IMAGE_TOKEN
 from vlmdeploy.vl.tiling import as_pixel_values
 
-WORKLOADS = ("w1", "chat2", "w2", "w3", "w4")  # the order they run in
+WORKLOADS = ("w1", "chat2", "w2", "w3", "w3s", "w4")  # the order they run in
 
 _T0 = time.monotonic()
 
@@ -177,6 +180,36 @@ def run_chat2(pipe, tok) -> dict:
 def run_batch(pipe, tok, n: int, side: int, n_text: int, n_out: int, seed: int) -> dict:
     pipe(workload(tok, 1, side, n_text, seed + 1000), gen_config=gen(n_out))  # warm-up
     return timed_batch(pipe, workload(tok, n, side, n_text, seed), [gen(n_out)] * n)
+
+
+# What W3s asks of its constrained requests: an object of a few typed fields, as an extraction
+# or agent workload would.
+W3S_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "caption": {"type": "string"},
+        "objects": {"type": "array", "items": {"type": "string"}},
+        "count": {"type": "integer"},
+    },
+    "required": ["caption", "objects", "count"],
+}
+
+
+def run_w3s(pipe, tok, n: int, seed: int, every: int = 4) -> dict:
+    """W3 with every ``every``-th request constrained to W3S_SCHEMA: throughput of the whole
+    batch and of the unconstrained requests alone (their tokens over the batch's wall time)."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "w3s", "schema": W3S_SCHEMA}}
+    guided = GenerationConfig(max_new_tokens=512, ignore_eos=True, response_format=fmt)
+    warm = workload(tok, 2, 448, 30, seed + 1000)
+    pipe(warm, gen_config=[gen(512), guided])
+    prompts = workload(tok, n, 448, 30, seed)
+    configs = [guided if i % every == every - 1 else gen(512) for i in range(n)]
+    res = timed_batch(pipe, prompts, configs)
+    free = [i for i, c in enumerate(configs) if c.response_format is None]
+    res["guided_requests"] = n - len(free)
+    res["unconstrained_output_tokens_per_s"] = (
+        res["output_tokens_per_s"] * len(free) / n if n else 0.0)  # every request is 512 tokens
+    return res
 
 
 def run_w4(pipe, tok, n: int, seed: int) -> dict:
@@ -379,6 +412,9 @@ def main(argv: list[str] | None = None) -> None:
                     args.repeats, "requests_per_s"),
                 "w3": lambda: repeated(
                     lambda i: run_batch(pipe, tok, args.n3, 448, 30, 512, seed=30 + 100 * i),
+                    args.repeats, "output_tokens_per_s"),
+                "w3s": lambda: repeated(
+                    lambda i: run_w3s(pipe, tok, args.n3, seed=50 + 100 * i),
                     args.repeats, "output_tokens_per_s"),
                 "w4": lambda: repeated(
                     lambda i: run_w4(pipe, tok, args.n4, seed=40 + 100 * i),

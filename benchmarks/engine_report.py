@@ -287,7 +287,7 @@ def summary_line(name: str, r: dict) -> str:
             f"prompt tokens; turn 2 TTFT parts (ms) {r.get('ttft2_parts_ms')}, tiles encoded "
             f"{r.get('turn2_tiles_encoded')}"
         )
-    if name in ("w2", "w3", "w4"):
+    if name in ("w2", "w3", "w3s", "w4"):
         return (
             f"{r['requests']} requests in {r['wall_s']:.1f} s: {r['requests_per_s']:.2f} req/s, "
             f"in {r['input_tokens_per_s']:,.0f} tok/s, out {r['output_tokens_per_s']:,.0f} tok/s"

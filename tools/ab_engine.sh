@@ -17,10 +17,10 @@ mkdir -p "$OUT"
 run() {  # tree label round
   local json="$OUT/ab-$3-$2.json"
   if [ -f "$1/benchmarks/__init__.py" ]; then
-    (cd "$1" && PYTHONPATH="$PWD" timeout -k 10 280 python3 -m benchmarks.engine --preset "$PRESET" \
+    (cd "$1" && PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 280 python3 -m benchmarks.engine --preset "$PRESET" \
       --workloads "$WORKLOADS" --json "$json") > "$OUT/ab-$3-$2.log" 2>&1
   else  # trees from before the suite ran as modules
-    (cd "$1" && PYTHONPATH="$PWD" timeout -k 10 280 python3 benchmarks/engine.py --preset "$PRESET" \
+    (cd "$1" && PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 280 python3 benchmarks/engine.py --preset "$PRESET" \
       --workloads "$WORKLOADS" --json "$json") > "$OUT/ab-$3-$2.log" 2>&1
   fi
   echo "round $3 $2: rc $?"

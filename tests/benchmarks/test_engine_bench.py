@@ -220,3 +220,15 @@ def test_w4_runs_its_mix_through_the_engine(tiny_ckpts, tmp_path):
     assert w4["requests"] == 4 and w4["output_tokens_per_s"] > 0
     assert w4["short_outputs"] == 0  # every request ran to its own length
     assert w4["mix"]["requests"] == 4 and w4["mix"]["output_tokens"] > 0
+
+
+def test_w3s_mixes_constrained_requests_into_w3(tiny_ckpts, tmp_path):
+    raw = tmp_path / "bench.json"
+    bench.main(f"--model {tiny_ckpts['hf']} --workloads w3s --n3 8 --session-len 2048 "
+               f"--json {raw}".split())
+    w3s = json.loads(raw.read_text())["w3s"]
+    assert w3s["requests"] == 8 and w3s["guided_requests"] == 2
+    assert w3s["short_outputs"] == 0  # the constrained ones too ran to 512 tokens
+    assert w3s["unconstrained_output_tokens_per_s"] == pytest.approx(
+        w3s["output_tokens_per_s"] * 6 / 8)
+
