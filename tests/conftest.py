@@ -19,6 +19,12 @@ from vlmdeploy.testing.checkpoint import make_checkpoint  # noqa: E402
 
 torch.set_num_threads(2)
 
+# Proxies of the machine running the tests would reroute the local test servers' traffic: the
+# suite runs without them (tests of proxy support set their own).
+for _name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+    os.environ.pop(_name, None)
+    os.environ.pop(_name.upper(), None)
+
 
 @pytest.fixture(scope="session")
 def tiny_ckpts(tmp_path_factory) -> dict[str, str]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import io
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -234,3 +236,25 @@ def start_http_server():
 @pytest.fixture
 def http_server(start_http_server):
     return start_http_server()
+
+
+@pytest.fixture
+def tls_server(tmp_path, start_http_server):
+    """HTTPS server with a self-signed certificate for img.example.com; records the SNI names."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    try:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=img.example.com",
+             "-addext", "subjectAltName=DNS:img.example.com",
+             "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("the openssl command is needed to make a test certificate")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    names: list[str | None] = []
+    server_ctx.sni_callback = lambda sock, name, ctx: names.append(name)
+    server = start_http_server(lambda s: server_ctx.wrap_socket(s, server_side=True))
+    return server, cert, names

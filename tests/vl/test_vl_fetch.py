@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
 import time
 from urllib.parse import quote
 
@@ -359,28 +358,6 @@ def test_connection_refused_is_a_fetch_error(listener):
 
 
 # ------------------------------------------------------------------------------------------ TLS
-
-
-@pytest.fixture
-def tls_server(tmp_path, start_http_server):
-    """HTTPS server with a self-signed certificate for img.example.com; records the SNI names."""
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    try:
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-             "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=img.example.com",
-             "-addext", "subjectAltName=DNS:img.example.com",
-             "-keyout", str(key), "-out", str(cert)],
-            check=True, capture_output=True, timeout=30,
-        )  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("the openssl command is needed to make a test certificate")
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(cert, key)
-    names: list[str | None] = []
-    server_ctx.sni_callback = lambda sock, name, ctx: names.append(name)
-    server = start_http_server(lambda s: server_ctx.wrap_socket(s, server_side=True))
-    return server, cert, names
 
 
 def test_https_pins_address_and_verifies_the_name(tls_server, dialled, monkeypatch):

@@ -11,6 +11,9 @@ not each read: a server trickling one byte at a time cannot stretch it. A ``canc
 another thread when the request's client has gone) stops the transfer at the next hop or within
 ``CANCEL_POLL_S`` of a read, so an abandoned download does not hold its preparation thread and
 connection until the deadline.
+
+Proxies named by the environment (``https_proxy``, ``no_proxy``, ...) are used as
+:mod:`vlmdeploy.vl.proxy` describes, still to the checked address only.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from vlmdeploy.vl.media_policy import (
     MediaPolicy,
     fail,
 )
+from vlmdeploy.vl.proxy import Proxy, authority, open_tunnel, proxy_for
 from vlmdeploy.vl.ssrf import (
     FetchTimeout,
     Target,
@@ -48,6 +52,11 @@ from vlmdeploy.vl.ssrf import (
 def _open_socket(ip: str, port: int, timeout: float) -> socket.socket:
     """TCP connection to an already checked address (tests substitute this to reroute)."""
     return socket.create_connection((ip, port), timeout=timeout)
+
+
+def _open_proxy_socket(host: str, port: int, timeout: float) -> socket.socket:
+    """TCP connection to the proxy the environment names (tests substitute this to reroute)."""
+    return socket.create_connection((host, port), timeout=timeout)
 
 
 @functools.lru_cache(maxsize=1)
@@ -127,17 +136,26 @@ class _PinnedConnection(http.client.HTTPConnection):
         addresses: list[str],
         deadline: float,
         cancel: threading.Event | None = None,
+        proxy: Proxy | None = None,
     ):
         super().__init__(target.host, target.port)
         if target.scheme == "https":
             self.default_port = 443  # Host header without ':443'
         self._target, self._addresses, self._deadline = target, addresses, deadline
+        self._proxy = proxy
         self.response_class = functools.partial(
             _DeadlineResponse, deadline=deadline, cancel=cancel
         )
 
     def connect(self) -> None:
-        sock = self._connect_any()
+        if self._proxy is None:
+            sock = self._connect_any()
+        else:
+            proxy = self._proxy
+            sock = _open_proxy_socket(proxy.host, proxy.port, remaining(self._deadline))
+            if self._target.scheme == "https":  # a tunnel to the checked address
+                sock.settimeout(remaining(self._deadline))
+                open_tunnel(sock, proxy, self._addresses[0], self._target.port)
         if self._target.scheme == "https":
             sock.settimeout(remaining(self._deadline))  # the handshake as a whole gets this
             sock = _tls_context().wrap_socket(sock, server_hostname=self._target.host)
@@ -172,7 +190,10 @@ def fetch_http(
             target = parse_http_url(url)
             check_host_allowed(target, policy)
             addresses = checked_addresses(target, policy, deadline)
-            body, location = _request(target, addresses, policy, deadline, cancel, media)
+            proxy = proxy_for(target.scheme, target.host, target.port)
+            if proxy is not None:  # IPv4 first: a proxy may have no IPv6 route
+                addresses.sort(key=lambda a: ":" in a)
+            body, location = _request(target, addresses, policy, deadline, cancel, media, proxy)
             if location is None:
                 return body
             url = urljoin(url, location)  # the next hop is parsed and checked from scratch
@@ -210,11 +231,19 @@ def _request(
     deadline: float,
     cancel: threading.Event | None = None,
     media: str = "image",
+    proxy: Proxy | None = None,
 ) -> tuple[bytes, str | None]:
     """One GET. Returns (body, None), or (b"", location) for a redirect."""
-    conn = _PinnedConnection(target, addresses, deadline, cancel)
+    conn = _PinnedConnection(target, addresses, deadline, cancel, proxy)
     try:
-        conn.putrequest("GET", target.path)  # also sends Host and 'Accept-Encoding: identity'
+        if proxy is not None and target.scheme == "http":  # absolute form, to the checked address
+            url = f"http://{authority(addresses[0], target.port)}{target.path}"
+            conn.putrequest("GET", url, skip_host=True)  # also 'Accept-Encoding: identity'
+            conn.putheader("Host", _host_header(target))
+            if proxy.authorization:
+                conn.putheader("Proxy-Authorization", proxy.authorization)
+        else:
+            conn.putrequest("GET", target.path)  # also sends Host and 'Accept-Encoding: identity'
         conn.putheader("User-Agent", "vlmdeploy")
         conn.putheader("Accept", f"{media}/*")
         conn.putheader("Connection", "close")
@@ -229,6 +258,13 @@ def _request(
         return _read_capped(response, policy.max_bytes), None
     finally:
         conn.close()
+
+
+def _host_header(target: Target) -> str:
+    """The ``Host`` header http.client would send for ``target`` (port only when not default)."""
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    default = 443 if target.scheme == "https" else 80
+    return host if target.port == default else f"{host}:{target.port}"
 
 
 _MEDIA_TYPE = re.compile(r"[a-z0-9.+-]{1,40}/[a-z0-9.+-]{1,60}")
