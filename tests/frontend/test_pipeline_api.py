@@ -142,3 +142,36 @@ def test_streamed_text_never_leaks_part_of_a_stop_word(pipe):
         ),
     )
     assert kept.text == base[: base.index(stop) + len(stop)] and kept.finish_reason == "stop"
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+
+
+def test_tools_and_template_kwargs_reach_the_chat_template(pipe):
+    """LMDeploy's pipeline passes tools=, enable_thinking= and chat_template_kwargs= on to the
+    template: the prompt is the one the server builds from the same fields."""
+    gen = GenerationConfig(max_new_tokens=2)
+    plain = pipe("weather in Paris?", gen_config=gen)
+    for kwargs in ({"tools": TOOLS}, {"chat_template_kwargs": {"tools": TOOLS}}):
+        with_tools = pipe("weather in Paris?", gen_config=gen, **kwargs)
+        served = pipe.prepare_sync("weather in Paris?", gen, chat_template_kwargs={"tools": TOOLS})
+        assert with_tools.input_token_len == served.input_token_len > plain.input_token_len
+    thinking = pipe("weather in Paris?", gen_config=gen, enable_thinking=True)
+    assert thinking.input_token_len > plain.input_token_len
+    streamed = list(pipe.stream_infer(["weather in Paris?"], gen_config=gen, tools=TOOLS))
+    assert streamed[0].input_token_len == served.input_token_len
+    session = pipe.chat("weather in Paris?", gen_config=gen, tools=TOOLS)
+    assert session.response.input_token_len == served.input_token_len
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"chat_template_kwargs": {"tokenize": True}},
+    {"tools": {"name": "get_weather"}},
+    {"tool": TOOLS},
+])
+def test_bad_template_kwargs_are_refused(pipe, kwargs):
+    with pytest.raises(TypeError):
+        pipe("hi", gen_config=GenerationConfig(max_new_tokens=1), **kwargs)

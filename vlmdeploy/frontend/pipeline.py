@@ -161,12 +161,16 @@ class Pipeline:
         do_preprocess: bool = True,
         **kwargs: Any,
     ) -> Response | list[Response]:
-        _reject_kwargs(kwargs)
+        """Whole responses of one prompt or a list. As in LMDeploy, ``tools`` (OpenAI's function
+        tools), ``enable_thinking`` and ``chat_template_kwargs`` reach the chat template; the
+        text comes back as the model wrote it (``vlmdeploy.serve.tools`` parses tool calls)."""
+        template = _template_kwargs(kwargs)
         single, items = _as_batch(prompts)
         responses: list[Response | None] = [None] * len(items)
         bar = _progress(len(items)) if use_tqdm else None
         gens = _per_prompt(gen_config, len(items))
-        for r in self.streamer.stream(items, gens, do_preprocess, incremental=False):
+        for r in self.streamer.stream(items, gens, do_preprocess, incremental=False,
+                                      chat_template_kwargs=template):
             acc = responses[r.index]
             responses[r.index] = r if acc is None else merge_response(acc, r)
             if bar is not None and r.finish_reason is not None:
@@ -183,11 +187,13 @@ class Pipeline:
         **kwargs: Any,
     ) -> Iterator[Response]:
         """Yields incremental ``Response`` objects (``text`` is the new text, ``index`` the prompt's
-        position) for all prompts concurrently, in the order outputs arrive."""
-        _reject_kwargs(kwargs)
+        position) for all prompts concurrently, in the order outputs arrive. Takes what
+        :meth:`infer` takes."""
+        template = _template_kwargs(kwargs)
         _, items = _as_batch(prompts)
         gens = _per_prompt(gen_config, len(items))
-        yield from self.streamer.stream(items, gens, do_preprocess, incremental=True)
+        yield from self.streamer.stream(items, gens, do_preprocess, incremental=True,
+                                        chat_template_kwargs=template)
 
     def chat(
         self,
@@ -200,10 +206,11 @@ class Pipeline:
         """One turn of a multi-turn conversation. Returns the session with ``response`` set, or,
         with ``stream_response=True``, an iterator of ``Response`` deltas that updates the session
         when it is exhausted (LMDeploy's behaviour). A turn that fails leaves the session as it
-        was."""
-        _reject_kwargs(kwargs)
+        was. Takes what :meth:`infer` takes."""
+        template = _template_kwargs(kwargs)
         session = session or self.session()
-        turn = self._chat_turn(session, [*session.messages, *to_messages(prompt)], gen_config)
+        turn = self._chat_turn(session, [*session.messages, *to_messages(prompt)], gen_config,
+                               template)
         if stream_response:
             return turn
         for _ in turn:
@@ -211,10 +218,12 @@ class Pipeline:
         return session
 
     def _chat_turn(
-        self, session: Session, messages: list[dict[str, Any]], gen_config: GenerationConfig | None
+        self, session: Session, messages: list[dict[str, Any]],
+        gen_config: GenerationConfig | None, template: dict[str, Any] | None,
     ) -> Iterator[Response]:
         response = None
-        for out in self.stream_infer(messages, gen_config=gen_config):
+        for out in self.stream_infer(messages, gen_config=gen_config,
+                                     chat_template_kwargs=template):
             response = (
                 dataclasses.replace(out) if response is None else merge_response(response, out)
             )
@@ -314,6 +323,31 @@ def _progress(total: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc="Generating", unit="prompt")
+
+
+# What the chat template takes (vlmdeploy.frontend.prompt.ChatTemplate.render).
+TEMPLATE_KWARGS = ("enable_thinking", "tools")
+
+
+def _template_kwargs(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The chat template's arguments among LMDeploy's generate() keywords (``tools``,
+    ``enable_thinking``, ``chat_template_kwargs``); anything unknown is a TypeError."""
+    kwargs = dict(kwargs)
+    template = dict(kwargs.pop("chat_template_kwargs", None) or {})
+    for name in TEMPLATE_KWARGS:
+        if kwargs.get(name) is not None:
+            template[name] = kwargs.pop(name)
+        kwargs.pop(name, None)
+    unknown = set(template) - set(TEMPLATE_KWARGS)
+    if unknown:
+        raise TypeError(f"chat_template_kwargs: unexpected {', '.join(sorted(unknown))} "
+                        f"(the template takes {', '.join(TEMPLATE_KWARGS)})")
+    tools = template.get("tools")
+    if tools is not None and (not isinstance(tools, list)
+                              or not all(isinstance(t, dict) for t in tools)):
+        raise TypeError("tools must be a list of OpenAI function tools (dicts)")
+    _reject_kwargs(kwargs)
+    return template or None
 
 
 def _reject_kwargs(kwargs: dict[str, Any]) -> None:

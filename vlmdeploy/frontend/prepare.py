@@ -168,10 +168,12 @@ class Preparer:
             raise
 
     def submit(
-        self, prompt: Any, gen_config: GenerationConfig | None, do_preprocess: bool = True
+        self, prompt: Any, gen_config: GenerationConfig | None, do_preprocess: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> Future[PreparedRequest]:
         """:meth:`prepare_sync` on the media pool (the Python API's batches)."""
-        return self.pool.submit(self.prepare_sync, prompt, gen_config, None, None, do_preprocess)
+        return self.pool.submit(self.prepare_sync, prompt, gen_config, None,
+                                chat_template_kwargs, do_preprocess)
 
     def reconfigure(self, req: PreparedRequest, gen_config: GenerationConfig) -> PreparedRequest:
         """The same prepared prompt and images under another generation config (no re-fetch)."""

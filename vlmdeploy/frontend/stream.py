@@ -72,6 +72,7 @@ class Streamer:
         gen_configs: list[GenerationConfig | None],
         do_preprocess: bool,
         incremental: bool,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> Iterator[Response]:
         """``Response`` deltas of many prompts, in the order outputs arrive (``index`` is the
         prompt's position). Without ``incremental``, text is decoded once at the end of each
@@ -79,7 +80,7 @@ class Streamer:
         A prompt that fails to prepare raises here; the batch's other requests are aborted."""
         q: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         futures = [
-            self.preparer.submit(p, g, do_preprocess)
+            self.preparer.submit(p, g, do_preprocess, chat_template_kwargs)
             for p, g in zip(prompts, gen_configs, strict=True)
         ]
         for i, fut in enumerate(futures):
