@@ -85,6 +85,8 @@ def test_unconstrained_requests_beside_constrained_ones_are_unchanged(pipe):
 @pytest.mark.parametrize("fmt", [
     {"type": "xml"},
     {"type": "json_schema"},
+    {"type": "json_schema", "json_schema": {"pattern": "(a+)+$"}},  # no name, no schema
+    {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}},  # no name
     {"type": "json_schema", "json_schema": {"name": "a", "schema": "not a schema"}},
     {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "nonsense"}}},
     {"type": "regex_schema", "regex_schema": "(unclosed"},

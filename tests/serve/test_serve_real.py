@@ -389,3 +389,23 @@ def test_l3_disconnect_returns_kv_blocks_to_the_pool(real_pipe):
             assert real_pipe.stats()["kv_cache_usage"] > 0
         assert_idle(real_pipe)  # aborted: no running request, every KV block free
         assert app.state.server.admission.in_flight == 0
+
+
+def test_every_bad_parameter_case_of_the_soak_is_refused(real):
+    """The soak's bad_params kind draws one of a fixed list of requests; the soak's short CI run
+    meets only a few of them, so each is sent here once (the list grows stale when a feature
+    makes a case valid, as structured output and tools did)."""
+    import numpy as np
+
+    from benchmarks.soak_mix import MixContext, bad_params
+
+    ctx = MixContext(model=real.get("/v1/models").json()["data"][0]["id"],
+                     session_len=REAL_SESSION_LEN, oversize_bytes=1 << 20)
+    cases = {}
+    for seed in range(400):  # enough draws to meet every case of the list
+        case = bad_params(seed, np.random.default_rng(seed), ctx)
+        cases.setdefault(case.body, case)
+    assert len(cases) >= 30
+    for case in cases.values():
+        r = real.post(case.path, content=case.body, headers={"content-type": "application/json"})
+        assert r.status_code in case.expect, (r.status_code, case.body[:200])

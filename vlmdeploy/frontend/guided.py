@@ -62,8 +62,13 @@ def grammar_of(fmt: dict[str, Any] | None) -> str | None:
                 {"type": "object"}, defaults=_JSON_DEFAULTS
             )
         if kind == "json_schema":
-            spec = fmt.get("json_schema")
-            schema = spec.get("schema", spec) if isinstance(spec, dict) else None
+            spec = fmt.get("json_schema")  # OpenAI's {"name": ..., "schema": {...}}
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                raise InvalidRequestError(
+                    "response_format.json_schema must be an object with a name and a schema",
+                    param="response_format",
+                )
+            schema = spec.get("schema")
             if not isinstance(schema, dict):
                 raise InvalidRequestError(
                     "response_format.json_schema.schema must be a JSON schema object",
