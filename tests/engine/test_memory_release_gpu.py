@@ -28,12 +28,28 @@ def used_bytes() -> int:
     return total - free
 
 
+def live_blocks(limit: int = 12) -> list[str]:
+    """The largest device allocations still alive, each with the innermost frames of the Python
+    code that made it (needs ``torch.cuda.memory._record_memory_history`` on)."""
+    rows = []
+    for segment in torch.cuda.memory._snapshot()["segments"]:
+        for block in segment["blocks"]:
+            if block["state"] != "active_allocated":
+                continue
+            frames = [f"{f['filename'].rsplit('/', 2)[-1]}:{f['line']} {f['name']}"
+                      for f in block.get("frames", []) if "vlmdeploy" in f["filename"]]
+            rows.append((block["size"], frames[:4]))
+    rows.sort(key=lambda r: -r[0])
+    return [f"{size / 2**20:.0f} MiB {frames}" for size, frames in rows[:limit]]
+
+
 def test_three_8b_pipelines_in_a_row_get_the_same_cache_and_give_memory_back(tmp_path):
     path = make_checkpoint(tmp_path / "8b", "8b", "hf", dtype=torch.bfloat16, weights=False)
     cfg = PytorchEngineConfig(session_len=8192, load_format="dummy")  # default cache share
     torch.cuda.init()
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
     start = used_bytes()
-    blocks, after = [], []
+    blocks, after, held = [], [], []
     for _ in range(3):
         pipe = pipeline(str(path), backend_config=cfg)
         out = pipe("hello", gen_config=GenerationConfig(max_new_tokens=8, ignore_eos=True))
@@ -42,7 +58,11 @@ def test_three_8b_pipelines_in_a_row_get_the_same_cache_and_give_memory_back(tmp
         pipe.close()
         del pipe, out
         after.append(used_bytes())
+        held.append((torch.cuda.memory_allocated(), torch.cuda.memory_reserved()))
+    torch.cuda.memory._record_memory_history(enabled=None)
     print(f"\nKV blocks {blocks}; used GiB start {start / GIB:.2f}, after each close "
-          f"{[round(a / GIB, 2) for a in after]}")
+          f"{[round(a / GIB, 2) for a in after]}; torch allocated/reserved GiB after each close "
+          f"{[(round(a / GIB, 2), round(r / GIB, 2)) for a, r in held]}")
+    print("\n".join(["still allocated after the last close:", *live_blocks()]))
     assert len(set(blocks)) == 1, blocks
     assert all(a - start < GIB for a in after), (start, after)

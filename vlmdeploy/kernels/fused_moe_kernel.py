@@ -101,6 +101,8 @@ def _moe_align_sorted(topk_ids: torch.Tensor, num_experts: int, block_m: int,
 def _moe_align_small(topk_ids: torch.Tensor, num_experts: int, block_m: int,
                      num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = topk_ids.numel()
+    if n > SMALL_ALIGN_PAIRS:  # its (P, P) rank tile grows quadratically
+        raise ValueError(f"the one-program align takes at most {SMALL_ALIGN_PAIRS} pairs, not {n}")
     device = topk_ids.device
     sorted_pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
