@@ -13,7 +13,7 @@ from vlmdeploy import PytorchEngineConfig
 from vlmdeploy.config import ModelConfig
 from vlmdeploy.engine import EngineConfig, LLMEngine
 from vlmdeploy.engine.io import EngineRequest
-from vlmdeploy.engine.sampling import SamplingParams
+from vlmdeploy.engine.sampling import SampleResult, SamplingParams
 from vlmdeploy.engine.sequence import PENDING
 
 IMAGE_TOKEN = 7  # text-only prompts here; any id the prompts do not use
@@ -103,19 +103,35 @@ def test_async_outputs_equal_sync_outputs(engines):
     assert async_steps <= sync_steps + 1  # the last step's tokens are read one step later
 
 
-def test_penalised_sampling_reads_its_tokens_before_the_next_launch(engines):
-    """Penalties read the token history, so a step holding such a request is read before the next
-    launch (a PENDING id in a history would make the penalty's bincount fail); the other requests
-    in those steps still give the synchronous outputs."""
+def test_penalised_sampling_reads_its_tokens_between_forward_and_sampling(engines, monkeypatch):
+    """Penalties read the token history: a step holding such a request reads the step before
+    once its own forward is queued, and samples after (a PENDING id in a history would make the
+    penalty's bincount fail). The forward never waits for the host; a request that the read
+    ends (its stop id) has its row of the step dropped; outputs equal the synchronous engine's."""
     sync, asyn = engines
+    free = run(sync, [(prompt(2), SamplingParams(greedy=False, temperature=1.0, seed=7,
+                                                 repetition_penalty=1.3, max_new_tokens=9))])
+    stop_id = tokens_of(free[0][0])[4]
     requests = [
         (prompt(2), SamplingParams(greedy=False, temperature=1.0, repetition_penalty=1.3,
                                    frequency_penalty=0.2, seed=7, max_new_tokens=9)),
+        (prompt(2), SamplingParams(greedy=False, temperature=1.0, repetition_penalty=1.3,
+                                   seed=7, max_new_tokens=9, stop_token_ids=frozenset({stop_id}))),
         (prompt(5), SamplingParams(max_new_tokens=14)),
     ]
     want, _, _ = run(sync, requests)
+    events: list[str] = []
+    forward, resolve = asyn.executor.forward, SampleResult.resolve
+    monkeypatch.setattr(asyn.executor, "forward",
+                        lambda *a: (events.append("forward"), forward(*a))[1])
+    monkeypatch.setattr(SampleResult, "resolve",
+                        lambda self: (events.append("read"), resolve(self))[1])
     got, _, _ = run(asyn, requests)
     assert got == want
+    assert tokens_of(want[1])[-1] == stop_id and want[1][-1][1] == "stop"
+    # after the first step, every read of a step comes after the next step's forward is queued
+    order = "".join("f" if e == "forward" else "r" for e in events)
+    assert order.startswith("ffr") and "rr" not in order.rstrip("r"), order
 
 
 def test_a_request_aborted_with_a_token_in_flight_ends_once(engines):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import sys
 import time
 from dataclasses import dataclass
 
@@ -51,7 +52,12 @@ class _InFlight:
 
     result: SampleResult
     rows: list[tuple[Sequence, int, bool]]
-    wait_for_it: bool  # the next step needs these tokens on the host (penalties, grammars)
+    read: bool = False  # its tokens have been read (early, by a step whose sampling needed them)
+
+
+# The index of a row sampled for a sequence that ended while its step was being launched: the
+# token is computed and dropped when read.
+_DROPPED = sys.maxsize
 
 
 class LLMEngine:
@@ -191,22 +197,21 @@ class LLMEngine:
         it on the device, and the step returns the tokens of the step before, read once the new
         one is queued. The GPU then never idles while the host schedules, builds inputs or hands
         outputs over. Stops that depend on a token's value are found one step late: that step's
-        extra token for the request is computed and dropped. Penalised sampling reads the token
-        history, so a step with such a request is read before the next one is launched."""
+        extra token for the request is computed and dropped. Sampling that depends on the tokens
+        before (penalties read the history, a grammar its state) reads the previous step once
+        this step's forward is queued, and masks while the device runs it."""
         outputs: list[StepOutput] = []
         prev, self._inflight = self._inflight, None
-        if prev is not None and prev.wait_for_it:
-            outputs, prev = self._read(prev), None
         start, tiles = time.perf_counter(), self.observer.tiles_encoded
         batch = self.scheduler.schedule()
         if batch:
             try:
-                self._inflight = self._launch(batch, prev)
+                self._inflight = self._launch(batch, prev, outputs)
                 self._failed_steps = 0
             except Exception as exc:  # noqa: BLE001 — fatal ones are raised again in there
                 outputs += self._fail_step(batch, exc)
         launched = time.perf_counter()
-        if prev is not None:
+        if prev is not None and not prev.read:
             outputs += self._read(prev)
         if self._inflight is not None and not self.cfg.async_scheduling:
             outputs += self._read(self._inflight)
@@ -229,9 +234,12 @@ class LLMEngine:
             )
         self.observer.on_step(record)
 
-    def _launch(self, batch: ScheduledBatch, prev: _InFlight | None) -> _InFlight | None:
+    def _launch(
+        self, batch: ScheduledBatch, prev: _InFlight | None, outputs: list[StepOutput]
+    ) -> _InFlight | None:
         """Queue the forward and sampling of ``batch`` on the device; decide the stops that do not
-        depend on the tokens' values (length) now."""
+        depend on the tokens' values (length) now. When a sampled row needs the tokens before it
+        on the host, ``prev`` is read between the two (its outputs go to ``outputs``)."""
         self.vision.attach_embeddings(batch.seqs)
         done = [s.num_computed + n == len(s) for s, n in zip(batch.seqs, batch.num_tokens)]
         rows = [i for i, d in enumerate(done) if d]
@@ -246,6 +254,9 @@ class LLMEngine:
         if not rows:
             return None
         sampled = [batch.seqs[i] for i in rows]
+        if prev is not None and any(s.sampling.needs_last_token for s in sampled):
+            outputs += self._read(prev)  # while the device runs this step's forward
+            prev.read = True
         result = sample_async(
             logits,
             [s.sampling for s in sampled],
@@ -253,8 +264,11 @@ class LLMEngine:
             [s.num_output for s in sampled],
         )
         self.executor.share_tokens(result.tokens)
-        flight = _InFlight(result, [], any(s.sampling.needs_last_token for s in sampled))
+        flight = _InFlight(result, [])
         for row, seq in enumerate(sampled):
+            if seq.finish_reason is not None:  # ended by the token just read
+                flight.rows.append((seq, _DROPPED, False))
+                continue
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
             seq.pending_row = row
