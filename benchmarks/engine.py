@@ -298,6 +298,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", help="checkpoint directory")
     ap.add_argument("--preset", help="write config + tokenizer of this size and use dummy weights")
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    ap.add_argument("--model-format", choices=["hf", "fp8", "awq"],
+                    help="quantised weights (docs/quantization.md); default: the checkpoint's")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="of " + ",".join(WORKLOADS))
     ap.add_argument("--n2", type=int, default=256)
     ap.add_argument("--n3", type=int, default=256)
@@ -351,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = PytorchEngineConfig(
         session_len=args.session_len,
         load_format=load_format,
+        model_format=args.model_format,
         enable_prefix_caching=args.prefix_caching,
         cache_max_entry_count=args.cache_max_entry_count,
     )
@@ -368,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
             "session_len": args.session_len,
             "enable_prefix_caching": args.prefix_caching,
             "cache_max_entry_count": args.cache_max_entry_count,
+            "model_format": args.model_format,
             "n2": args.n2,
             "n3": args.n3,
             "workloads": args.workloads,

@@ -1,6 +1,7 @@
-"""Per-kernel benchmark at InternVL3.5-8B shapes (the fused MoE at 30B-A3B's): the Triton kernels
-against the PyTorch reference path and, for attention, torch's SDPA flash kernel on contiguous
-(unpaged) K/V (for whole prompts also SDPA's cuDNN kernel).
+"""Per-kernel benchmark at InternVL3.5-8B shapes (the fused MoE at 30B-A3B's and at
+GPT-OSS-20B-A4B's): the Triton kernels against the PyTorch reference path and, for attention,
+torch's SDPA flash kernel on contiguous (unpaged) K/V (for whole prompts also SDPA's cuDNN
+kernel).
 
 Every case counts the fewest bytes it must move and the FLOPs it must do; with the copy bandwidth
 and bf16 matmul rate measured at the start, ``max(bytes / bandwidth, flops / rate)`` is its floor
@@ -9,7 +10,9 @@ and "% roofline" is floor / measured time. Triton and SDPA times are medians of 
 sets to defeat the L2 cache; the reference path host-syncs, so it is timed eagerly with
 ``triton.testing.do_bench`` (median, L2 flushed). Each case also checks the kernel against the
 reference once. Prints a markdown table (``--out`` writes it to a file) and appends the times
-and the ceilings to a results CSV (``--csv``, see ``benchmarks/results.py``).
+and the ceilings to a results CSV (``--csv``, see ``benchmarks/results.py``). Decode attention and
+the KV store run over quantised caches too (``quant_policy`` int8, int4, fp8: their bytes are the
+codes and the scales and zero points).
 
     python -m benchmarks.kernels [--csv results.csv] [--out kernels.md] [--quick]
 """
@@ -40,6 +43,7 @@ from benchmarks.gpu_timing import (
 )
 from vlmdeploy.kernels import reference
 from vlmdeploy.kernels.fused_moe_kernel import fused_moe_triton
+from vlmdeploy.kernels.kv_quant import KVQuant, bytes_per_head, quantize_kv
 from vlmdeploy.kernels.triton_ops import (
     paged_attention_triton,
     qk_norm_rope_triton,
@@ -130,6 +134,27 @@ def bench_store_kv(T: int) -> Row:
     return Row("store_kv", f"T={T}, page {PAGE}", nbytes, 0, ours, ref, err=rel_err(kc, kc2))
 
 
+KV_POLICIES = {8: "int8", 4: "int4", 16: "fp8"}
+
+
+def bench_store_kv_quant(policy: int, T: int) -> Row:
+    """T tokens' k and v quantised into their slots: read bf16, write codes and pairs."""
+    head = bytes_per_head(policy, HEAD_DIM, DTYPE)
+    nbytes = 2 * T * N_KV * (HEAD_DIM * 2 + head)
+    blocks = 2 * triton.cdiv(T, PAGE)
+    sets = []
+    for _ in range(n_sets(nbytes)):
+        kv = torch.randn(T, 2, N_KV, HEAD_DIM, device=DEV, dtype=DTYPE)
+        codes, sz = quantize_kv(torch.zeros(2, blocks, PAGE, N_KV, HEAD_DIM, device=DEV), policy,
+                                DTYPE)
+        quant = KVQuant(policy, *((sz[0], sz[1]) if sz is not None else ()))
+        slots = torch.randperm(blocks * PAGE, device=DEV)[:T]
+        sets.append((kv[:, 0], kv[:, 1], codes[0], codes[1], slots, quant))
+    ours = graph_ms([lambda a=a: store_kv_triton(*a) for a in sets])
+    ref = eager_ms(lambda: reference.store_kv(*sets[0]))
+    return Row(f"store_kv {KV_POLICIES[policy]}", f"T={T}, page {PAGE}", nbytes, 0, ours, ref)
+
+
 # ---------------------------------------------------------------- mixture of experts
 
 MOE_HIDDEN, MOE_INTER, MOE_EXPERTS, MOE_TOP_K = 2048, 768, 128, 8  # InternVL3.5-30B-A3B's
@@ -157,6 +182,39 @@ def bench_fused_moe(T: int) -> Row:
                   reference.fused_moe(x, w1, w2, weights, ids))
     case = f"T={T}, {e} experts top-{k}, {h}→{i} ({active} active)"
     return Row("fused_moe", case, nbytes, flops, ours, ref, err=err)
+
+
+GPT_OSS_HIDDEN, GPT_OSS_INTER, GPT_OSS_EXPERTS, GPT_OSS_TOP_K = 2880, 2880, 32, 4  # 20B-A4B's
+
+
+def bench_fused_moe_gpt_oss(T: int) -> Row:
+    """One GPT-OSS-20B MoE layer as the model runs it: the router's top-k softmax, then the
+    experts in the checkpoint's layout (``x @ W``, gate/up interleaved) with their biases and
+    the clamped SwiGLU. Bytes and FLOPs as :func:`bench_fused_moe`, the biases' bytes added."""
+    h, i, e, k = GPT_OSS_HIDDEN, GPT_OSS_INTER, GPT_OSS_EXPERTS, GPT_OSS_TOP_K
+    gate_up = (torch.randn(e, h, 2 * i, device=DEV) * h**-0.5).to(DTYPE)
+    down = (torch.randn(e, i, h, device=DEV) * i**-0.5).to(DTYPE)
+    experts = (gate_up.transpose(1, 2), down.transpose(1, 2))
+    opts = dict(gate_up_bias=torch.randn(e, 2 * i, device=DEV).to(DTYPE),
+                down_bias=torch.randn(e, h, device=DEV).to(DTYPE), interleaved=True,
+                activation=reference.ClampedSwiGLU(alpha=1.702, limit=7.0))
+    sets = []
+    for _ in range(n_sets(3 * e * h * i * 2 * min(1.0, T * k / e))):
+        x = torch.randn(T, h, device=DEV, dtype=DTYPE)
+        weights, ids = reference.moe_route(torch.randn(T, e, device=DEV), k, False,
+                                           topk_then_softmax=True)
+        sets.append((x, weights, ids))
+    active = len(set(sets[0][2].flatten().tolist()))
+    nbytes = active * (3 * h * i + 2 * i + h) * 2 + 2 * T * h * 2
+    flops = 2 * T * k * 3 * h * i
+    ours = graph_ms([lambda a=a: fused_moe_triton(a[0], *experts, a[1], a[2], **opts)
+                     for a in sets])
+    x, weights, ids = sets[0]
+    ref = eager_ms(lambda: reference.fused_moe(x, *experts, weights, ids, **opts))
+    err = rel_err(fused_moe_triton(x, *experts, weights, ids, **opts),
+                  reference.fused_moe(x, *experts, weights, ids, **opts))
+    case = f"T={T}, {e} experts top-{k}, {h}→{i} ({active} active)"
+    return Row("fused_moe gpt-oss", case, nbytes, flops, ours, ref, err=err)
 
 
 # ---------------------------------------------------------------- attention
@@ -267,6 +325,28 @@ def bench_decode(B: int, ctx: int) -> Row:
     return row
 
 
+def quantized(batch: dict, policy: int) -> dict:
+    """``paged_batch``'s caches quantised under ``policy`` (the bf16 ones are dropped)."""
+    k, k_sz = quantize_kv(batch.pop("k_cache"), policy, DTYPE)
+    v, v_sz = quantize_kv(batch.pop("v_cache"), policy, DTYPE)
+    return {**batch, "k_cache": k, "v_cache": v, "kv_quant": KVQuant(policy, k_sz, v_sz)}
+
+
+def bench_decode_quant(policy: int, B: int, ctx: int) -> Row:
+    """Decode attention over a quantised cache: the floor counts its smaller bytes."""
+    q_lens, kv_lens = [1] * B, [ctx] * B
+    head = bytes_per_head(policy, HEAD_DIM, DTYPE)
+    nbytes = 2 * B * N_Q * HEAD_DIM * 2 + 2 * sum(kv_lens) * N_KV * head
+    batches = [quantized(paged_batch(q_lens, kv_lens), policy) for _ in range(n_sets(nbytes))]
+    call = lambda bt: paged_attention_triton(**bt, max_q_len=1, max_kv_len=ctx)  # noqa: E731
+    ours = graph_ms([lambda bt=bt: call(bt) for bt in batches])
+    bt = batches[0]
+    ref = eager_ms(lambda: reference.paged_attention(**bt))
+    err = rel_err(call(bt), reference.paged_attention(**bt))
+    return Row(f"paged decode {KV_POLICIES[policy]}", f"B={B}, ctx {ctx}", nbytes,
+               attention_flops(q_lens, kv_lens), ours, ref, None, err, "n/a: quantised cache")
+
+
 def bench_prefill(name: str, q_lens: list[int], kv_lens: list[int], sdpa: bool) -> Row:
     nbytes = attention_bytes(sum(q_lens), kv_lens)
     bt = paged_batch(q_lens, kv_lens)
@@ -358,7 +438,8 @@ def history_rows(rows: list[Row], bw: float, rate: float, st: results.Stamp) -> 
     for r in rows:
         case = f"{r.kernel}: {r.case}"
         floor = max(r.bytes / bw, r.flops / rate)
-        model = "InternVL3.5-30B-A3B" if r.kernel == "fused_moe" else shape
+        model = {"fused_moe": "InternVL3.5-30B-A3B",
+                 "fused_moe gpt-oss": "InternVL3.5-GPT-OSS-20B-A4B"}.get(r.kernel, shape)
         add = lambda *a, model=model: results.row(st, model, *a)
         out += [add(case, "time_us", "vlmdeploy", r.ours_ms * 1e3, "us", "Triton"),
                 add(case, "roofline_pct", "vlmdeploy", 100 * floor / (r.ours_ms * 1e-3), "%")]
@@ -390,8 +471,17 @@ def main() -> None:
     for fn in (bench_rms_norm, bench_silu_and_mul, bench_qk_norm_rope, bench_store_kv):
         cases += [(fn.__name__, lambda fn=fn, T=T: fn(T)) for T in tokens]
     cases += [("bench_decode", lambda B=B, ctx=ctx: bench_decode(B, ctx)) for B, ctx in decode]
+    quant_decode = [(1, 8192), (64, 2048)] if args.quick else [(1, 8192), (64, 2048), (256, 2048)]
+    for policy in KV_POLICIES:
+        cases += [("bench_decode_quant",
+                   lambda p=policy, B=B, ctx=ctx: bench_decode_quant(p, B, ctx))
+                  for B, ctx in quant_decode]
+        cases += [("bench_store_kv_quant", lambda p=policy, T=T: bench_store_kv_quant(p, T))
+                  for T in (1, 2676)]
     moe_tokens = [1, 256] if args.quick else [1, 16, 256, 2048]
     cases += [("bench_fused_moe", lambda T=T: bench_fused_moe(T)) for T in moe_tokens]
+    cases += [("bench_fused_moe_gpt_oss", lambda T=T: bench_fused_moe_gpt_oss(T))
+              for T in moe_tokens]
     prefills = [
         ("1 prompt × 2,676", [2676], [2676], True),
         ("4 prompts × 2,676", [2676] * 4, [2676] * 4, True),

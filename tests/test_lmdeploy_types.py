@@ -67,8 +67,7 @@ def test_turbomind_config_runs_on_the_pytorch_engine():
     assert TurbomindEngineConfig(model_format="hf").to_pytorch().model_format is None
     with pytest.raises(NotImplementedError, match="rope_scaling_factor"):
         TurbomindEngineConfig(rope_scaling_factor=2.0).to_pytorch()
-    with pytest.raises(NotImplementedError, match="quant_policy"):  # shared, not implemented
-        TurbomindEngineConfig(quant_policy=8).to_pytorch()
+    assert TurbomindEngineConfig(quant_policy=8).to_pytorch().quant_policy == 8  # int8 KV
 
 
 @pytest.fixture(scope="module")

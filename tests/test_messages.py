@@ -276,12 +276,11 @@ ENGINE_UNIMPLEMENTED = {
     "prefix_cache_state_budget": 1,
     "prefix_cache_decode_state_interval": 64,
     "custom_module_map": {"a": "b"},
-    "quant_policy": 8,
     "empty_init": True,
     "enable_microbatch": True,
     "enable_eplb": True,
     "enable_mp_engine": True,
-    "model_format": "fp8",
+    "model_format": "gptq",
     "hf_overrides": {"x": 1},
     "logprobs_mode": "raw_logprobs",
     "enable_return_routed_experts": True,
@@ -306,6 +305,18 @@ def test_non_default_role_and_migration_backend_raise():
         PytorchEngineConfig(role=EngineRole.Prefill)
     with pytest.raises(NotImplementedError, match="migration_backend"):
         PytorchEngineConfig(migration_backend=MigrationBackend.Mooncake)
+
+
+@pytest.mark.parametrize("policy", [0, 4, 8, 16])
+def test_lmdeploy_kv_cache_policies_are_accepted(policy):
+    assert PytorchEngineConfig(quant_policy=policy).quant_policy == policy
+
+
+@pytest.mark.parametrize("policy", [1, 2, 17, 42, -8, 8.0, True, "8"])
+def test_other_quant_policies_are_refused_naming_lmdeploys(policy):
+    with pytest.raises(ValueError, match=r"quant_policy must be .* 0 \(none\), 4 \(int4\), 8 "
+                                         r"\(int8\) or 16 \(fp8 e4m3\)"):
+        PytorchEngineConfig(quant_policy=policy)
 
 
 def test_tp_1_and_other_defaults_are_accepted():

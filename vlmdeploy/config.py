@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlmdeploy.quant.spec import WeightQuant, from_quantization_config
+
 SUPPORTED_ARCHITECTURES = ("InternVLChatModel", "InternVLForConditionalGeneration")
 SUPPORTED_LLMS = ("Qwen3ForCausalLM", "qwen3", "Qwen3MoeForCausalLM", "qwen3_moe")
 
@@ -139,6 +141,8 @@ class ModelConfig:
     min_dynamic_patch: int = 1
     use_thumbnail: bool = True
     torch_dtype: str = "bfloat16"
+    # quantised language-model weights the checkpoint holds (config.json quantization_config)
+    quantization: WeightQuant | None = None
 
     @property
     def tokens_per_tile(self) -> int:
@@ -348,6 +352,7 @@ def _parse_original(cfg: dict[str, Any]) -> ModelConfig:
         torch_dtype=str(
             cfg.get("torch_dtype") or cfg["llm_config"].get("torch_dtype") or "bfloat16"
         ),
+        quantization=_quantization(cfg, cfg["llm_config"]),
     )
 
 
@@ -383,7 +388,15 @@ def _parse_hf(cfg: dict[str, Any]) -> ModelConfig:
         downsample_ratio=cfg.get("downsample_ratio", 0.5),
         select_layer=layer,
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+        quantization=_quantization(cfg, cfg["text_config"]),
     )
+
+
+def _quantization(cfg: dict[str, Any], llm: dict[str, Any]) -> WeightQuant | None:
+    """The checkpoint's ``quantization_config``: at the top (transformers writes it there) or in
+    the language model's block."""
+    qc = cfg.get("quantization_config") or llm.get("quantization_config")
+    return from_quantization_config(qc) if qc else None
 
 
 def _with_image_processor(cfg: ModelConfig, path: Path) -> ModelConfig:

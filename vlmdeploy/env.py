@@ -9,6 +9,9 @@ variable                      default  meaning
                                        reference, on the GPU too (to compare the two)
 ``VLMDEPLOY_PDL``             1        ``0`` launches decode kernels without programmatic
                                        dependent launch (Hopper and newer)
+``VLMDEPLOY_FP8_GEMM``        triton   the GEMM of FP8 weights on the GPU: ``triton`` (this
+                                       package's kernel) or ``scaled_mm`` (cuBLAS through
+                                       ``torch._scaled_mm``, where it takes the shapes)
 ``VLMDEPLOY_STEP_TIMEOUT_S``  120      a step running longer counts as a hang: every request
                                        ends with an error and the engine reports itself dead
                                        (0 turns the watchdog off)
@@ -30,6 +33,14 @@ def reference_kernels() -> bool:
 def pdl_allowed() -> bool:
     """Programmatic dependent launch is neither turned off nor impossible (Triton's interpreter)."""
     return os.environ.get("VLMDEPLOY_PDL", "1") != "0" and not triton_interpreted()
+
+
+def fp8_gemm_backend() -> str:
+    """``triton`` or ``scaled_mm``: which GEMM multiplies FP8 weights (``VLMDEPLOY_FP8_GEMM``)."""
+    value = os.environ.get("VLMDEPLOY_FP8_GEMM", "triton")
+    if value not in ("triton", "scaled_mm"):
+        raise ValueError(f"VLMDEPLOY_FP8_GEMM={value!r}: expected 'triton' or 'scaled_mm'")
+    return value
 
 
 def step_timeout_s() -> float:

@@ -215,12 +215,10 @@ class PytorchEngineConfig:
         "prefix_cache_state_budget": 0,
         "prefix_cache_decode_state_interval": 0,
         "custom_module_map": None,
-        "quant_policy": 0,
         "empty_init": False,
         "enable_microbatch": False,
         "enable_eplb": False,
         "enable_mp_engine": False,
-        "model_format": None,
         "hf_overrides": None,
         "logprobs_mode": None,
         "enable_return_routed_experts": False,
@@ -254,6 +252,12 @@ class PytorchEngineConfig:
         _check(self.max_prefill_token_num > 0, "max_prefill_token_num must be > 0")
         _check(self.device_type in ("cuda", "cpu"), "device_type must be 'cuda' or 'cpu'")
         _check(self.load_format in ("auto", "dummy"), "load_format must be 'auto' or 'dummy'")
+        _check_model_format(self.model_format)
+        _check(
+            _is_int(self.quant_policy) and self.quant_policy in (0, 4, 8, 16),
+            "quant_policy must be one of LMDeploy's KV cache policies 0 (none), 4 (int4), "
+            f"8 (int8) or 16 (fp8 e4m3), not {self.quant_policy!r}",
+        )
         _check(type(self.tp) is int and self.tp >= 1, "tp must be an integer >= 1")
         _check(
             self.distributed_executor_backend in (None, "mp", "ray", "uni"),
@@ -394,6 +398,19 @@ class Response:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _check_model_format(value: Any) -> None:
+    """LMDeploy's ``model_format``: None or ``hf`` (the checkpoint's own weights, quantised ones
+    included), ``fp8`` (quantised on load unless stored so), ``awq`` (an AWQ checkpoint)."""
+    if value in (None, "hf", "fp8", "awq"):
+        return
+    if value in ("gptq", "mxfp4", "compressed-tensors"):  # LMDeploy's others
+        raise NotImplementedError(
+            f"PytorchEngineConfig.model_format={value!r} is not supported by vlmdeploy "
+            "(only None or 'hf', 'fp8' and 'awq')"
+        )
+    raise ValueError(f"model_format must be None, 'hf', 'fp8' or 'awq', not {value!r}")
 
 
 def _is_int(value: Any) -> bool:

@@ -26,3 +26,13 @@ def test_history_rows_of_a_kernel_run():
     assert float(got[(p, "roofline_pct", "vlmdeploy")]["value"]) == pytest.approx(50.0)  # FLOPs
     assert (p, "time_us", "torch-reference") not in got and (p, "time_us", "sdpa-cudnn") in got
     assert all(r["commit"] == "abc" and r["model_shape"] == "InternVL3.5-8B" for r in rows)
+
+
+def test_moe_rows_name_their_models():
+    st = results.Stamp("2026-12-01", "10:00:00", "abc", "H100")
+    rows = kernels.history_rows(
+        [kernels.Row("fused_moe", "T=1", 1e6, 1e6, 0.01),
+         kernels.Row("fused_moe gpt-oss", "T=1", 1e6, 1e6, 0.01)], bw=3e12, rate=5e14, st=st)
+    shapes = {r["workload"]: r["model_shape"] for r in rows if r["metric"] == "time_us"}
+    assert shapes == {"fused_moe: T=1": "InternVL3.5-30B-A3B",
+                      "fused_moe gpt-oss: T=1": "InternVL3.5-GPT-OSS-20B-A4B"}

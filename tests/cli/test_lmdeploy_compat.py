@@ -7,6 +7,7 @@ accepts."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -117,6 +118,27 @@ def test_flags_with_a_meaning_reach_the_server(launched, tmp_path, monkeypatch):
                                               "ssl_certfile": str(cert)}
 
 
+@pytest.mark.parametrize("value,expected", [("fp8", "fp8"), ("awq", "awq"), ("hf", None)])
+def test_model_format_reaches_the_engine(launched, value, expected):
+    assert serve("--model-format", value) == 0
+    assert launched["engine"].model_format == expected
+
+
+def test_chat_passes_model_format_to_the_engine(monkeypatch, capsys):
+    import vlmdeploy
+
+    seen = {}
+
+    def fake_pipeline(model, backend_config=None, **options):
+        seen["engine"] = backend_config
+        raise RuntimeError("no model here")
+
+    monkeypatch.setattr(vlmdeploy, "pipeline", fake_pipeline, raising=False)
+    assert main(["chat", "/models/x", "--model-format", "fp8"]) == 1
+    assert seen["engine"].model_format == "fp8"
+    assert "no model here" in capsys.readouterr().err
+
+
 def test_ssl_without_its_files_is_refused_before_loading(launched, monkeypatch, capsys):
     monkeypatch.delenv("SSL_KEYFILE", raising=False)
     monkeypatch.delenv("SSL_CERTFILE", raising=False)
@@ -131,9 +153,9 @@ def test_ssl_without_its_files_is_refused_before_loading(launched, monkeypatch, 
     ["--nnodes", "2"], ["--node-rank", "1"], ["--dist-init-addr", "h:1"], ["--cp", "2"],
     ["--rope-scaling-factor", "2.0"], ["--role", "Prefill"], ["--kv-transfer-config", "{}"],
     ["--hf-overrides", '{"a": 1}'], ["--generation-config", "/cfg"],
-    ["--quant-policy", "int8"], ["--quant-policy", "8"], ["--dp", "2"], ["--ep", "2"],
+    ["--quant-policy", "fp8_e5m2"], ["--quant-policy", "42"], ["--dp", "2"], ["--ep", "2"],
     ["--language-model-only"], ["--empty-init"], ["--enable-microbatch"], ["--enable-eplb"],
-    ["--logprobs-mode", "raw_logits"], ["--dllm-block-length", "4"], ["--model-format", "awq"],
+    ["--logprobs-mode", "raw_logits"], ["--dllm-block-length", "4"], ["--model-format", "gptq"],
     ["--enable-return-routed-experts"], ["--kernel-block-size", "16"],
     ["--device", "ascend"],
 ])
@@ -144,6 +166,24 @@ def test_what_vlmdeploy_does_not_do_is_refused_naming_the_flag(launched, capsys,
     err = capsys.readouterr().err
     assert f"{args[0]}:" in err, err
     assert "model" not in launched  # refused before the model loads
+
+
+@pytest.mark.parametrize("value,policy", [("int8", 8), ("8", 8), ("int4", 4), ("fp8", 16),
+                                          ("fp8_e4m3", 16), ("none", 0)])
+def test_quant_policy_reaches_the_engine_from_serve_and_chat(launched, monkeypatch, value,
+                                                             policy):
+    """LMDeploy's names and numbers for the KV cache policies it shares with vlmdeploy."""
+    assert serve("--quant-policy", value) == 0
+    assert launched["engine"].quant_policy == policy
+    import vlmdeploy.cli.chat as chat_cli
+
+    seen = {}
+    monkeypatch.setattr("vlmdeploy.pipeline", lambda model, backend_config=None, **kw:
+                        seen.update(engine=backend_config) or FakePipeline(), raising=False)
+    monkeypatch.setattr(chat_cli, "chat_loop", lambda *a, **k: 0)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main(["chat", "/models/x", "--quant-policy", value]) == 0
+    assert seen["engine"].quant_policy == policy
 
 
 @pytest.mark.parametrize("args", [

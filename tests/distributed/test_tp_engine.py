@@ -34,12 +34,12 @@ def ckpts(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def _config(tp: int) -> PytorchEngineConfig:
+def _config(tp: int, quant_policy: int = 0) -> PytorchEngineConfig:
     # 48 blocks of 16 tokens: the four prompts (two of one-tile images, 256 tokens a tile) are
     # admitted together, and their answers outgrow the cache, so the scheduler must preempt.
     return PytorchEngineConfig(
         tp=tp, device_type="cpu", block_size=16, num_gpu_blocks=48, max_batch_size=4,
-        enable_prefix_caching=True, session_len=1024,
+        enable_prefix_caching=True, session_len=1024, quant_policy=quant_policy,
     )  # fmt: skip
 
 
@@ -58,12 +58,12 @@ def pictures(images) -> list:
     return [*images, solid_image(320, 320, 4)]
 
 
-def _run(path: str, tp: int, images) -> tuple[list[list[int]], dict, dict]:
+def _run(path: str, tp: int, images, quant_policy: int = 0) -> tuple[list[list[int]], dict, dict]:
     """Every answer's tokens, the logits of every sampled token keyed by (request, position), and
     the engine's counters. Keyed, not by step: when requests arrive (their images are prepared on
     other threads) decides which steps they share."""
     gen = GenerationConfig(max_new_tokens=40, do_sample=False, ignore_eos=True)
-    with pipeline(path, backend_config=_config(tp), log_level="WARNING") as pipe:
+    with pipeline(path, backend_config=_config(tp, quant_policy), log_level="WARNING") as pipe:
         executor = pipe.engine.core.executor
         logits, forward = {}, executor.forward
 
@@ -97,6 +97,19 @@ def test_tensor_parallel_matches_one_rank(ckpts, pictures, name, tp):
     assert len(common) >= sum(map(len, tokens))
     for key in common:
         torch.testing.assert_close(logits[key], ref_logits[key], atol=1e-4, rtol=0)
+
+
+def test_tensor_parallel_over_an_int4_cache_matches_one_rank(ckpts, pictures):
+    """Each rank quantises and packs its own kv heads into its own cache (codes and pairs): the
+    same tokens as one rank, and logits as close as the ranks' summation order lets quantisation
+    codes agree."""
+    ref_tokens, ref_logits, _ = _run(ckpts["300m-original"], 1, pictures, quant_policy=4)
+    tokens, logits, _ = _run(ckpts["300m-original"], 2, pictures, quant_policy=4)
+    assert tokens == ref_tokens
+    common = logits.keys() & ref_logits.keys()
+    assert len(common) >= sum(map(len, tokens))
+    for key in common:
+        torch.testing.assert_close(logits[key], ref_logits[key], atol=1e-3, rtol=0)
 
 
 def test_a_head_count_the_ranks_cannot_split_is_refused_before_loading(ckpts):

@@ -152,7 +152,7 @@ def test_close_gives_every_tensor_back_without_a_collection(tiny_ckpts):
     pipe.close()
     assert core.runner is None and core.vision is None and not vision.cache.entries
     assert all(p.device.type == "meta" for p in stray.parameters())
-    assert runner.kv_cache.numel() == 0 and runner.decode_graphs is None
+    assert runner.kv_cache is None and runner.decode_graphs is None
     assert gc.get_freeze_count() == 0
 
 

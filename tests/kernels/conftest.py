@@ -66,6 +66,17 @@ def make_paged_batch(q_lens: Sequence[int], kv_lens: Sequence[int], n_q: int, n_
                 block_tables=tables.to(device), scale=head_dim ** -0.5)
 
 
+def quantize_paged_batch(batch: dict, policy: int, meta: torch.dtype | None = None) -> dict:
+    """``make_paged_batch``'s batch with its caches quantised. Unused slots hold NaN: their scales
+    (int4/int8) or values (fp8) stay NaN, so a stray read still shows in the output."""
+    from vlmdeploy.kernels.kv_quant import KVQuant, quantize_kv
+
+    meta = meta or batch["q"].dtype
+    k, k_sz = quantize_kv(batch["k_cache"], policy, meta)
+    v, v_sz = quantize_kv(batch["v_cache"], policy, meta)
+    return {**batch, "k_cache": k, "v_cache": v, "kv_quant": KVQuant(policy, k_sz, v_sz)}
+
+
 @pytest.fixture
 def paged_batch() -> Callable[..., dict]:
     return make_paged_batch

@@ -3,11 +3,15 @@ with its GPT-OSS text model, on the same tiny random weights (fp32, CPU), throug
 pipeline: last-token logits within 1e-4 relative and identical greedy tokens in both checkpoint
 layouts, for prompts longer than the sliding window (8 here), in a batch, with chunked prefill and
 with preemption. The MoE pieces (router, clamped SwiGLU experts) are checked against
-transformers' modules with weights large enough to reach the clamps.
+transformers' modules with weights large enough to reach the clamps: through the fused ops'
+references (bit for bit per expert), and through their Triton kernels (the GPU's path, here in
+Triton's interpreter) with the idle experts' weights NaN. On CUDA the model runs with CUDA
+graphs, whose memory the plan sets aside.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -15,8 +19,9 @@ import torch
 from transformers import GptOssConfig, InternVLForConditionalGeneration
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP as TheirMLP
 
-from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
+from vlmdeploy import GenerationConfig, PytorchEngineConfig, kernels, pipeline
 from vlmdeploy.config import ModelConfig
+from vlmdeploy.engine import EngineConfig, memory
 from vlmdeploy.models.gpt_oss import GptOssMLP
 from vlmdeploy.testing.checkpoint import make_checkpoint
 from vlmdeploy.vl.constants import IMAGE_TOKEN
@@ -126,13 +131,13 @@ def test_batch_matches_transformers(ckpts, reference, images, setting):
     assert (preemptions > 0) == (setting == "preempted")
 
 
-def test_mlp_matches_transformers():
-    """Router (top-k, softmax over the k logits), interleaved gate/up, clamps and biases: weights
-    of std 1 push gate and up past the limit of 7."""
+def tiny_mlps(seed: int = 0) -> tuple[TheirMLP, GptOssMLP]:
+    """transformers' GptOssMLP and ours with the same weights of std 1 (6 experts top-3 of width
+    12 over hidden 32), which push gate and up past the limit of 7."""
     cfg = GptOssConfig(hidden_size=32, intermediate_size=12, num_local_experts=6,
                        num_experts_per_tok=3, num_hidden_layers=1)
     theirs = TheirMLP(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in theirs.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
@@ -145,8 +150,124 @@ def test_mlp_matches_transformers():
                           "intermediate_size": 8}}).text
     ours = GptOssMLP(text)
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(1, 9, 32, generator=gen)
+    return theirs, ours
+
+
+def test_mlp_matches_transformers():
+    """Router (top-k, softmax over the k logits), interleaved gate/up, clamps and biases."""
+    theirs, ours = tiny_mlps()
+    x = torch.randn(1, 9, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         gate_up = x[0] @ theirs.experts.gate_up_proj[0]
         assert gate_up.abs().max() > 7  # the clamps matter
         torch.testing.assert_close(ours(x[0]), theirs(x)[0][0], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_are_transformers_bit_for_bit(dtype):
+    """One expert per token, weight 1: the fused op's reference gives each expert's output
+    exactly as transformers' GptOssExperts computes it (the same ops in the same order)."""
+    theirs, ours = (m.to(dtype) for m in tiny_mlps())
+    x = torch.randn(11, 32, generator=torch.Generator().manual_seed(2)).to(dtype)
+    ids = torch.tensor([0, 3, 3, 5, 1, 0, 2, 4, 4, 4, 1])[:, None]
+    ones = torch.ones(11, 1, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(ours.experts(x, ones, ids), theirs.experts(x, ids, ones))
+
+
+def test_the_mlp_runs_the_fused_ops(monkeypatch):
+    """The router and the experts are one call each of the fused ops, with GPT-OSS's switches."""
+    calls = []
+
+    def spy(name):
+        real = getattr(kernels, name)
+        return lambda *a, **kw: calls.append((name, kw)) or real(*a, **kw)
+
+    for name in ("moe_route", "fused_moe"):
+        monkeypatch.setattr(kernels, name, spy(name))
+    _, ours = tiny_mlps()
+    with torch.no_grad():
+        ours(torch.randn(5, 32))
+    assert [name for name, _ in calls] == ["moe_route", "fused_moe"]
+    assert calls[0][1]["topk_then_softmax"]
+    moe = calls[1][1]
+    assert moe["interleaved"] and moe["activation"].limit == 7.0
+    assert moe["gate_up_bias"] is not None and moe["down_bias"] is not None  # one rank: rank 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter, on CPU machines")
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_mlp_through_the_triton_kernels_matches_transformers(monkeypatch, tokens):
+    """The path a GPU runs — the route and fused-MoE Triton kernels (here in Triton's
+    interpreter) — gives transformers' output, and at one token reads only the 3 chosen
+    experts: the other 3 hold NaN in every weight and bias."""
+    pytest.importorskip("triton")
+    from vlmdeploy.kernels.fused_moe_kernel import fused_moe_triton
+    from vlmdeploy.kernels.moe_route_kernel import moe_route_triton
+
+    theirs, ours = tiny_mlps(seed=3)
+    x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = theirs(x[None])[0][0]
+        if tokens == 1:
+            chosen = theirs.router(x)[2].flatten()
+            idle = torch.ones(6, dtype=torch.bool)
+            idle[chosen] = False
+            for p in ours.experts.parameters():
+                p[idle] = float("nan")
+        monkeypatch.setattr(kernels, "moe_route", moe_route_triton)
+        monkeypatch.setattr(kernels, "fused_moe", fused_moe_triton)
+        got = ours(x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_cuda_graphs_are_on_and_their_pool_is_reserved(ckpts, monkeypatch):
+    """On CUDA GPT-OSS runs with CUDA graphs unless ``eager_mode``, and the KV cache is sized
+    from what is left after the graphs' pool (config level: no GPU needed)."""
+    model = ModelConfig.from_pretrained(ckpts["hf"])
+    assert model.text.is_gpt_oss
+
+    def config(eager: bool) -> EngineConfig:
+        cpu = EngineConfig.build(PytorchEngineConfig(device_type="cpu", eager_mode=eager), model,
+                                 ckpts["hf"], image_token_id=7)
+        return dataclasses.replace(cpu, device=torch.device("cuda", 0))
+
+    graphs, eager = config(False), config(True)
+    assert graphs.use_cuda_graphs and not eager.use_cuda_graphs
+    free = 64 << 30
+    monkeypatch.setattr(memory, "activation_peak", lambda model, cfg: 1 << 30)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 << 30))
+    assert memory.plan_num_blocks(None, graphs) == memory.blocks_in(
+        graphs, free - (1 << 30) - graphs.graph_pool_reserve)
+    assert memory.plan_num_blocks(None, eager) == memory.blocks_in(eager, free - (1 << 30))
+
+
+@pytest.mark.gpu
+def test_triton_and_graphs_match_reference_path_gpu(tmp_path, monkeypatch):
+    """Two layers (sliding, full) of the 20B-A4B's shape (32 experts top-4, bf16): Triton kernels
+    with CUDA-graph decode and prefill give the reference path's greedy tokens, but where the
+    reference's own top-2 margin is within bf16 rounding. The image prompt outgrows the window
+    of 128."""
+    from tests.models.test_fast_path_gpu import _image, _run
+
+    monkeypatch.setenv("VLMDEPLOY_KERNELS", "triton")  # (_run sets it; restored after)
+
+    path = str(make_checkpoint(tmp_path / "gpt-oss", "gpt-oss-20b", "hf", seed=0,
+                               dtype=torch.bfloat16, device="cuda",
+                               text_overrides={"num_hidden_layers": 2}))
+    prompts = [STORY, ("describe this image", _image(800, 500, 3)), "Hi"]
+    gen = GenerationConfig(max_new_tokens=24, min_new_tokens=24, logprobs=2)
+    fast, fast_ms = _run(path, False, prompts, gen)
+    ref, ref_ms = _run(path, True, prompts, gen)
+    report = []
+    for (toks, _), (ref_toks, ref_lps) in zip(fast, ref, strict=True):
+        i = next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), None)
+        if i is None:
+            report.append((len(toks), 0.0))
+            continue
+        top = sorted(ref_lps[i].values(), reverse=True)
+        report.append((i, top[0] - top[1]))
+    print(f"\n{report}; batch-1 step: fast {fast_ms:.2f} ms, reference eager {ref_ms:.2f} ms")
+    assert all(i == 24 or margin < 0.05 for i, margin in report), report

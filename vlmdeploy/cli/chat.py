@@ -4,8 +4,9 @@ In a terminal, input works as in LMDeploy's `chat`: a message may span several l
 by an empty line; `exit` quits and `end` starts a new conversation; Ctrl-C at the prompt quits and
 Ctrl-C during an answer stops that answer (the turn is dropped). Piped stdin sends one message per
 line. Commands: `/image PATH` attaches an image (a local file or a URL) to the next message,
+`/video PATH [FRAMES]` a video (FRAMES frames sampled as the model card does; 8 unless given),
 `/reset` starts a new conversation, `/exit` quits. The chat runs on the user's own files, so local
-image paths are allowed here (the HTTP server refuses them unless an operator opts in).
+image and video paths are allowed here (the HTTP server refuses them unless an operator opts in).
 
 Every flag of LMDeploy 0.18's `chat` is accepted (`vlmdeploy.cli.lmdeploy_flags`).
 """
@@ -30,10 +31,13 @@ from vlmdeploy.cli.serve import (
 )
 from vlmdeploy.errors import InvalidRequestError
 from vlmdeploy.messages import GenerationConfig
+from vlmdeploy.vl.media_policy import VideoLimits
 
 GEN_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
               "repetition_penalty")
-HELP = "commands: /image PATH (attach an image), /reset (new conversation), /exit"
+HELP = ("commands: /image PATH (attach an image), /video PATH [FRAMES] (attach a video, "
+        f"{VideoLimits.default_frames} frames unless given), /reset (new conversation), /exit")
+ATTACH = ("/image ", "/video ")  # the commands a terminal block may hold beside its text
 TERMINAL_HELP = ("a message may span lines; an empty line sends it. exit: quit, end: new "
                  "conversation, Ctrl-C: stop the answer. " + HELP)
 
@@ -50,12 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class ChatSession:
-    """A conversation with one pipeline: the message history and the images waiting to be sent."""
+    """A conversation with one pipeline: the message history and the images and videos waiting
+    to be sent (content parts, in the order they were attached)."""
 
     def __init__(self, pipe: Any, gen_config: GenerationConfig, out: TextIO, err: TextIO):
         self.pipe, self.gen_config, self.out, self.err = pipe, gen_config, out, err
         self.messages: list[dict[str, Any]] = []
-        self.images: list[str] = []
+        self.attached: list[dict[str, Any]] = []
         self._session_ids = iter(range(1, 1 << 62))
 
     def command(self, line: str) -> bool:
@@ -64,25 +69,52 @@ class ChatSession:
         if name in ("/exit", "/quit"):
             return False
         if name == "/reset":
-            self.messages, self.images = [], []
+            self.messages, self.attached = [], []
             print("(new conversation)", file=self.err)
         elif name == "/image" and arg.strip():
             self.attach(arg.strip())
+        elif name == "/video" and arg.strip():
+            self.attach_video(arg.strip())
         else:
             print(HELP, file=self.err)
         return True
 
     def attach(self, source: str) -> None:
-        is_url = source.startswith(("http://", "https://", "data:"))
-        if not is_url and not os.path.isfile(os.path.expanduser(source)):
-            print(f"(no such file: {source})", file=self.err)
+        url = self._source(source)
+        if url is not None:
+            self.attached.append({"type": "image_url", "image_url": {"url": url}})
+            print(f"(image attached: {len(self.attached)} pending)", file=self.err)
+
+    def attach_video(self, arg: str) -> None:
+        """`/video PATH [FRAMES]`: a last word of digits is the frame count (a path may hold
+        spaces); without it the pipeline's default applies."""
+        source, _, count = arg.rpartition(" ")
+        if not (source.strip() and count.isdigit()):
+            source, count = arg, ""
+        limit = VideoLimits.max_frames
+        if count and not 1 <= int(count) <= limit:  # refused here, or every turn would fail
+            print(f"(frames must be from 1 to {limit})", file=self.err)
             return
-        self.images.append(source if is_url else os.path.abspath(os.path.expanduser(source)))
-        print(f"(image attached: {len(self.images)} pending)", file=self.err)
+        url = self._source(source.strip())
+        if url is not None:
+            spec: dict[str, Any] = {"url": url}
+            if count:
+                spec["num_frames"] = int(count)
+            self.attached.append({"type": "video_url", "video_url": spec})
+            print(f"(video attached: {len(self.attached)} pending)", file=self.err)
+
+    def _source(self, source: str) -> str | None:
+        """A URL as given, else a local file's absolute path; None (and said so) when there is
+        no such file."""
+        if source.startswith(("http://", "https://", "data:")):
+            return source
+        if not os.path.isfile(os.path.expanduser(source)):
+            print(f"(no such file: {source})", file=self.err)
+            return None
+        return os.path.abspath(os.path.expanduser(source))
 
     async def ask(self, text: str) -> None:
-        parts = [{"type": "image_url", "image_url": {"url": u}} for u in self.images]
-        content: Any = [*parts, {"type": "text", "text": text}] if parts else text
+        content: Any = [*self.attached, {"type": "text", "text": text}] if self.attached else text
         turn = [*self.messages, {"role": "user", "content": content}]
         try:
             prepared = await self.pipe.prepare(turn, self.gen_config)
@@ -97,7 +129,7 @@ class ChatSession:
         self.out.write("\n")
         self.out.flush()
         self.messages = [*turn, {"role": "assistant", "content": "".join(answer)}]
-        self.images = []
+        self.attached = []
 
 
 def chat_loop(session: ChatSession, messages: Iterable[str], interactive: bool = False) -> int:
@@ -115,10 +147,10 @@ def chat_loop(session: ChatSession, messages: Iterable[str], interactive: bool =
             if text == "end":
                 text = "/reset"
             lines = text.split("\n")
-            if len(lines) > 1:  # a terminal block: its /image lines attach images
-                for line in (x.strip() for x in lines if x.strip().startswith("/image ")):
-                    session.attach(line.removeprefix("/image").strip())
-                text = "\n".join(x for x in lines if not x.strip().startswith("/image ")).strip()
+            if len(lines) > 1:  # a terminal block: its /image and /video lines attach media
+                for line in (x.strip() for x in lines if x.strip().startswith(ATTACH)):
+                    session.command(line)
+                text = "\n".join(x for x in lines if not x.strip().startswith(ATTACH)).strip()
                 if not text:
                     continue
             elif text.startswith("/"):
@@ -129,7 +161,7 @@ def chat_loop(session: ChatSession, messages: Iterable[str], interactive: bool =
                 runner.run(session.ask(text))
             except KeyboardInterrupt:  # Ctrl-C during an answer: stop it, drop the turn
                 print("\n(stopped)", file=session.err)
-                session.images = []
+                session.attached = []
     return 0
 
 

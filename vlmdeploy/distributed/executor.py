@@ -239,6 +239,10 @@ def make_executor(cfg: EngineConfig, observer: EngineObserver) -> Executor:
     from vlmdeploy.models.tp_plan import check_tensor_parallel
 
     check_tensor_parallel(cfg.model, cfg.tp)
+    if cfg.weight_quant is not None:  # FP8 blocks and AWQ groups must not straddle two ranks
+        from vlmdeploy.quant.linear import check_quantized_split
+
+        check_quantized_split(cfg.model.text, cfg.weight_quant, cfg.tp)
     if cfg.executor_backend == "ray":
         from vlmdeploy.distributed.ray_executor import RayExecutor
 

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from vlmdeploy.config import ModelConfig
+from vlmdeploy.kernels import kv_quant
 from vlmdeploy.messages import PytorchEngineConfig
 from vlmdeploy.models.tp_plan import local_kv_heads
+from vlmdeploy.quant.spec import WeightQuant, resolve
 
 logger = logging.getLogger("vlmdeploy")
 
@@ -43,10 +45,16 @@ class EngineConfig:
     async_scheduling: bool  # launch a step before reading the previous step's tokens
     cudagraph_capture_batch_sizes: tuple[int, ...] | None
     load_format: str  # "auto" (the checkpoint) or "dummy" (seeded random weights)
+    # The language model's projections: "fp8" or "awq" weights (model_format, or what the
+    # checkpoint holds), None for the model's dtype.
+    weight_format: str | None = None
     # Tensor parallelism: ranks (one GPU each) and how their worker processes are started
     # ("mp": spawned on this host; "ray": Ray actors, on any host of the cluster).
     tp: int = 1
     executor_backend: str = "mp"
+    # KV cache storage (LMDeploy's quant_policy): 0 the dtype, 8 int8, 4 int4 (both with a scale
+    # and zero point per token and head), 16 fp8 e4m3; see vlmdeploy/kernels/kv_quant.py.
+    quant_policy: int = 0
     # Tiles per vision-encoder call; larger batches are split into calls of warmed sizes.
     max_vision_tiles: int = 64
     # Room left for the CUDA-graph pools (decode and prefill) when sizing the KV cache; the pools
@@ -86,10 +94,17 @@ class EngineConfig:
                 else None
             ),
             load_format=user.load_format,
+            weight_format=_weight_format(user.model_format, model),
             tp=user.tp,
             executor_backend=_executor_backend(user.distributed_executor_backend, user.tp),
+            quant_policy=_quant_policy(user.quant_policy, device),
             vision_cache_bytes=(1 << 30) if cuda else (256 << 20),
         )
+
+    @property
+    def weight_quant(self) -> WeightQuant | None:
+        """The quantisation of the language model's projections (None: none)."""
+        return resolve(self.weight_format, self.model)
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -97,9 +112,8 @@ class EngineConfig:
 
     @property
     def use_cuda_graphs(self) -> bool:
-        """On CUDA unless ``eager_mode``; GPT-OSS always runs eagerly for now: its expert loop
-        reads the routing on the host, which a graph cannot capture."""
-        return self.device.type == "cuda" and not self.eager_mode and not self.model.text.is_gpt_oss
+        """On CUDA unless ``eager_mode``."""
+        return self.device.type == "cuda" and not self.eager_mode
 
     @property
     def kv_heads_per_rank(self) -> int:
@@ -109,10 +123,10 @@ class EngineConfig:
 
     @property
     def kv_bytes_per_block(self) -> int:
-        """One block of one rank's cache."""
+        """One block of one rank's cache: k and v codes, and their scales and zero points."""
         t = self.model.text
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * t.num_layers * self.block_size * self.kv_heads_per_rank * t.head_dim * elem
+        head = kv_quant.bytes_per_head(self.quant_policy, t.head_dim, self.dtype)
+        return 2 * t.num_layers * self.block_size * self.kv_heads_per_rank * head
 
     # ---- to a worker process and back: plain JSON, no pickle ---------------------------------
     def to_json(self) -> str:
@@ -137,10 +151,30 @@ class EngineConfig:
         return cls(model=model, device=device, **fields)
 
 
+def _weight_format(model_format: str | None, model: ModelConfig) -> str | None:
+    """``model_format`` resolved against the checkpoint: a mismatch is an error here, before
+    anything loads."""
+    quant = resolve(model_format, model)
+    return quant.method if quant is not None else None
+
+
 def _executor_backend(name: str | None, tp: int) -> str:
     """LMDeploy's names (checked by PytorchEngineConfig): ``mp`` (the default), ``ray``; ``uni``
     (one process) is what tp=1 runs anyway."""
     return "ray" if name == "ray" and tp > 1 else "mp"
+
+
+def _quant_policy(policy: int, device: torch.device) -> int:
+    """fp8 needs the GPU's fp8 conversions (compute capability 8.9: Ada, Hopper and newer); the
+    CPU converts in PyTorch."""
+    if policy == kv_quant.FP8 and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ValueError(
+                f"quant_policy=16 (fp8 KV cache) needs a GPU of compute capability 8.9 or newer; "
+                f"this one is {major}.{minor}: use quant_policy=8 (int8) or 4 (int4)"
+            )
+    return int(policy)
 
 
 def _device(device_type: str) -> torch.device:

@@ -18,7 +18,7 @@ from vlmdeploy.distributed import state
 from vlmdeploy.engine.config import EngineConfig
 from vlmdeploy.engine.graphs import DecodeGraphs, PrefillGraphs, VisionGraphs
 from vlmdeploy.engine.graphs.capture import release_graphs
-from vlmdeploy.engine.memory import allocate_kv_cache, bind_kv_cache, plan_num_blocks
+from vlmdeploy.engine.memory import KVCache, allocate_kv_cache, bind_kv_cache, plan_num_blocks
 from vlmdeploy.engine.observer import EngineObserver
 from vlmdeploy.engine.scheduler import ScheduledBatch
 from vlmdeploy.engine.step_inputs import StepInputs, pack
@@ -34,12 +34,12 @@ class ModelRunner:
         self.cfg, self.device, self.block_size = cfg, cfg.device, cfg.block_size
         with observer.stage("load"):
             self.model = build_model(
-                cfg.model_path, cfg.model, cfg.dtype, cfg.device, cfg.load_format
+                cfg.model_path, cfg.model, cfg.dtype, cfg.device, cfg.load_format, cfg.weight_quant
             )
         self.num_blocks = state.agree_min(plan_num_blocks(self.model, cfg))  # every rank alike
         # The extra block (index num_blocks) is scratch space for padded CUDA-graph rows.
         self.scratch_block = self.num_blocks
-        self.kv_cache = allocate_kv_cache(cfg, self.num_blocks + 1)
+        self.kv_cache: KVCache | None = allocate_kv_cache(cfg, self.num_blocks + 1)
         bind_kv_cache(self.model, self.kv_cache)
         self.decode_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
@@ -89,7 +89,7 @@ class ModelRunner:
                 release_graphs(family)
         self.decode_graphs = self.prefill_graphs = self.vision_graphs = None
         bind_kv_cache(self.model, None)
-        self.kv_cache = torch.empty(0)
+        self.kv_cache = None
         self.model.to_empty(device="meta")
 
     # ---- vision ----------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Fused ops with one entry point each: a Triton kernel on CUDA tensors, the PyTorch reference
 otherwise.
 
-The reference implementations in :mod:`vlmdeploy.kernels.reference` define the semantics. Triton
+The reference implementations in :mod:`vlmdeploy.kernels.reference` (those of the quantised-weight
+GEMMs in :mod:`vlmdeploy.kernels.quant_reference`) define the semantics. Triton
 kernels register themselves in ``_TRITON`` (see :func:`_triton_impl`); setting
 ``VLMDEPLOY_KERNELS=reference`` forces the reference path everywhere (used to compare the two on the
 GPU).
@@ -16,7 +17,7 @@ import torch
 
 from vlmdeploy import env
 
-from . import reference
+from . import quant_reference, reference
 
 _TRITON: dict[str, Callable] = {}
 _LOADED = False
@@ -44,8 +45,8 @@ def triton_ops_available() -> bool:
     return _triton_impl("paged_attention", torch.empty(0, device="cuda")) is not None
 
 
-def _dispatch(name: str) -> Callable:
-    ref = getattr(reference, name)
+def _dispatch(name: str, semantics=reference) -> Callable:
+    ref = getattr(semantics, name)
 
     def op(*args, **kwargs):
         first = args[0] if args else next(iter(kwargs.values()))
@@ -69,3 +70,5 @@ linear_row = _dispatch("linear_row")
 rope_cos_sin = reference.rope_cos_sin
 fused_moe = _dispatch("fused_moe")
 moe_route = _dispatch("moe_route")
+fp8_linear = _dispatch("fp8_linear", quant_reference)
+w4a16_linear = _dispatch("w4a16_linear", quant_reference)

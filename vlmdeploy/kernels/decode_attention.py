@@ -12,6 +12,10 @@ context is cut into num_splits equal chunks processed in parallel; every split w
 output and log-sum-exp, and a second small kernel merges them. The chunk length is derived on the
 device from each sequence's own length, so a CUDA graph captured with a generous ``max_kv_len``
 still spreads a short context over all splits.
+
+A quantised cache (``kv_quant``: int8, int4, fp8) is dequantised tile by tile in registers; the
+fused launch quantises the new token's k and v and attends with their dequantised values, exactly
+what a later read of the cache gives.
 """
 
 from __future__ import annotations
@@ -20,8 +24,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_tile import LOG2E, LOG2E_C, attend_tile, dot_precision, load_kv_tile
+from .attention_tile import (
+    LOG2E,
+    LOG2E_C,
+    attend_tile,
+    dot_precision,
+    load_kv_tile,
+    load_kv_tile_quant,
+)
 from .device import multiprocessors
+from .kv_quant import KVQuant
+from .kv_quant_tile import check_cache, dequantize_rows, quant_args, quantize_rows, store_quantized
 from .pdl import pdl_args, pdl_enabled, pdl_wait
 from .qk_norm_rope_kernel import (
     heads_view,
@@ -45,11 +58,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_pt
                    stride_vb, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
                    k_new_ptr, v_new_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot_ptr, eps,
                    stride_knt, stride_knh, stride_vnt, stride_vnh, stride_ct,
+                   k_sz_ptr, v_sz_ptr, stride_zb, stride_zs, stride_zh,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, NORM_ROPE: tl.constexpr,
                    ROUND_QW: tl.constexpr, ROUND_KW: tl.constexpr, PDL: tl.constexpr,
-                   HAS_SINKS: tl.constexpr, WINDOW: tl.constexpr):
+                   HAS_SINKS: tl.constexpr, WINDOW: tl.constexpr, QUANT: tl.constexpr,
+                   PAD: tl.constexpr):
     pdl_wait(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -88,9 +103,16 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_pt
         k_new = norm_rope_rows(k_new_ptr + t * stride_knt + kv_head * stride_knh + row,
                                d[None, :], row == 0, kw_ptr, cos_row, sin_row, eps,
                                out_ptr.dtype.element_ty, ROUND_KW, HEAD_DIM // 2)
-        k_new = k_new.to(k_cache_ptr.dtype.element_ty)
         v_new = tl.load(v_new_ptr + t * stride_vnt + kv_head * stride_vnh + row + d[None, :])
-        v_new = v_new.to(v_cache_ptr.dtype.element_ty)
+        if QUANT:  # the tile takes what the cache will return: the values dequantised
+            sz_ty = k_sz_ptr.dtype.element_ty
+            kq, ks, kz = quantize_rows(k_new, QUANT, sz_ty, PAD)
+            vq, vs, vz = quantize_rows(v_new, QUANT, sz_ty, PAD)
+            k_new = dequantize_rows(kq, ks, kz).to(q.dtype)
+            v_new = dequantize_rows(vq, vs, vz).to(q.dtype)
+        else:
+            k_new = k_new.to(k_cache_ptr.dtype.element_ty)
+            v_new = v_new.to(v_cache_ptr.dtype.element_ty)
         new_at = tl.where(fresh, last, -1)  # the tile position that takes k_new / v_new
     else:
         q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=g_mask,
@@ -101,9 +123,15 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_pt
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < hi
-        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt, n, n_mask, kv_head, d,
-                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                            PAGE, True)
+        if QUANT:
+            k, v = load_kv_tile_quant(k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, bt, n, n_mask,
+                                      kv_head, d, stride_kb, stride_ks, stride_kh, stride_vb,
+                                      stride_vs, stride_vh, stride_zb, stride_zs, stride_zh, PAGE,
+                                      True, QUANT, HEAD_DIM, q.dtype)
+        else:
+            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt, n, n_mask, kv_head, d,
+                                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                PAGE, True)
         if NORM_ROPE:
             is_new = (n == new_at)[:, None]
             k = tl.where(is_new, k_new, k)
@@ -114,10 +142,20 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_pt
     if NORM_ROPE:
         if fresh & (last >= lo) & (last < hi):  # this split holds the new token: cache it
             at = last % PAGE
-            tl.store(k_cache_ptr + page * stride_kb + at * stride_ks + kv_head * stride_kh + row
-                     + d[None, :], k_new)
-            tl.store(v_cache_ptr + page * stride_vb + at * stride_vs + kv_head * stride_vh + row
-                     + d[None, :], v_new)
+            if QUANT:
+                one = tl.zeros([1], tl.int64)  # the single row, as a (1,) vector
+                sz_at = page * stride_zb + at * stride_zs + kv_head * stride_zh + one
+                store_quantized(k_cache_ptr + page * stride_kb + at * stride_ks
+                                + kv_head * stride_kh + row, k_sz_ptr + sz_at, kq, ks, kz,
+                                one == 0, QUANT, HEAD_DIM)
+                store_quantized(v_cache_ptr + page * stride_vb + at * stride_vs
+                                + kv_head * stride_vh + row, v_sz_ptr + sz_at, vq, vs, vz,
+                                one == 0, QUANT, HEAD_DIM)
+            else:
+                tl.store(k_cache_ptr + page * stride_kb + at * stride_ks + kv_head * stride_kh
+                         + row + d[None, :], k_new)
+                tl.store(v_cache_ptr + page * stride_vb + at * stride_vs + kv_head * stride_vh
+                         + row + d[None, :], v_new)
     if SPLIT:
         # an empty split (short context) leaves l_i = 0: it writes lse = -inf and weighs nothing
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -191,7 +229,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      scale: float, max_kv_len: int | None = None, num_splits: int | None = None,
                      out: torch.Tensor | None = None, norm_rope: tuple | None = None,
                      fuse: bool | None = None, sinks: torch.Tensor | None = None,
-                     window: int | None = None) -> torch.Tensor:
+                     window: int | None = None, kv_quant: KVQuant | None = None) -> torch.Tensor:
     """Attention for batches with q_len <= 1 per sequence; q (T, Hq, D) -> (T, Hq, D).
 
     ``num_splits`` overrides the split-K heuristic (tests); without it and without ``max_kv_len``
@@ -208,9 +246,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     ``sinks`` (Hq,) and ``window`` are :func:`vlmdeploy.kernels.reference.paged_attention`'s;
     absent, the kernels are compiled without them. A window bounds the context the splits share.
+    ``kv_quant`` describes a quantised cache (:mod:`vlmdeploy.kernels.kv_quant`).
     """
     T, n_q, D = q.shape
     n_kv, page = k_cache.shape[2], k_cache.shape[1]
+    check_cache(k_cache, kv_quant, D)
     B = kv_lens.shape[0]
     if num_splits is None and T and B:
         if max_kv_len is None:
@@ -225,7 +265,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             fuse = (num_splits or 1) >= FUSE_MIN_SPLITS
         if not fuse or rope_out_dtype(k_new, kw, cos, sin) != out_dtype:
             q = qk_norm_rope_store_triton(q, k_new, v_new, qw, kw, cos, sin, eps, k_cache, v_cache,
-                                          slots)
+                                          slots, kv_quant)
             norm_rope = None
     else:
         out_dtype = q.dtype
@@ -252,15 +292,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_lse = torch.empty(T, n_q, num_splits, dtype=torch.float32, device=q.device)
     options = dict(HAS_SINKS=sinks is not None, WINDOW=window is not None)
     sinks = q if sinks is None else sinks.contiguous()  # a placeholder pointer without sinks
+    quant, quant_consts = quant_args(kv_quant, q)
     _decode_kernel[(B, n_kv, num_splits)](
         q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, out, part_o, part_lse,
         sinks, window or 0, scale * LOG2E, n_q, num_splits, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1), *extra,
+        block_tables.stride(0), out.stride(0), out.stride(1), *extra, *quant,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE=page,
         SPLIT=num_splits > 1, PRECISION=dot_precision(out_dtype),
-        UPCAST=not q.is_cuda, **fused, **pdl, **options,
+        UPCAST=not q.is_cuda, **fused, **pdl, **options, **quant_consts,
         **_tile_config(q, norm_rope is not None))
     if num_splits > 1:
         _merge_splits_kernel[(B, n_q)](

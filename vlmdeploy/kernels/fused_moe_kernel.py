@@ -6,15 +6,23 @@ weighted combine. Same contract as :func:`vlmdeploy.kernels.reference.fused_moe`
    ``BLOCK_M``; every block of ``BLOCK_M`` grouped pairs then belongs to one expert
    (``block_expert``). Blocks past the used length get expert ``E`` and exit at once. A decode
    batch's few pairs are aligned by one Triton program, larger batches by sorting (torch ops).
-2. **gate-up + SwiGLU**: a program takes one block of pairs and ``BLOCK_N`` columns of the
+2. **gate-up + activation**: a program takes one block of pairs and ``BLOCK_N`` columns of the
    expert's intermediate width, accumulates the gate and the up tiles of ``x[token]`` over H side
-   by side, and writes ``silu(gate) · up`` for its pairs: (T·k, I).
+   by side, and writes the activation of its pairs: (T·k, I).
 3. **down**: the same grouped GEMM over that activation with the expert's down weight: (T·k, H).
 4. **combine**: each token's k outputs summed with its routing weights, in fp32, one launch.
 
+The experts' variants are compile-time switches of the GEMM, so each model compiles only its own
+path (Qwen3-MoE's: none of them): ``HAS_BIAS`` (a per-expert bias added after each projection),
+``INTERLEAVED`` (gate j and up j are columns 2j and 2j + 1, GPT-OSS's layout; otherwise the
+gate's I columns, then the up's) and ``CLAMPED_SWIGLU`` (GPT-OSS's activation, its ``alpha`` and
+``limit`` as constants; otherwise SiLU-and-mul). The weights are read through their strides, so
+a checkpoint's orientation (``x @ W`` or ``x @ W.T``) needs no copy.
+
 A block reads only its own expert's weights, and only experts that have pairs get blocks, so a
 decode step of one token reads ``k`` experts of E (the grid's other programs exit on their first
-load). Rounding follows the reference: each projection and the SwiGLU are rounded to x's dtype.
+load). Rounding follows the reference: each projection, bias add and activation step is rounded
+to x's dtype.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .attention_tile import dot_precision, mma
+from .reference import ClampedSwiGLU
 
 # Up to this many (token, choice) pairs (decode batches) one program aligns them all in one launch;
 # the torch ops below would be some twenty launches, a cost a decode step pays once per layer.
@@ -115,14 +124,17 @@ def _moe_align_small(topk_ids: torch.Tensor, num_experts: int, block_m: int,
 
 
 @triton.jit
-def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr,
+def _moe_gemm_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr,
                      num_pairs, num_experts, N, K, a_rows_per_pair,
-                     stride_am, stride_we, stride_wn, stride_om,
-                     SWIGLU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_om,
+                     SWIGLU: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     CLAMPED_SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
+                     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[pair, n] = (a[pair // a_rows_per_pair] @ w[e].T)[n] for the pairs of one block, all of
-    expert e. With SWIGLU the weight holds gate rows [0, N) then up rows [N, 2N), and out is
-    silu(gate) * up."""
+    """out[pair, n] = (a[pair // a_rows_per_pair] @ w[e].T)[n] (+ bias[e, n]) for the pairs of
+    one block, all of expert e; w[e] is (N, K), or (2N, K) with SWIGLU, read through its strides.
+    With SWIGLU the rows hold gate and up (INTERLEAVED: gate j and up j are rows 2j and 2j + 1;
+    else gate rows [0, N), then up rows [N, 2N)), and out is their activation."""
     pid_m = tl.program_id(0)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= num_experts:  # past the last expert's run
@@ -133,28 +145,81 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_expert_ptr,
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     w = w_ptr + e.to(tl.int64) * stride_we
-    w_cols = w + rn.to(tl.int64)[None, :] * stride_wn  # (1, BLOCK_N): W[e] read transposed
+    if INTERLEAVED:  # one tile of the 2·BLOCK_N rows of this program's gate/up pairs
+        acc, acc_up = _gemm_interleaved(a_rows, w, m_mask, N, K, stride_wn, stride_wk,
+                                        PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        col, up_step = 2 * rn, 1  # gate j's column in the bias, and up j's after it
+    else:
+        col, up_step = rn, N
+        w_cols = w + rn.to(tl.int64)[None, :] * stride_wn  # (1, BLOCK_N): W[e] read transposed
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            k_mask = kk < K
+            a = tl.load(a_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            w_k = w_cols + kk[:, None] * stride_wk
+            wt = tl.load(w_k, mask=w_mask, other=0.0)  # (BLOCK_K, BLOCK_N)
+            acc += mma(a, wt, PRECISION, UPCAST)
+            if SWIGLU:
+                wt_up = tl.load(w_k + N * stride_wn, mask=w_mask, other=0.0)
+                acc_up += mma(a, wt_up, PRECISION, UPCAST)
+    dtype = out_ptr.dtype.element_ty
+    y = acc.to(dtype)
+    if HAS_BIAS:  # added to the rounded projection, as a separate add would be
+        bias = bias_ptr + e.to(tl.int64) * stride_be + col
+        y = (y.to(tl.float32) + tl.load(bias, mask=n_mask).to(tl.float32)).to(dtype)
+    if SWIGLU:  # rounded as the reference's activation of the rounded projections
+        up = acc_up.to(dtype)
+        if HAS_BIAS:
+            up_bias = tl.load(bias + up_step, mask=n_mask).to(tl.float32)
+            up = (up.to(tl.float32) + up_bias).to(dtype)
+        if CLAMPED_SWIGLU:
+            y = _clamped_swiglu(y, up, ALPHA, LIMIT)
+        else:
+            gate = y.to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            y = (act * up.to(tl.float32)).to(dtype)
+    out = out_ptr + pairs.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(out, y, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _gemm_interleaved(a_rows, w, m_mask, N, K, stride_wn, stride_wk,
+                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The gate and up accumulators, (BLOCK_M, BLOCK_N) each, of this program's BLOCK_N
+    intermediates, whose rows of W[e] interleave (gate j: row 2j, up j: row 2j + 1): one
+    contiguous tile of 2·BLOCK_N rows and one product per step, split into gate and up once at
+    the end (two stride-2 tiles would halve every load's width)."""
+    r2 = 2 * (tl.program_id(1) * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
+    w_cols = w + r2.to(tl.int64)[None, :] * stride_wn  # (1, 2·BLOCK_N)
+    r2_mask = r2 < 2 * N
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < K
         a = tl.load(a_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        wt = tl.load(w_cols + kk[:, None], mask=w_mask, other=0.0)  # (BLOCK_K, BLOCK_N)
+        wt = tl.load(w_cols + kk[:, None] * stride_wk, mask=k_mask[:, None] & r2_mask[None, :],
+                     other=0.0)  # (BLOCK_K, 2·BLOCK_N)
         acc += mma(a, wt, PRECISION, UPCAST)
-        if SWIGLU:
-            wt_up = tl.load(w_cols + N * stride_wn + kk[:, None], mask=w_mask, other=0.0)
-            acc_up += mma(a, wt_up, PRECISION, UPCAST)
-    dtype = out_ptr.dtype.element_ty
-    y = acc.to(dtype)
-    if SWIGLU:  # rounded as silu_and_mul of the rounded projections
-        gate = y.to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        y = (act * acc_up.to(dtype).to(tl.float32)).to(dtype)
-    out = out_ptr + pairs.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    tl.store(out, y, mask=m_mask[:, None] & n_mask[None, :])
+    return tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))  # (gate, up)
+
+
+@triton.jit
+def _clamped_swiglu(gate, up, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
+    """GPT-OSS's activation of rounded gate and up tiles, each op rounded to their dtype as the
+    reference's torch ops round it: ``(up + 1) · (gate · σ(gate · alpha))`` after the clamps."""
+    dtype = gate.dtype
+    g = tl.minimum(gate.to(tl.float32), LIMIT)  # clamps of representable values: exact
+    u = tl.minimum(tl.maximum(up.to(tl.float32), -LIMIT), LIMIT)
+    z = (g * ALPHA).to(dtype).to(tl.float32)
+    sig = (1.0 / (1.0 + tl.exp(-z))).to(dtype).to(tl.float32)
+    glu = (g * sig).to(dtype).to(tl.float32)
+    return ((u + 1.0).to(dtype).to(tl.float32) * glu).to(dtype)
 
 
 @triton.jit
@@ -182,16 +247,25 @@ def _combine(y: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_pairs: torch.Tensor,
-                  block_expert: torch.Tensor, num_pairs: int, a_rows_per_pair: int, n: int,
-                  swiglu: bool, block_m: int, block_n: int, block_k: int) -> torch.Tensor:
+def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                  sorted_pairs: torch.Tensor, block_expert: torch.Tensor, num_pairs: int,
+                  a_rows_per_pair: int, n: int, block_m: int, block_n: int, block_k: int,
+                  swiglu: bool = False, interleaved: bool = False,
+                  activation: ClampedSwiGLU | None = None) -> torch.Tensor:
+    if interleaved and not swiglu:
+        raise ValueError("interleaved rows hold gate/up pairs: only the SwiGLU GEMM has them")
     out = torch.empty(num_pairs, n, dtype=a.dtype, device=a.device)
     k = w.shape[-1]
     grid = (block_expert.numel(), triton.cdiv(n, block_n))
+    clamped = activation is not None
     _moe_gemm_kernel[grid](
-        a, w, out, sorted_pairs, block_expert, num_pairs, w.shape[0], n, k, a_rows_per_pair,
-        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        SWIGLU=swiglu, PRECISION=dot_precision(a.dtype), UPCAST=not a.is_cuda,
+        a, w, bias, out, sorted_pairs, block_expert, num_pairs, w.shape[0], n, k, a_rows_per_pair,
+        a.stride(0), w.stride(0), w.stride(1), w.stride(2),
+        0 if bias is None else bias.stride(0), out.stride(0),
+        SWIGLU=swiglu, INTERLEAVED=interleaved, HAS_BIAS=bias is not None,
+        CLAMPED_SWIGLU=clamped, ALPHA=activation.alpha if clamped else 0.0,
+        LIMIT=activation.limit if clamped else 0.0,
+        PRECISION=dot_precision(a.dtype), UPCAST=not a.is_cuda,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(k))),
         num_warps=4, num_stages=3)
     return out
@@ -210,23 +284,31 @@ def fused_moe_triton(
     w_down: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    interleaved: bool = False,
+    activation: ClampedSwiGLU | None = None,
+    *,
     block_m: int | None = None,
 ) -> torch.Tensor:
     """Triton twin of :func:`vlmdeploy.kernels.reference.fused_moe`: x (T, H), w_gate_up
-    (E, 2I, H), w_down (E, H, I), topk_weights / topk_ids (T, k) → (T, H)."""
+    (E, 2I, H), w_down (E, H, I) (any strides: transposed views of ``x @ W`` weights too),
+    biases (E, 2I) and (E, H), topk_weights / topk_ids (T, k) → (T, H)."""
     t, top_k = topk_ids.shape
     num_experts, two_i, _ = w_gate_up.shape
     inter = two_i // 2
     if t == 0:
         return x.new_empty(0, w_down.shape[1])
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if w_gate_up.stride(-1) != 1 or w_down.stride(-1) != 1:
-        raise ValueError("the expert weights must be contiguous along their last dim")
+    for bias in (gate_up_bias, down_bias):
+        if bias is not None and bias.stride(-1) != 1:
+            raise ValueError("the expert biases must be contiguous along their last dim")
     num_pairs = t * top_k
     block_m = block_m or choose_block_m(num_pairs, num_experts)
     sorted_pairs, block_expert = moe_align(topk_ids, num_experts, block_m)
-    h = _grouped_gemm(x, w_gate_up, sorted_pairs, block_expert, num_pairs, top_k, inter,
-                      swiglu=True, block_m=block_m, block_n=64, block_k=64)  # (T·k, I)
-    y = _grouped_gemm(h, w_down, sorted_pairs, block_expert, num_pairs, 1, w_down.shape[1],
-                      swiglu=False, block_m=block_m, block_n=64, block_k=64)  # (T·k, H)
+    h = _grouped_gemm(x, w_gate_up, gate_up_bias, sorted_pairs, block_expert, num_pairs, top_k,
+                      inter, block_m, 64, 64, swiglu=True, interleaved=interleaved,
+                      activation=activation)  # (T·k, I)
+    y = _grouped_gemm(h, w_down, down_bias, sorted_pairs, block_expert, num_pairs, 1,
+                      w_down.shape[1], block_m, 64, 64)  # (T·k, H)
     return _combine(y, topk_weights)  # (T, H)

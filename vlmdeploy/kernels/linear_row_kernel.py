@@ -148,6 +148,9 @@ def linear_row_triton(x: torch.Tensor, weight: torch.Tensor,
     as a launch of its own: fused, every program would redo it for the whole input."""
     if norm_weight is not None and silu_mul:
         raise ValueError("linear_row fuses either the RMSNorm or the SiLU-and-mul, not both")
+    if weight.dtype != x.dtype:  # an FP8 or packed 4-bit weight would be read as numbers
+        raise TypeError(f"linear_row takes a weight of the activations' dtype {x.dtype}, not "
+                        f"{weight.dtype}: quantised weights run their own GEMM")
     n, k = weight.shape
     m = x.shape[0]
     if x.shape[-1] != (2 * k if silu_mul else k):

@@ -7,7 +7,8 @@ first), so a whole prompt, a later chunk of it and a decode step are one case. O
 BLOCK_M rows of one (sequence, kv head), where row r is query r // GROUP of query head r % GROUP:
 the GROUP heads that share a kv head share every K/V tile (one read per group), and a decode
 sequence in a mixed batch fills GROUP rows instead of wasting a whole tile. KV tiles entirely below
-the causal diagonal of every row of a program skip the mask; the rest apply it.
+the causal diagonal of every row of a program skip the mask; the rest apply it. A quantised cache
+(``kv_quant``) is dequantised tile by tile in registers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_tile import LOG2E, LOG2E_C, attend_tile, dot_precision, load_kv_tile
+from .attention_tile import (
+    LOG2E,
+    LOG2E_C,
+    attend_tile,
+    dot_precision,
+    load_kv_tile,
+    load_kv_tile_quant,
+)
+from .kv_quant import KVQuant
+from .kv_quant_tile import check_cache, quant_args
 
 
 # The block-table width and the first sequence change from batch to batch: not specialised on
@@ -24,10 +34,11 @@ from .attention_tile import LOG2E, LOG2E_C, attend_tile, dot_precision, load_kv_
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_ptr, out_ptr,
                     sinks_ptr, window, qk_scale, seq_offset, stride_qt, stride_qh, stride_kb,
                     stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, stride_ot,
-                    stride_oh,
+                    stride_oh, k_sz_ptr, v_sz_ptr, stride_zb, stride_zs, stride_zh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                    UPCAST: tl.constexpr, HAS_SINKS: tl.constexpr, WINDOW: tl.constexpr):
+                    UPCAST: tl.constexpr, HAS_SINKS: tl.constexpr, WINDOW: tl.constexpr,
+                    QUANT: tl.constexpr, PAD: tl.constexpr):
     # the heaviest causal tiles (last rows) are launched first so the tail of the grid is short
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1) + seq_offset
@@ -68,17 +79,29 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_p
         full_end = (ctx_start + first_q + 1) // BLOCK_N * BLOCK_N  # keys below: seen by all rows
     for start in range(lo, full_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
-        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt, n, n, kv_head, d,
-                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                            PAGE, False)
+        if QUANT:
+            k, v = load_kv_tile_quant(k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, bt, n, n,
+                                      kv_head, d, stride_kb, stride_ks, stride_kh, stride_vb,
+                                      stride_vs, stride_vh, stride_zb, stride_zs, stride_zh, PAGE,
+                                      False, QUANT, HEAD_DIM, q.dtype)
+        else:
+            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt, n, n, kv_head, d,
+                                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                PAGE, False)
         m_i, l_i, acc = attend_tile(q, k, v, n, m_i, l_i, acc, qk_scale, PRECISION, False,
                                     UPCAST)
     for start in range(full_end, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < hi
-        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt, n, n_mask, kv_head, d,
-                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                            PAGE, True)
+        if QUANT:
+            k, v = load_kv_tile_quant(k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, bt, n, n_mask,
+                                      kv_head, d, stride_kb, stride_ks, stride_kh, stride_vb,
+                                      stride_vs, stride_vh, stride_zb, stride_zs, stride_zh, PAGE,
+                                      True, QUANT, HEAD_DIM, q.dtype)
+        else:
+            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt, n, n_mask, kv_head, d,
+                                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                PAGE, True)
         causal = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
         if WINDOW:
             causal &= n[None, :] > q_pos[:, None] - window
@@ -107,8 +130,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, block_tables: torch.Tensor,
                       scale: float, max_q_len: int | None = None,
                       out: torch.Tensor | None = None, seq_offset: int = 0,
-                      sinks: torch.Tensor | None = None, window: int | None = None
-                      ) -> torch.Tensor:
+                      sinks: torch.Tensor | None = None, window: int | None = None,
+                      kv_quant: KVQuant | None = None) -> torch.Tensor:
     """Causal attention of packed queries q (T, Hq, D) over their paged contexts -> (T, Hq, D).
 
     Without ``max_q_len`` the longest new-token run is read from the device once. Only sequences
@@ -118,10 +141,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     kernel is compiled once, not once per alignment the slices happen to have.
 
     ``sinks`` (Hq,) and ``window`` are :func:`vlmdeploy.kernels.reference.paged_attention`'s;
-    absent, the kernel is compiled without them.
+    absent, the kernel is compiled without them. ``kv_quant`` describes a quantised cache.
     """
     T, n_q, D = q.shape
     n_kv, page = k_cache.shape[2], k_cache.shape[1]
+    check_cache(k_cache, kv_quant, D)
     B = kv_lens.shape[0]
     if out is None:
         out = torch.empty(T, n_q, D, dtype=q.dtype, device=q.device)
@@ -136,12 +160,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     grid = (triton.cdiv(max_q_len * group, cfg["BLOCK_M"]), B - seq_offset, n_kv)
     options = dict(HAS_SINKS=sinks is not None, WINDOW=window is not None)
     sinks = q if sinks is None else sinks.contiguous()  # a placeholder pointer without sinks
+    quant, quant_consts = quant_args(kv_quant, q)
     _prefill_kernel[grid](
         q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, out, sinks, window or 0,
         scale * LOG2E, seq_offset,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1), *quant,
         GROUP=group, HEAD_DIM=D, PAGE=page, PRECISION=dot_precision(q.dtype),
-        UPCAST=not q.is_cuda, **options, **cfg)
+        UPCAST=not q.is_cuda, **options, **quant_consts, **cfg)
     return out

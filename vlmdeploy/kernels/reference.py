@@ -10,12 +10,20 @@ Batches are packed ("varlen"): the new tokens of all sequences are concatenated,
 length after this step (cached + new), and ``block_tables`` (B, max_blocks) lists each sequence's KV
 blocks, padded with -1. The new tokens of a sequence are the last ``q_len`` positions of its
 context, so decode (q_len 1), a prefill chunk and a whole prompt are one case.
+
+The ops that write or read the cache take ``kv_quant``: a quantised cache (int8, int4, fp8; see
+:mod:`vlmdeploy.kernels.kv_quant`) stores each head quantised and is read dequantised to the
+activations' dtype, after which attention is that of an unquantised cache holding those values.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from .kv_quant import KVQuant, dequantize_kv, is_quantized, quantize_kv
 
 
 def rms_norm(
@@ -116,12 +124,27 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_quant: KVQuant | None = None,
 ) -> None:
-    """Write k/v (T, Hkv, D) into the caches at ``slot_mapping`` (T,); slots < 0 are skipped."""
+    """Write k/v (T, Hkv, D) into the caches at ``slot_mapping`` (T,); slots < 0 are skipped.
+    With ``kv_quant`` the heads are quantised, their scales and zero points written beside."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
+    if is_quantized(kv_quant):
+        _store_quantized(k[keep], k_cache, kv_quant.k_scales_zeros, slots, kv_quant.policy)
+        _store_quantized(v[keep], v_cache, kv_quant.v_scales_zeros, slots, kv_quant.policy)
+        return
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def _store_quantized(x: torch.Tensor, cache: torch.Tensor, scales_zeros: torch.Tensor | None,
+                     slots: torch.Tensor, policy: int) -> None:
+    meta_dtype = x.dtype if scales_zeros is None else scales_zeros.dtype
+    codes, sz = quantize_kv(x, policy, meta_dtype)
+    cache.view(-1, *cache.shape[2:])[slots] = codes
+    if sz is not None:
+        scales_zeros.view(-1, *scales_zeros.shape[2:])[slots] = sz
 
 
 def qk_norm_rope_store(
@@ -136,10 +159,11 @@ def qk_norm_rope_store(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_quant: KVQuant | None = None,
 ) -> torch.Tensor:
     """:func:`qk_norm_rope`, then :func:`store_kv` of the rotated k and of v; returns q."""
     q, k = qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
-    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    store_kv(k, v, k_cache, v_cache, slot_mapping, kv_quant)
     return q
 
 
@@ -149,6 +173,14 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     n_blocks = (length + block_size - 1) // block_size
     blocks = cache[block_table[:n_blocks].long()]  # (n_blocks, block_size, Hkv, D)
     return blocks.flatten(0, 1)[:length]
+
+
+def gather_heads(cache: torch.Tensor, scales_zeros: torch.Tensor | None, block_table: torch.Tensor,
+                 length: int, kv_quant: KVQuant, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`gather_kv` of a quantised cache, dequantised to ``dtype``: (length, Hkv, D)."""
+    codes = gather_kv(cache, block_table, length)
+    sz = None if scales_zeros is None else gather_kv(scales_zeros, block_table, length)
+    return dequantize_kv(codes, sz, kv_quant.policy, dtype)
 
 
 def paged_attention(
@@ -164,6 +196,7 @@ def paged_attention(
     num_decode: int = 0,
     sinks: torch.Tensor | None = None,
     window: int | None = None,
+    kv_quant: KVQuant | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries q (T, Hq, D) over each sequence's paged context.
 
@@ -181,10 +214,12 @@ def paged_attention(
       key, unscaled, whose value is zero: it takes probability mass and adds nothing.
     * ``window``: sliding-window attention, a query at position p sees keys p - window + 1..p
       (the last ``window`` positions, itself included).
+
+    ``kv_quant``: the caches are quantised (their values are read dequantised to q's dtype).
     """
     if sinks is not None or window is not None:
         return _paged_attention_sinks_window(q, k_cache, v_cache, cu_seqlens_q, kv_lens,
-                                             block_tables, scale, sinks, window)
+                                             block_tables, scale, sinks, window, kv_quant)
     out = torch.empty_like(q)
     group = q.shape[1] // k_cache.shape[2]
     starts, lens = cu_seqlens_q.tolist(), kv_lens.tolist()
@@ -192,8 +227,7 @@ def paged_attention(
         s, e, kv_len = starts[b], starts[b + 1], lens[b]
         if e == s:
             continue
-        k = gather_kv(k_cache, block_tables[b], kv_len).to(q.dtype)
-        v = gather_kv(v_cache, block_tables[b], kv_len).to(q.dtype)
+        k, v = _context(k_cache, v_cache, block_tables[b], kv_len, kv_quant, q.dtype)
         k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # (Hq, kv_len, D)
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
         qb = q[s:e].transpose(0, 1)  # (Hq, q_len, D)
@@ -214,6 +248,7 @@ def _paged_attention_sinks_window(
     scale: float,
     sinks: torch.Tensor | None,
     window: int | None,
+    kv_quant: KVQuant | None = None,
 ) -> torch.Tensor:
     """:func:`paged_attention` with sinks and/or a window, written out in fp32."""
     out = torch.empty_like(q)
@@ -223,8 +258,13 @@ def _paged_attention_sinks_window(
         s, e, kv_len = starts[b], starts[b + 1], lens[b]
         if e == s:
             continue
-        k = gather_kv(k_cache, block_tables[b], kv_len).float().repeat_interleave(group, dim=1)
-        v = gather_kv(v_cache, block_tables[b], kv_len).float().repeat_interleave(group, dim=1)
+        if is_quantized(kv_quant):
+            k, v = _context(k_cache, v_cache, block_tables[b], kv_len, kv_quant, q.dtype)
+        else:
+            k = gather_kv(k_cache, block_tables[b], kv_len)
+            v = gather_kv(v_cache, block_tables[b], kv_len)
+        k = k.float().repeat_interleave(group, dim=1)
+        v = v.float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), k) * scale  # (Hq, q_len, kv_len)
         q_pos = torch.arange(kv_len - (e - s), kv_len, device=q.device)[:, None]
         k_pos = torch.arange(kv_len, device=q.device)[None, :]
@@ -238,6 +278,16 @@ def _paged_attention_sinks_window(
         probs = scores.softmax(dim=-1)[..., :kv_len]  # the sink's share is dropped
         out[s:e] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
     return out
+
+
+def _context(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, length: int,
+             kv_quant: KVQuant | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's cached k and v (length, Hkv, D) in ``dtype``."""
+    if not is_quantized(kv_quant):
+        return (gather_kv(k_cache, block_table, length).to(dtype),
+                gather_kv(v_cache, block_table, length).to(dtype))
+    return (gather_heads(k_cache, kv_quant.k_scales_zeros, block_table, length, kv_quant, dtype),
+            gather_heads(v_cache, kv_quant.v_scales_zeros, block_table, length, kv_quant, dtype))
 
 
 def paged_attention_norm_rope(
@@ -259,27 +309,60 @@ def paged_attention_norm_rope(
     max_q_len: int | None = None,
     max_kv_len: int | None = None,
     num_decode: int = 0,
+    kv_quant: KVQuant | None = None,
 ) -> torch.Tensor:
     """Attention of raw projections q/k/v: :func:`qk_norm_rope_store` (normalise and rotate q and
     k, store k and v), then :func:`paged_attention` of the rotated q."""
     q = qk_norm_rope_store(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache,
-                           slot_mapping)
+                           slot_mapping, kv_quant)
     return paged_attention(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_tables, scale,
-                           max_q_len, max_kv_len, num_decode)
+                           max_q_len, max_kv_len, num_decode, kv_quant=kv_quant)
 
 
 
 def moe_route(
-    logits: torch.Tensor, top_k: int, renormalize: bool
+    logits: torch.Tensor, top_k: int, renormalize: bool, topk_then_softmax: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A softmax router's choice: router logits (T, E) → ``(weights (T, k) fp32, expert ids (T,
-    k) int32)``, the ``top_k`` largest probabilities of an fp32 softmax, rescaled to sum to one
-    with ``renormalize`` (Qwen3-MoE's ``norm_topk_prob``)."""
+    """A router's choice: router logits (T, E) → ``(weights (T, k) fp32, expert ids (T, k)
+    int32)``. By default the ``top_k`` largest probabilities of an fp32 softmax over all E,
+    rescaled to sum to one with ``renormalize`` (Qwen3-MoE's ``norm_topk_prob``). With
+    ``topk_then_softmax`` (GPT-OSS's router) the ``top_k`` largest logits, weighted by an fp32
+    softmax over those k alone (``renormalize`` has nothing left to do)."""
+    if topk_then_softmax:
+        top, ids = torch.topk(logits, top_k, dim=-1)
+        return torch.softmax(top, dim=-1, dtype=torch.float32), ids.to(torch.int32)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids.to(torch.int32)
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """GPT-OSS's expert activation: ``gate = min(gate, limit)``, ``up = clamp(up, ±limit)``, then
+    ``(up + 1) · (gate · σ(gate · alpha))``, each op in the inputs' dtype, in transformers'
+    order (``GptOssExperts``), so the result is bitwise theirs."""
+
+    alpha: float
+    limit: float
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+def moe_activation(
+    gate_up: torch.Tensor, interleaved: bool = False, activation: ClampedSwiGLU | None = None
+) -> torch.Tensor:
+    """(n, 2I) gate-up projection → (n, I). ``interleaved``: gate j and up j are columns 2j and
+    2j + 1 (GPT-OSS), else the I gate columns come first. ``activation``: SiLU-and-mul if None."""
+    if interleaved:
+        gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    else:
+        gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up if activation is None else activation(gate, up)
 
 
 def fused_moe(
@@ -288,14 +371,21 @@ def fused_moe(
     w_down: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    interleaved: bool = False,
+    activation: ClampedSwiGLU | None = None,
 ) -> torch.Tensor:
-    """Mixture of SwiGLU experts: ``y_t = Σ_j w_tj · down_e(silu(gate_e x_t) · up_e x_t)`` over
-    the experts ``e = topk_ids[t, j]`` each token chose.
+    """Mixture of gated experts: ``y_t = Σ_j w_tj · (down_e(act(gate_up_e x_t)) + b_down_e)``
+    over the experts ``e = topk_ids[t, j]`` each token chose, with ``gate_up_e x = W_e x +
+    b_gate_up_e``.
 
-    x (T, H); w_gate_up (E, 2I, H): each expert's gate rows, then its up rows; w_down (E, H, I);
-    topk_weights (T, k); topk_ids (T, k) → (T, H) in x's dtype. Each expert's projections and
-    its SwiGLU are rounded to x's dtype as when run apart; the weighted sum over the k choices
-    (the combine) is taken in fp32 and rounded once.
+    x (T, H); w_gate_up (E, 2I, H) and w_down (E, H, I), applied as ``F.linear`` (a checkpoint
+    stored for ``x @ W`` passes ``W.transpose(1, 2)``); gate_up_bias (E, 2I) and down_bias (E, H)
+    or None; topk_weights (T, k); topk_ids (T, k) → (T, H) in x's dtype. ``interleaved`` and
+    ``activation``: see :func:`moe_activation` (Qwen3-MoE: neither, and no biases; GPT-OSS: all).
+    Each expert's projections, bias adds and activation are rounded to x's dtype as when run
+    apart; the weighted sum over the k choices (the combine) is taken in fp32 and rounded once.
     """
     t, k = topk_ids.shape
     flat = topk_ids.reshape(-1).long()  # (T·k,) expert of each (token, choice) pair
@@ -306,8 +396,11 @@ def fused_moe(
     for e, n in enumerate(counts):  # only the experts that have tokens are read
         if n:
             pairs = order[start : start + n]
-            h = silu_and_mul(F.linear(x[pairs // k], w_gate_up[e]))  # (n, I)
-            y[pairs] = F.linear(h, w_down[e])
+            h = F.linear(x[pairs // k], w_gate_up[e])  # (n, 2I)
+            if gate_up_bias is not None:
+                h = h + gate_up_bias[e]
+            out = F.linear(moe_activation(h, interleaved, activation), w_down[e])  # (n, H)
+            y[pairs] = out if down_bias is None else out + down_bias[e]
             start += n
     out = (y.view(t, k, -1).float() * topk_weights.float()[..., None]).sum(1)  # combine
     return out.to(x.dtype)

@@ -3,8 +3,9 @@ to it.
 
 The model runner builds one :class:`AttentionMetadata` per forward and enters
 :func:`attention_context`; every :class:`PagedAttention` layer reads it, writes the step's new
-keys/values into its slice of the KV cache (which the runner injected as ``k_cache``/``v_cache``)
-and attends over each sequence's cached context. Model code never sees scheduling concepts.
+keys/values into its slice of the KV cache (which the runner injected as ``k_cache``/``v_cache``,
+with ``kv_quant`` when the cache is quantised) and attends over each sequence's cached context.
+Model code never sees scheduling concepts.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from vlmdeploy import kernels
+from vlmdeploy.kernels.kv_quant import KVQuant
 
 
 @dataclass
@@ -66,6 +68,7 @@ class PagedAttention(nn.Module):
         self.window = window
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.kv_quant: KVQuant | None = None  # the cache's format when quantised
 
     def forward(
         self,
@@ -82,13 +85,14 @@ class PagedAttention(nn.Module):
         meta = current_metadata()
         layout = (meta.cu_seqlens_q, meta.kv_lens, meta.block_tables, self.scale)
         hints = dict(
-            max_q_len=meta.max_q_len, max_kv_len=meta.max_kv_len, num_decode=meta.num_decode
+            max_q_len=meta.max_q_len, max_kv_len=meta.max_kv_len, num_decode=meta.num_decode,
+            kv_quant=self.kv_quant,
         )
         if norm_rope is not None:
             return kernels.paged_attention_norm_rope(
                 q, k, v, *norm_rope, self.k_cache, self.v_cache, meta.slot_mapping, *layout, **hints
             )
-        kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.kv_quant)
         if sinks is not None or self.window is not None:
             hints.update(sinks=sinks, window=self.window)
         return kernels.paged_attention(q, self.k_cache, self.v_cache, *layout, **hints)

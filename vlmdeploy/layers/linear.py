@@ -7,9 +7,11 @@ partial sum of ``y``, and one all-reduce completes it. A block of attention or M
 all-reduce.
 
 Both are ``nn.Linear`` subclasses, so ``.weight`` stays a plain parameter that fused kernels read
-directly. Each declares in ``shard_layouts`` (parameter leaf → :class:`ShardLayout`) which rows of
-which checkpoint tensor it holds, so the loader reads only those. At ``tp_size() == 1`` every
-shard is the whole tensor and ``forward`` is ``nn.Linear``'s own.
+directly; their quantised twins (:mod:`vlmdeploy.quant.linear`) hold a format's parameters
+instead, and the fused paths ask ``is_quantized`` before reading a weight. Each declares in
+``shard_layouts`` (parameter leaf → :class:`ShardLayout`) which rows of which checkpoint tensor it
+holds, so the loader reads only those. At ``tp_size() == 1`` every shard is the whole tensor and
+``forward`` is ``nn.Linear``'s own.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Build an InternVL3.5 model on a device: from a checkpoint, or with seeded random weights, with
-the fast paths of :mod:`vlmdeploy.models.fast_paths` applied."""
+quantised linear layers where asked (:mod:`vlmdeploy.quant`) and the fast paths of
+:mod:`vlmdeploy.models.fast_paths` applied."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from vlmdeploy.distributed.state import tp_rank
 from vlmdeploy.models.fast_paths import apply_fast_paths
 from vlmdeploy.models.internvl import InternVLForCausalLM
 from vlmdeploy.models.loader import load_weights, param_layout
+from vlmdeploy.quant.linear import is_quantized, quantize_linears
+from vlmdeploy.quant.spec import WeightQuant
 
 
 def build_model(
@@ -20,15 +23,20 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     load_format: str = "auto",
+    quant: WeightQuant | None = None,
 ) -> InternVLForCausalLM:
     """Construct this rank's shard (:mod:`vlmdeploy.distributed.state`) on the meta device (no
-    wasted init), materialise on ``device``, fill from the checkpoint — or, with
-    ``load_format='dummy'``, with seeded random weights made on the device (for sizes too large
-    to write to disk; only config.json and the tokenizer are read) — then rewire it for speed
-    (:func:`apply_fast_paths`), which leaves its parameters as they are."""
+    wasted init), give the language model's projections ``quant``'s parameters there, materialise
+    on ``device``, fill from the checkpoint — or, with ``load_format='dummy'``, with seeded random
+    weights made on the device (for sizes too large to write to disk; only config.json and the
+    tokenizer are read) — then rewire it for speed (:func:`apply_fast_paths`), which leaves its
+    parameters as they are."""
     with torch.device("meta"):
         model = InternVLForCausalLM(model_cfg)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype)  # before quantising: the quantised parameters keep their own dtypes
+    if quant is not None:
+        quantize_linears(model.language_model, quant)
+    model = model.to_empty(device=device)
     if load_format == "dummy":
         init_dummy_weights(model)
     else:
@@ -47,8 +55,17 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
     shard_gen = torch.Generator(device).manual_seed(seed + 1 + tp_rank())
+    quantized = set()  # a quantised layer's parameters: quantised from a random weight
+    for name, layer in model.named_modules():
+        if is_quantized(layer):
+            w = torch.empty(layer.out_features, layer.in_features, device=device)
+            layer.quant.quantize(layer, w.normal_(0.0, 0.02, generator=shard_gen))
+            quantized.update(f"{name}.{leaf}" for leaf, _ in layer.named_parameters(recurse=False)
+                             if leaf != "bias")
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
+        if name in quantized:
+            continue
         if leaf in ("ls1", "ls2"):
             p.fill_(0.1)
         elif leaf == "bias":

@@ -17,6 +17,8 @@ place so that it computes the same function through fused kernels.
   experts), its attention on the row path.
 * **The lm_head of one row** is a ``linear_row`` too: a matrix-vector kernel that streams the head
   once, with no split-K reduction after it.
+* **Quantised projections** (:mod:`vlmdeploy.quant`: FP8 or 4-bit weights) keep their own GEMM on
+  the row path; the RMSNorm, the SiLU-and-mul and the residual add run beside it, unfused.
 
 Tensor parallel: a row-parallel projection's product is a partial sum, so beyond one rank the
 residual add cannot ride in ``linear_row``: the sum is all-reduced first, then added. One rank's
@@ -45,6 +47,7 @@ from vlmdeploy.models.internvit import VisionEncoder, VisionLayer
 from vlmdeploy.models.internvl import InternVLForCausalLM
 from vlmdeploy.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3Model
 from vlmdeploy.models.qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeModel
+from vlmdeploy.quant.linear import is_quantized
 
 # Steps of up to this many tokens take the row path. Up to here linear_row (one row: a
 # matrix-vector kernel; more: a tensor-core kernel that reads each weight tile once for all rows)
@@ -132,15 +135,24 @@ def forward_row(
 ) -> torch.Tensor:
     """One decoder layer over a few tokens: the stream ``h`` (T, H) → the stream after it. Every
     projection is one :func:`kernels.linear_row` with the RMSNorm before it, the SiLU-and-mul
-    before ``down`` or the residual add after it."""
+    before ``down`` or the residual add after it (a quantised one: its own GEMM, those beside
+    it)."""
     attn, mlp = layer.self_attn, layer.mlp
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-    qkv = kernels.linear_row(h, attn.qkv_proj.weight, norm1.weight, norm1.eps)  # (T, q + 2 kv)
+    qkv = norm_linear_row(h, attn.qkv_proj, norm1)  # (T, q + 2 kv)
     h = add_row_parallel(attn.attend(qkv, cos, sin), attn.o_proj, h)
     if isinstance(mlp, SparseMoeBlock):  # the experts' own fused op, after its norm
         return h + mlp(norm2(h))
-    gate_up = kernels.linear_row(h, mlp.gate_up_proj.weight, norm2.weight, norm2.eps)
+    gate_up = norm_linear_row(h, mlp.gate_up_proj, norm2)
     return add_row_parallel(gate_up, mlp.down_proj, h, silu_mul=True)
+
+
+def norm_linear_row(x: torch.Tensor, proj: nn.Linear, norm: nn.Module) -> torch.Tensor:
+    """``proj(norm(x))`` with the RMSNorm fused into the kernel (a quantised ``proj``: its own
+    GEMM after the norm)."""
+    if is_quantized(proj):
+        return proj(norm(x))
+    return kernels.linear_row(x, proj.weight, norm.weight, norm.eps)
 
 
 def add_row_parallel(
@@ -148,7 +160,10 @@ def add_row_parallel(
 ) -> torch.Tensor:
     """``residual + proj(x)`` (``x`` through SiLU-and-mul first with ``silu_mul``). On one rank
     the add is fused into the kernel; beyond, each rank's product is a partial sum, reduced
-    before the residual (whole on every rank) is added."""
+    before the residual (whole on every rank) is added. A quantised ``proj`` runs its own GEMM
+    (and reduction) between the two."""
+    if is_quantized(proj):
+        return residual + proj(kernels.silu_and_mul(x) if silu_mul else x)
     if proj.tp_size == 1:
         return kernels.linear_row(x, proj.weight, silu_mul=silu_mul, residual=residual)
     return all_reduce(kernels.linear_row(x, proj.weight, silu_mul=silu_mul)) + residual

@@ -13,14 +13,15 @@ pre-normed with RMSNorm. What differs from Qwen3:
 
 Expert weights keep the checkpoint's layout (transformers' ``GptOssExperts``): ``gate_up_proj``
 (E, H, 2I) with gate and up **interleaved** along the last dimension (column 2j is gate j, 2j + 1
-is up j), ``down_proj`` (E, I, H), both applied as ``x @ W``. The experts run as a plain grouped
-loop over the experts that have tokens (only those weights are read); a fused kernel is later
-work, and the loop reads the routing on the host, so this model runs without CUDA graphs.
+is up j), ``down_proj`` (E, I, H), both applied as ``x @ W``. Router and experts run as the fused
+ops Qwen3-MoE uses (:func:`kernels.moe_route`, :func:`kernels.fused_moe`) with GPT-OSS's switches:
+only the chosen experts are read, and nothing waits for the host, so CUDA graphs capture the
+model.
 
 Tensor parallel: heads (and their sinks) split over the ranks, o_proj row-parallel; every rank
 holds every expert's slice of the intermediate dimension — a contiguous run of the interleaved
 gate/up columns and the matching rows of ``down_proj`` — and one all-reduce after the combine
-completes the layer's MLP. The down biases are added once, after it.
+completes the layer's MLP. Rank 0 alone adds the down biases, so the reduction counts them once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 from vlmdeploy import kernels
 from vlmdeploy.config import TextConfig
 from vlmdeploy.distributed.state import all_reduce, tp_rank, tp_size
-from vlmdeploy.kernels.reference import apply_rope
+from vlmdeploy.kernels.reference import ClampedSwiGLU, apply_rope
 from vlmdeploy.layers.attention import PagedAttention
 from vlmdeploy.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from vlmdeploy.layers.linear import ColumnParallelLinear, RowParallelLinear, Shard, ShardLayout
@@ -75,24 +76,9 @@ class GptOssAttention(nn.Module):
         return self.o_proj(o.flatten(1))
 
 
-def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPT-OSS's router choice: logits (T, E) → (weights (T, k), expert ids (T, k)): the k largest
-    logits and a softmax over those k alone, in the logits' dtype."""
-    top, ids = torch.topk(logits, top_k, dim=-1)
-    return torch.softmax(top, dim=-1), ids
-
-
-def clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """(n, 2I) interleaved gate/up → (n, I): ``(up + 1) · gate · σ(alpha · gate)`` after the
-    clamps (the gate from above only)."""
-    gate = gate_up[..., 0::2].clamp(max=limit)
-    up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
-
-
 class GptOssExperts(nn.Module):
     """E experts of this rank's intermediate slice; ``forward`` computes the weighted sum of the
-    chosen experts' outputs, without their down biases (see :meth:`down_bias`)."""
+    chosen experts' outputs."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -108,35 +94,25 @@ class GptOssExperts(nn.Module):
             "gate_up_proj_bias": ShardLayout(1, (gate_up,)),
             "down_proj": ShardLayout(1, (inter,)),
         }
-        self.alpha, self.limit = cfg.swiglu_alpha, cfg.swiglu_limit
+        self.activation = ClampedSwiGLU(cfg.swiglu_alpha, cfg.swiglu_limit)
+        self.tp_size = tp_size()
+        self.adds_down_bias = tp_rank() == 0  # the all-reduce sums the ranks: the bias once
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x (T, H), weights and ids (T, k) → Σ_j weights[t, j] · expert_ids[t, j](x_t), (T, H)."""
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "GPT-OSS's expert loop reads the routing on the host and cannot be captured in "
-                "a CUDA graph: run it with eager_mode=True"
-            )
-        k = ids.shape[1]
-        flat = ids.reshape(-1)  # (T·k,) the expert of each (token, choice) pair
-        order = torch.argsort(flat, stable=True)  # pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):  # only the experts that have tokens are read
-            if not n:
-                continue
-            pairs = order[start : start + n]
-            start += n
-            tokens = pairs // k
-            h = x[tokens] @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]  # (n, 2I)
-            y = clamped_swiglu(h, self.alpha, self.limit) @ self.down_proj[e]  # (n, H)
-            out.index_add_(0, tokens, y * weights.reshape(-1)[pairs, None])
-        return out
-
-    def down_bias(self, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Σ_j weights[t, j] · down_proj_bias[ids[t, j]]: (T, H)."""
-        return (self.down_proj_bias[ids] * weights[..., None]).sum(1)
+        """x (T, H), weights and ids (T, k) → Σ_j weights[t, j] · expert_ids[t, j](x_t), (T, H),
+        whole on every rank."""
+        y = kernels.fused_moe(
+            x,
+            self.gate_up_proj.transpose(1, 2),  # (E, 2I, H) views: the op's F.linear orientation
+            self.down_proj.transpose(1, 2),
+            weights,
+            ids,
+            gate_up_bias=self.gate_up_proj_bias,
+            down_bias=self.down_proj_bias if self.adds_down_bias else None,
+            interleaved=True,
+            activation=self.activation,
+        )
+        return y if self.tp_size == 1 else all_reduce(y)
 
 
 class GptOssMLP(nn.Module):
@@ -147,9 +123,10 @@ class GptOssMLP(nn.Module):
         self.experts = GptOssExperts(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.router(x), self.top_k)  # (T, k) each
-        y = all_reduce(self.experts(x, weights, ids))  # partial sums over intermediate slices
-        return y + self.experts.down_bias(weights, ids)
+        weights, ids = kernels.moe_route(  # (T, k) each: the top-k logits, a softmax over them
+            self.router(x), self.top_k, renormalize=False, topk_then_softmax=True
+        )
+        return self.experts(x, weights, ids)
 
 
 class GptOssDecoderLayer(nn.Module):
@@ -213,4 +190,3 @@ class GptOssForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(T, H) → the full logits (T, V), on every rank."""
         return self.lm_head(hidden)
-

@@ -8,6 +8,12 @@ random. GPT-OSS's MXFP4 expert pairs (``*_blocks`` + ``*_scales``) are dequantis
 (:mod:`vlmdeploy.models.mxfp4`). Only ``.safetensors`` files are read (a shard index may only
 name files beside it); no code from the checkpoint runs.
 
+Quantised layers (:mod:`vlmdeploy.quant`) hold their format's tensors as parameters, so FP8
+(``weight`` + ``weight_scale_inv``) and AWQ (``qweight``, ``qzeros``, ``scales``) tensors load
+like any other, split q/k/v and gate/up ones into their fused parameter's row blocks. A
+full-precision tensor for an FP8 layer is quantised as it is written, and an FP8 tensor for a
+full-precision parameter (a quantised vision tower, say) is dequantised once its scales are in.
+
 A mixture-of-experts MLP's experts live in fused 3-D parameters; a checkpoint may store them so,
 or one tensor per expert and projection (``mlp.experts.{e}.gate_proj.weight``), each read into
 its expert's slice.
@@ -31,6 +37,8 @@ from torch import nn
 
 from vlmdeploy.layers.linear import Shard, ShardLayout, shard_layout
 from vlmdeploy.models import mxfp4
+from vlmdeploy.quant import fp8
+from vlmdeploy.quant.linear import Writer, is_quantized
 
 # transformers-native (-HF) names → original names. Legacy -HF checkpoints drop the leading
 # "model.".
@@ -195,6 +203,7 @@ def load_weights(model: nn.Module, model_path: str | Path, progress: bool = Fals
     stats = LoadStats()
     files = safetensors_files(model_path)
     packed = mxfp4.PackedExperts()  # GPT-OSS's MXFP4 experts: dequantised once both halves are in
+    pending = fp8.PendingDequant()  # FP8 tensors for full-precision parameters, and their scales
     for sf in _open_files(files, progress and len(files) > 1):
         for ckpt_name in sf.keys():
             src = sf.get_slice(ckpt_name)
@@ -205,16 +214,22 @@ def load_weights(model: nn.Module, model_path: str | Path, progress: bool = Fals
                 ckpt_name, src = pair  # the whole dequantised tensor, under its plain name
             name = to_original_name(ckpt_name)
             target, part, expert = _route(name)
+            if _dequantized_on_load(params, target, src):
+                pair = pending.add(ckpt_name, sf.get_tensor(ckpt_name))
+                if pair is None:
+                    continue
+                ckpt_name, src = pair
+                target, part, expert = _route(to_original_name(ckpt_name))
             if target not in params:
                 raise WeightLoadError(
                     f"unexpected tensor {ckpt_name!r} in checkpoint (no parameter {target!r})"
+                    + _quantized_hint(model, target)
                 )
             piece = part if expert is None else (expert, part)
-            done = written.setdefault(target, set())
-            # A second writer (two layouts' names for one tensor, or a fused tensor and its
-            # parts) would make the result depend on file order.
-            if piece in done or None in done or (piece is None and done):
-                raise WeightLoadError(f"tensor {ckpt_name!r} writes {target!r} a second time")
+            _claim(written, target, piece, ckpt_name)
+            write, also = _writer(model, target, src)
+            if also is not None:  # a quantising writer fills the layer's scales as well
+                _claim(written, also, piece, ckpt_name)
             param, layout = params[target].data, layouts[target]
             if expert is not None:  # one expert's slice; its layout drops the expert dim
                 if layout.dim < 1 or expert >= param.shape[0]:
@@ -223,13 +238,68 @@ def load_weights(model: nn.Module, model_path: str | Path, progress: bool = Fals
                 part = part if len(layout.parts) > 1 else None
             elif part is not None and len(layout.parts) == 1:
                 raise WeightLoadError(f"unexpected tensor {ckpt_name!r}: {target!r} is not fused")
-            _read_into(param, layout, part, src, ckpt_name, stats)
-            done.add(piece)
+            _read_into(param, layout, part, src, ckpt_name, stats, write)
     if packed.unpaired():
         raise WeightLoadError(f"MXFP4 tensors without their other half: {packed.unpaired()}")
+    if pending.unpaired():
+        raise WeightLoadError(f"FP8 tensors without their weight or scales: {pending.unpaired()}")
     _tie_lm_head(params, layouts, written)
     _check_complete(params, layouts, written)
     return stats
+
+
+def _claim(written: dict[str, set], target: str, piece, ckpt_name: str) -> None:
+    """Record that ``ckpt_name`` writes ``piece`` of parameter ``target``. A second writer (two
+    layouts' names for one tensor, or a fused tensor and its parts) would make the result depend
+    on file order."""
+    done = written.setdefault(target, set())
+    if piece in done or None in done or (piece is None and done):
+        raise WeightLoadError(f"tensor {ckpt_name!r} writes {target!r} a second time")
+    done.add(piece)
+
+
+def _dtype_name(src) -> str:
+    return src.get_dtype() if hasattr(src, "get_dtype") else ""
+
+
+def _dequantized_on_load(params: dict[str, nn.Parameter], target: str, src) -> bool:
+    """Whether a checkpoint tensor is half of an FP8 pair bound for a full-precision parameter:
+    scales with no parameter of their own, or an FP8 weight for a parameter that is not FP8."""
+    if target.endswith(fp8.SCALE_SUFFIX):
+        return target not in params
+    return (_dtype_name(src) in fp8.FP8_DTYPES and target in params
+            and params[target].dtype != torch.float8_e4m3fn)
+
+
+def _writer(model: nn.Module, target: str, src) -> tuple[Writer, str | None]:
+    """How ``src`` is written into parameter ``target`` (copied, unless a quantised layer
+    converts it) and the other parameter that writing fills (None: none)."""
+    path, leaf = target.rsplit(".", 1)
+    layer = model.get_submodule(path)
+    if is_quantized(layer):
+        converted = layer.quant.writer(layer, leaf, _dtype_name(src))
+        if converted is not None:
+            write, other = converted
+            return write, f"{path}.{other}"
+    return _copy, None
+
+
+def _copy(param: torch.Tensor, dim: int, offset: int, piece: torch.Tensor) -> None:
+    param.narrow(dim, offset, piece.shape[dim]).copy_(piece)
+
+
+def _quantized_hint(model: nn.Module, target: str) -> str:
+    """For a tensor a quantised layer has no parameter for: which ones it has."""
+    path = target.rsplit(".", 1)[0]
+    try:
+        layer = model.get_submodule(path)
+    except AttributeError:
+        return ""
+    if not is_quantized(layer):
+        return ""
+    leaves = ", ".join(n for n, _ in layer.named_parameters(recurse=False))
+    return (f": {path} is a quantised layer with parameters {leaves} (the checkpoint's weights "
+            "are not in the format model_format or its quantization_config asks for)")
 
 
 def _read_into(
@@ -239,8 +309,9 @@ def _read_into(
     src,
     name: str,
     stats: LoadStats,
+    write: Writer = _copy,
 ) -> None:
-    """Copy this rank's rows of checkpoint tensor ``src`` (a safetensors slice; all parts of
+    """Write this rank's rows of checkpoint tensor ``src`` (a safetensors slice; all parts of
     ``layout`` with ``part`` None, else part ``part``) into ``param``, reading nothing else."""
     dim = layout.dim
     full = layout.full if part is None else layout.parts[part].full
@@ -253,7 +324,7 @@ def _read_into(
         if (part is None or part == i) and p.size:
             a = src_offset + p.start
             piece = src[(slice(None),) * dim + (slice(a, a + p.size),)]
-            param.narrow(dim, dst, p.size).copy_(piece)
+            write(param, dim, dst, piece)
             stats.bytes_read += piece.numel() * piece.element_size()
         if part is None:
             src_offset += p.full

@@ -66,5 +66,8 @@ class TensorSource:
     def get_shape(self) -> list[int]:
         return list(self.tensor.shape)
 
+    def get_dtype(self) -> str:
+        return str(self.tensor.dtype).removeprefix("torch.")
+
     def __getitem__(self, index) -> torch.Tensor:
         return self.tensor[index]
