@@ -50,6 +50,8 @@ ENGINE_HELP = {
     "download_dir": "directory for downloaded checkpoints",
     "revision": "checkpoint revision",
     "language_model_only": "load the language model only (text requests)",
+    "quant_policy": "KV cache: 0 (the model's dtype), 8 or int8, 4 or int4 (a scale and zero point "
+    "per token and head), 16 or fp8 (e4m3)",
     "model_format": "weights: hf (as stored; FP8 and AWQ checkpoints are found from config.json), "
     "fp8 (blocked FP8, quantised on load unless stored so) or awq (an AWQ checkpoint)",
 }

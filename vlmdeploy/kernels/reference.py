@@ -176,11 +176,11 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
 
 
 def gather_heads(cache: torch.Tensor, scales_zeros: torch.Tensor | None, block_table: torch.Tensor,
-                 length: int, kv_quant: KVQuant, dtype: torch.dtype) -> torch.Tensor:
+                 length: int, policy: int, dtype: torch.dtype) -> torch.Tensor:
     """:func:`gather_kv` of a quantised cache, dequantised to ``dtype``: (length, Hkv, D)."""
     codes = gather_kv(cache, block_table, length)
     sz = None if scales_zeros is None else gather_kv(scales_zeros, block_table, length)
-    return dequantize_kv(codes, sz, kv_quant.policy, dtype)
+    return dequantize_kv(codes, sz, policy, dtype)
 
 
 def paged_attention(
@@ -286,8 +286,9 @@ def _context(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Te
     if not is_quantized(kv_quant):
         return (gather_kv(k_cache, block_table, length).to(dtype),
                 gather_kv(v_cache, block_table, length).to(dtype))
-    return (gather_heads(k_cache, kv_quant.k_scales_zeros, block_table, length, kv_quant, dtype),
-            gather_heads(v_cache, kv_quant.v_scales_zeros, block_table, length, kv_quant, dtype))
+    q = kv_quant
+    return (gather_heads(k_cache, q.k_scales_zeros, block_table, length, q.policy, dtype),
+            gather_heads(v_cache, q.v_scales_zeros, block_table, length, q.policy, dtype))
 
 
 def paged_attention_norm_rope(
