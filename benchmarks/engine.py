@@ -299,7 +299,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--preset", help="write config + tokenizer of this size and use dummy weights")
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     ap.add_argument("--model-format", choices=["hf", "fp8", "awq"],
-                    help="quantised weights (docs/quantization.md); default: the checkpoint's")
+                    help="quantised weights (docs/quantization.md); default: the checkpoint's. "
+                    "With --preset, awq makes the preset an AWQ checkpoint")
+    ap.add_argument("--quant-policy", type=int, default=0, choices=[0, 4, 8, 16],
+                    help="KV cache quantisation, LMDeploy's values: 8 int8, 4 int4, 16 fp8")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="of " + ",".join(WORKLOADS))
     ap.add_argument("--n2", type=int, default=256)
     ap.add_argument("--n3", type=int, default=256)
@@ -349,11 +352,13 @@ def main(argv: list[str] | None = None) -> None:
         print(write_outputs(json.loads(Path(args.render).read_text()), args), flush=True)
         return
     deadline = _T0 + args.time_limit if args.time_limit > 0 else math.inf
-    model, load_format = model_source(args.model, args.preset, args.load_format)
+    model, load_format = model_source(args.model, args.preset, args.load_format,
+                                      args.model_format)
     cfg = PytorchEngineConfig(
         session_len=args.session_len,
         load_format=load_format,
         model_format=args.model_format,
+        quant_policy=args.quant_policy,
         enable_prefix_caching=args.prefix_caching,
         cache_max_entry_count=args.cache_max_entry_count,
     )
@@ -372,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
             "enable_prefix_caching": args.prefix_caching,
             "cache_max_entry_count": args.cache_max_entry_count,
             "model_format": args.model_format,
+            "quant_policy": args.quant_policy,
             "n2": args.n2,
             "n3": args.n3,
             "workloads": args.workloads,

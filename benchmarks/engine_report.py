@@ -231,6 +231,8 @@ def history_rows(res: dict, lmdeploy_same_call: dict | None = None) -> list[dict
     s = res.get("settings", {})
     settings = [f"load format {res['load_format']}" if res.get("load_format") == "dummy" else "",
                 "prefix caching off" if s.get("enable_prefix_caching") is False else "",
+                f"model_format {s['model_format']}" if s.get("model_format") else "",
+                f"quant_policy {s['quant_policy']}" if s.get("quant_policy") else "",
                 f"W2 {s['n2']} / W3 {s['n3']} requests" if (s.get("n2"), s.get("n3")) not in
                 ((256, 256), (None, None)) else ""]
     run_note = "; ".join(x for x in settings if x)

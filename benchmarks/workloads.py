@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import torch
@@ -87,14 +88,23 @@ def shape_name(preset: str) -> str:
     return f"InternVL3.5-{preset.upper() if preset[:1].isdigit() else preset}"
 
 
-def model_source(model: str | None, preset: str | None, load_format: str = "auto"
-                 ) -> tuple[str, str]:
+def model_source(model: str | None, preset: str | None, load_format: str = "auto",
+                 model_format: str | None = None) -> tuple[str, str]:
     """The checkpoint to load and its load format: ``model`` as given, or for ``preset`` a
-    config-and-tokenizer checkpoint of that size (written once under /tmp) with dummy weights."""
+    config-and-tokenizer checkpoint of that size (written once under /tmp) with dummy weights.
+    With ``model_format='awq'`` the preset's config says AWQ (an AWQ model is a kind of
+    checkpoint, not a switch on a full-precision one): its dummy weights are rounded to 4 bits."""
     if not preset:
         return model, load_format
     from vlmdeploy.testing.checkpoint import make_checkpoint
 
-    path = make_checkpoint(f"/tmp/vlmdeploy-bench-{preset}", preset, "hf", dtype=torch.bfloat16,
-                           weights=False)
+    awq = model_format == "awq"
+    path = make_checkpoint(f"/tmp/vlmdeploy-bench-{preset}{'-awq' if awq else ''}", preset, "hf",
+                           dtype=torch.bfloat16, weights=False)
+    if awq:
+        from vlmdeploy.testing.quantize import quantization_config
+
+        config = json.loads((path / "config.json").read_text())
+        config["quantization_config"] = quantization_config("awq")
+        (path / "config.json").write_text(json.dumps(config, indent=2))
     return str(path), "dummy"

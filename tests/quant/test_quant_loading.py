@@ -304,6 +304,28 @@ def test_dummy_weights_fill_quantised_layers(quant_ckpts, fmt):
     assert y.shape == (3, layer.out_features) and torch.isfinite(y).all() and y.abs().sum() > 0
 
 
+
+def test_dummy_weights_are_one_model_in_every_format(quant_ckpts):
+    """The same seed draws the same full-precision model whatever ``model_format`` says; a
+    quantised layer holds that model's weight, rounded: so formats can be compared on dummy
+    weights of large shapes."""
+    path = quant_ckpts["bf16"]
+    cfg = ModelConfig.from_pretrained(path)
+    full = params(build_model(path, cfg, torch.float32, torch.device("cpu"), load_format="dummy"))
+    model = build_model(path, cfg, torch.float32, torch.device("cpu"), load_format="dummy",
+                        quant=resolve("fp8", cfg))
+    quantised = {name for name, m in model.named_modules() if is_quantized(m)}
+    assert quantised
+    for name, m in model.named_modules():
+        if name in quantised:
+            w = ref.fp8_dequantize_blocks(m.weight, m.weight_scale_inv)
+            expected = full[f"{name}.weight"]
+            assert (w - expected).abs().max() <= expected.abs().max() / 8, name  # e4m3: 3 bits
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[0] not in quantised:
+            assert torch.equal(p, full[name]), name
+
+
 def test_the_engine_refuses_a_split_that_cuts_a_block_before_loading():
     """The embedded model's heads are 64 wide: at tp = 2 a rank's k head is half an FP8 block."""
     import vlmdeploy

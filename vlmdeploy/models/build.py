@@ -51,27 +51,35 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
 
     Under tensor parallelism each rank draws its shards from a stream of its own, so the shared
     stream, which fills the replicated parameters (the vision tower on every rank), stays the
-    same on every rank."""
-    device = next(model.parameters()).device
+    same on every rank. A quantised linear layer draws its full-precision weight where the
+    unquantised layer's would be drawn, from the same stream, and quantises it: the same seed
+    gives the same model in every ``model_format`` (up to the rounding of the format)."""
+    first = next(model.parameters())
+    device, dtype = first.device, first.dtype
     gen = torch.Generator(device).manual_seed(seed)
     shard_gen = torch.Generator(device).manual_seed(seed + 1 + tp_rank())
-    quantized = set()  # a quantised layer's parameters: quantised from a random weight
-    for name, layer in model.named_modules():
-        if is_quantized(layer):
-            w = torch.empty(layer.out_features, layer.in_features, device=device)
-            layer.quant.quantize(layer, w.normal_(0.0, 0.02, generator=shard_gen))
-            quantized.update(f"{name}.{leaf}" for leaf, _ in layer.named_parameters(recurse=False)
-                             if leaf != "bias")
-    for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if name in quantized:
+    seen = set()  # tied parameters are filled once, as named_parameters() lists them
+    for mname, module in model.named_modules():
+        prefix = f"{mname}." if mname else ""
+        if is_quantized(module):
+            sharded = any(lay.is_sharded for lay in module.shard_layouts.values())
+            stream = shard_gen if sharded else gen
+            w = torch.empty(module.out_features, module.in_features, device=device, dtype=dtype)
+            module.quant.quantize(module, w.normal_(0.0, 0.02, generator=stream))
+            if module.bias is not None:
+                module.bias.zero_()
+            seen.update(id(p) for p in module.parameters(recurse=False))
             continue
-        if leaf in ("ls1", "ls2"):
-            p.fill_(0.1)
-        elif leaf == "bias":
-            p.zero_()
-        elif p.dim() == 1:  # norm weights
-            p.fill_(1.0)
-        else:
-            sharded = param_layout(model, name, p).is_sharded
-            p.normal_(0.0, 0.02, generator=shard_gen if sharded else gen)
+        for leaf, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if leaf in ("ls1", "ls2"):
+                p.fill_(0.1)
+            elif leaf == "bias":
+                p.zero_()
+            elif p.dim() == 1:  # norm weights
+                p.fill_(1.0)
+            else:
+                sharded = param_layout(model, prefix + leaf, p).is_sharded
+                p.normal_(0.0, 0.02, generator=shard_gen if sharded else gen)
