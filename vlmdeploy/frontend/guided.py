@@ -45,10 +45,10 @@ _FORMATS = ("text", "json_object", "json_schema", "regex_schema", "choice", "lar
 def grammar_of(fmt: dict[str, Any] | None) -> str | None:
     """The llguidance grammar of a response format (None: unconstrained); a malformed format is
     an :class:`InvalidRequestError`."""
-    import llguidance
-
     if fmt is None:
         return None
+    import llguidance  # only constrained requests pay for it
+
     if not isinstance(fmt, dict) or fmt.get("type") not in _FORMATS:
         raise InvalidRequestError(
             f"response_format.type must be one of {', '.join(_FORMATS)}", param="response_format"
