@@ -34,10 +34,9 @@ from vlmdeploy.config import TextConfig
 from vlmdeploy.distributed.state import all_reduce, tp_rank, tp_size
 from vlmdeploy.kernels.reference import ClampedSwiGLU, apply_rope
 from vlmdeploy.layers.attention import PagedAttention
-from vlmdeploy.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from vlmdeploy.layers.linear import ColumnParallelLinear, RowParallelLinear, Shard, ShardLayout
-from vlmdeploy.layers.norm import RMSNorm
 from vlmdeploy.layers.rotary import YarnRotary
+from vlmdeploy.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3Model
 from vlmdeploy.models.tp_plan import local_kv_heads, qkv_shards
 
 
@@ -129,64 +128,38 @@ class GptOssMLP(nn.Module):
         return self.experts(x, weights, ids)
 
 
-class GptOssDecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer: int):
-        super().__init__()
-        self.self_attn = GptOssAttention(cfg, layer)
-        self.mlp = GptOssMLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+class GptOssDecoderLayer(Qwen3DecoderLayer):
+    """Qwen3's layer (its norms and ``forward``) with GPT-OSS's attention and experts."""
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` (T, H) and ``residual`` (None: ``x`` is the stream) → the same pair after this
-        layer; the sum is left to the next norm, which fuses it."""
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+    @staticmethod
+    def attention(cfg: TextConfig, layer: int) -> nn.Module:
+        return GptOssAttention(cfg, layer)
+
+    @staticmethod
+    def mlp_of(cfg: TextConfig, layer: int) -> nn.Module:
+        return GptOssMLP(cfg)
 
 
-class GptOssModel(nn.Module):
+class GptOssModel(Qwen3Model):
+    """Qwen3's model with YaRN RoPE where the config asks for it."""
+
+    layer_type = GptOssDecoderLayer
+
     def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(GptOssDecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        super().__init__(cfg)
         self.rotary = (
             YarnRotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
             if cfg.rope_scaling is not None
             else None
         )
 
-    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """inputs_embeds: (T, H); positions: (T,) → hidden states (T, H)."""
-        cos, sin = self.rope(positions, inputs_embeds.dtype)
-        x, residual = inputs_embeds, None
-        for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin)
-        return self.norm(x, residual)[0]
-
     def rope(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary tables (cos, sin) of ``positions``, shared by every layer of a step."""
         if self.rotary is None:
-            return kernels.rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+            return super().rope(positions, dtype)
         return self.rotary(positions, dtype)
 
 
-class GptOssForCausalLM(nn.Module):
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.model = GptOssModel(cfg)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(T, H) → the full logits (T, V), on every rank."""
-        return self.lm_head(hidden)
+class GptOssForCausalLM(Qwen3ForCausalLM):
+    model_type = GptOssModel

@@ -80,12 +80,23 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    """Pre-norm attention and MLP. The decoders built on Qwen3's (Qwen3-MoE, GPT-OSS) change only
+    what :meth:`attention` and :meth:`mlp` make for layer ``layer``."""
+
+    def __init__(self, cfg: TextConfig, layer: int = 0):
         super().__init__()
-        self.self_attn = Qwen3Attention(cfg)
-        self.mlp = Qwen3MLP(cfg)
+        self.self_attn = self.attention(cfg, layer)
+        self.mlp = self.mlp_of(cfg, layer)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    @staticmethod
+    def attention(cfg: TextConfig, layer: int) -> nn.Module:
+        return Qwen3Attention(cfg)
+
+    @staticmethod
+    def mlp_of(cfg: TextConfig, layer: int) -> nn.Module:
+        return Qwen3MLP(cfg)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
@@ -102,11 +113,13 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
+    layer_type: type[Qwen3DecoderLayer] = Qwen3DecoderLayer
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self.layer_type(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -125,9 +138,11 @@ class Qwen3Model(nn.Module):
 
 
 class Qwen3ForCausalLM(nn.Module):
+    model_type: type[Qwen3Model] = Qwen3Model
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.model = Qwen3Model(cfg)
+        self.model = self.model_type(cfg)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,8 @@ from __future__ import annotations
 from torch import nn
 
 from vlmdeploy.config import TextConfig
-from vlmdeploy.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from vlmdeploy.layers.moe import SparseMoeBlock
-from vlmdeploy.layers.norm import RMSNorm
 from vlmdeploy.models.qwen3 import (
-    Qwen3Attention,
     Qwen3DecoderLayer,
     Qwen3ForCausalLM,
     Qwen3MLP,
@@ -42,27 +39,16 @@ def sparse_moe_block(cfg: TextConfig) -> SparseMoeBlock:
 
 
 class Qwen3MoeDecoderLayer(Qwen3DecoderLayer):
-    """Qwen3's layer (its ``forward``) with a sparse MLP where the config says so."""
+    """Qwen3's layer with a sparse MLP where the config says so."""
 
-    def __init__(self, cfg: TextConfig, layer: int):
-        nn.Module.__init__(self)
-        self.self_attn = Qwen3Attention(cfg)
-        self.mlp = sparse_moe_block(cfg) if cfg.is_sparse_layer(layer) else Qwen3MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    @staticmethod
+    def mlp_of(cfg: TextConfig, layer: int) -> nn.Module:
+        return sparse_moe_block(cfg) if cfg.is_sparse_layer(layer) else Qwen3MLP(cfg)
 
 
 class Qwen3MoeModel(Qwen3Model):
-    def __init__(self, cfg: TextConfig):
-        nn.Module.__init__(self)
-        self.cfg = cfg
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Qwen3MoeDecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    layer_type = Qwen3MoeDecoderLayer
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
-    def __init__(self, cfg: TextConfig):
-        nn.Module.__init__(self)
-        self.model = Qwen3MoeModel(cfg)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+    model_type = Qwen3MoeModel
