@@ -4,7 +4,9 @@ debugging the harness."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -199,6 +201,20 @@ def test_history_rows_of_saved_results():
 @pytest.mark.parametrize("script", ["device_run.sh", "s1_device.sh", "device_lib.sh"])
 def test_device_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], check=True)
+
+
+def test_moe_device_script_runs_a_moe_shape_end_to_end(tmp_path):
+    """The MoE device call's dry run on the CPU: checkpoint, our run, the table and its rows."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PRESET": "tiny-moe",
+           "CKPT": str(tmp_path / "ckpt"), "WITH_LMDEPLOY": "0", "WORKLOADS": "w2,w3",
+           "ENGINE_ARGS": "--n2 2 --n3 2", "PYTHONPATH": str(ROOT)}
+    subprocess.run(["bash", "benchmarks/moe_device.sh"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=600)
+    table = (tmp_path / "out" / "engine.md").read_text()
+    assert "InternVL3.5-tiny-moe" in table
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    assert {r["workload"] for r in rows} >= {"W2", "W3"}
+    assert all(r["model_shape"] == "InternVL3.5-tiny-moe" for r in rows)
 
 
 def test_gc_pauses_count_full_collections():
