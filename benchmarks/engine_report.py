@@ -222,6 +222,15 @@ def _ttft_note(w1: object) -> str:
     return f"median of {w1['ttft_runs']}, {w1['ttft_min_ms']:.1f}–{w1['ttft_max_ms']:.1f}"
 
 
+def quant_suffix(settings: dict) -> str:
+    """" fp8+kv8" for a run with quantised weights or KV cache (its system name in the history
+    is then "vlmdeploy fp8+kv8", as benchmarks.quant_accuracy names the formats); "" for none."""
+    parts = [settings["model_format"]] if settings.get("model_format") not in (None, "hf") else []
+    if settings.get("quant_policy"):
+        parts.append(f"kv{settings['quant_policy']}")
+    return " " + "+".join(parts) if parts else ""
+
+
 def history_rows(res: dict, lmdeploy_same_call: dict | None = None) -> list[dict[str, str]]:
     """The run's rows for the results history: every number vlmdeploy and transformers measured,
     and LMDeploy's when it ran in the same call (a quoted baseline is already in the history)."""
@@ -248,12 +257,13 @@ def history_rows(res: dict, lmdeploy_same_call: dict | None = None) -> list[dict
             text = "; ".join(x for x in (note, run_note) if x)
             out.append(results.row(st, shape, workload, name, system, value, unit, text))
 
+    system = "vlmdeploy" + quant_suffix(s)
     for m, ours, lm, tf in comparison(res, lmdeploy_same_call):
-        add(m, ours, "vlmdeploy", notes.get(m, ""))
+        add(m, ours, system, notes.get(m, ""))
         add(m, lm, LMDEPLOY, "same call")
         add(m, tf, "transformers", "same call, generate with SDPA, batch 1")
     if _is_num(res.get("init_s")):
-        out.append(results.row(st, shape, "engine", "start_s", "vlmdeploy", res["init_s"], "s",
+        out.append(results.row(st, shape, "engine", "start_s", system, res["init_s"], "s",
                                run_note))
     return out
 

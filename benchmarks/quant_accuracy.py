@@ -172,7 +172,7 @@ def history_rows(res: dict) -> list[dict[str, str]]:
                              ("top1_agreement", "share"), ("greedy_agreement", "share")):
             out.append(results.row(st, res["model_shape"], "accuracy", metric, system,
                                    round(r[metric], 6), unit, note))
-        out.append(results.row(st, res["model_shape"], "engine", "kv_tokens", system,
+        out.append(results.row(st, res["model_shape"], "engine", "kv_cache_tokens", system,
                                r["kv_tokens"], "tokens", "cache_max_entry_count "
                                f"{res['cache_max_entry_count']}"))
     return out

@@ -198,7 +198,25 @@ def test_history_rows_of_saved_results():
     assert all(r["model_shape"] == "InternVL3.5-8B" for r in rows.values())
 
 
-@pytest.mark.parametrize("script", ["device_run.sh", "s1_device.sh", "device_lib.sh"])
+
+@pytest.mark.parametrize("settings, system", [
+    ({"model_format": "fp8", "quant_policy": 8}, "vlmdeploy fp8+kv8"),
+    ({"model_format": "hf", "quant_policy": 4}, "vlmdeploy kv4"),
+    ({"model_format": "awq", "quant_policy": 0}, "vlmdeploy awq"),
+    ({"model_format": None, "quant_policy": 0}, "vlmdeploy"),
+])
+def test_quantised_runs_have_their_own_system_in_the_history(settings, system):
+    res = fake_results(w1={"ttft_ms": 25.0, "tpot_ms": 3.1, "ttft_runs": 1, "ttft_min_ms": 25.0,
+                           "ttft_max_ms": 25.0})
+    res["settings"] |= settings
+    rows = report.history_rows(res, {"w1": {"tpot_ms": 4.3}})
+    assert {r["system"] for r in rows} - {"transformers"} == {system, "lmdeploy-0.18"}
+    ours = next(r for r in rows if r["system"] == system and r["metric"] == "tpot_ms")
+    assert ("quant_policy" in ours["note"]) == bool(settings["quant_policy"])
+
+@pytest.mark.parametrize(
+    "script", ["device_run.sh", "s1_device.sh", "device_lib.sh", "quant_device.sh"]
+)
 def test_device_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], check=True)
 

@@ -47,4 +47,4 @@ def test_tiny_run_reports_every_format_against_bf16(tmp_path):
     assert res["formats"]["kv4"]["quant_policy"] == 4
     rows = list(csv.DictReader(csv_path.open()))
     assert {r["system"] for r in rows} == {"vlmdeploy kv8", "vlmdeploy kv4"}
-    assert {r["metric"] for r in rows} >= {"cosine_mean", "greedy_agreement", "kv_tokens"}
+    assert {r["metric"] for r in rows} >= {"cosine_mean", "greedy_agreement", "kv_cache_tokens"}
