@@ -4,8 +4,8 @@ Tokens of a sequence live in KV blocks ("pages") listed by its row of ``block_ta
 in page ``block_tables[b, n // PAGE]`` at offset ``n % PAGE``. A tile of BLOCK_N tokens may span
 several pages or part of one, so each token's address is gathered; the head dimension stays
 contiguous, so loads are still 16 bytes wide. Scores are kept in base 2 (``qk_scale`` = scale *
-log2(e)) so the softmax uses ``exp2``. A quantised cache is read by :func:`load_kv_tile_quant`,
-which dequantises each tile in registers; the kernels choose it by their ``QUANT`` constexpr.
+log2(e)) so the softmax uses ``exp2``. :func:`load_kv_tile` dequantises a quantised cache's tiles
+in registers, by the kernels' ``QUANT`` constexpr.
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ LOG2E_C = tl.constexpr(LOG2E)  # the same, for use inside kernels (sinks are log
 
 
 @triton.jit
-def load_kv_tile(k_cache_ptr, v_cache_ptr, bt_ptr, n, n_mask, kv_head, d,
+def load_kv_tile(k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, bt_ptr, n, n_mask, kv_head, d,
                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                 PAGE: tl.constexpr, MASKED: tl.constexpr):
-    """K and V of tokens n (BLOCK_N,) of one kv head: two (BLOCK_N, D) tiles."""
+                 stride_zb, stride_zs, stride_zh, PAGE: tl.constexpr, MASKED: tl.constexpr,
+                 QUANT: tl.constexpr, HEAD_DIM: tl.constexpr, out_ty: tl.constexpr):
+    """K and V of tokens n (BLOCK_N,) of one kv head: two (BLOCK_N, D) tiles. An unquantised
+    cache (``QUANT`` 0) is read as stored; a quantised one is dequantised to ``out_ty`` with each
+    token's scale and zero point (``*_sz_ptr``, one layout for k and v)."""
     if MASKED:
         page = tl.load(bt_ptr + n // PAGE, mask=n_mask, other=0).to(tl.int64)
     else:
@@ -32,32 +35,18 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, bt_ptr, n, n_mask, kv_head, d,
     slot = n % PAGE
     k_off = page * stride_kb + slot * stride_ks + kv_head * stride_kh  # (BLOCK_N,)
     v_off = page * stride_vb + slot * stride_vs + kv_head * stride_vh
-    if MASKED:
+    if QUANT:
+        sz_off = page * stride_zb + slot * stride_zs + kv_head * stride_zh
+        k = load_rows(k_cache_ptr, k_sz_ptr, k_off, sz_off, d, n_mask, QUANT, HEAD_DIM, MASKED,
+                      out_ty)
+        v = load_rows(v_cache_ptr, v_sz_ptr, v_off, sz_off, d, n_mask, QUANT, HEAD_DIM, MASKED,
+                      out_ty)
+    elif MASKED:
         k = tl.load(k_cache_ptr + k_off[:, None] + d[None, :], mask=n_mask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :], mask=n_mask[:, None], other=0.0)
     else:
         k = tl.load(k_cache_ptr + k_off[:, None] + d[None, :])
         v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :])
-    return k, v
-
-
-@triton.jit
-def load_kv_tile_quant(k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, bt_ptr, n, n_mask, kv_head,
-                       d, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                       stride_zb, stride_zs, stride_zh, PAGE: tl.constexpr, MASKED: tl.constexpr,
-                       QUANT: tl.constexpr, HEAD_DIM: tl.constexpr, out_ty: tl.constexpr):
-    """:func:`load_kv_tile` of a quantised cache: K and V of tokens n (BLOCK_N,) dequantised to
-    ``out_ty``, with each token's scale and zero point (``*_sz_ptr``, one layout for k and v)."""
-    if MASKED:
-        page = tl.load(bt_ptr + n // PAGE, mask=n_mask, other=0).to(tl.int64)
-    else:
-        page = tl.load(bt_ptr + n // PAGE).to(tl.int64)
-    slot = n % PAGE
-    k_off = page * stride_kb + slot * stride_ks + kv_head * stride_kh  # (BLOCK_N,)
-    v_off = page * stride_vb + slot * stride_vs + kv_head * stride_vh
-    sz_off = page * stride_zb + slot * stride_zs + kv_head * stride_zh
-    k = load_rows(k_cache_ptr, k_sz_ptr, k_off, sz_off, d, n_mask, QUANT, HEAD_DIM, MASKED, out_ty)
-    v = load_rows(v_cache_ptr, v_sz_ptr, v_off, sz_off, d, n_mask, QUANT, HEAD_DIM, MASKED, out_ty)
     return k, v
 
 

@@ -30,7 +30,6 @@ from .attention_tile import (
     attend_tile,
     dot_precision,
     load_kv_tile,
-    load_kv_tile_quant,
 )
 from .device import multiprocessors
 from .kv_quant import KVQuant
@@ -123,15 +122,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_pt
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < hi
-        if QUANT:
-            k, v = load_kv_tile_quant(k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, bt, n, n_mask,
-                                      kv_head, d, stride_kb, stride_ks, stride_kh, stride_vb,
-                                      stride_vs, stride_vh, stride_zb, stride_zs, stride_zh, PAGE,
-                                      True, QUANT, HEAD_DIM, q.dtype)
-        else:
-            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt, n, n_mask, kv_head, d,
-                                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                PAGE, True)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, bt, n, n_mask, kv_head,
+                            d, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                            stride_zb, stride_zs, stride_zh, PAGE, True, QUANT, HEAD_DIM, q.dtype)
         if NORM_ROPE:
             is_new = (n == new_at)[:, None]
             k = tl.where(is_new, k_new, k)

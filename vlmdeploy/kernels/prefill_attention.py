@@ -23,7 +23,6 @@ from .attention_tile import (
     attend_tile,
     dot_precision,
     load_kv_tile,
-    load_kv_tile_quant,
 )
 from .kv_quant import KVQuant
 from .kv_quant_tile import check_cache, quant_args
@@ -79,29 +78,17 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_q_ptr, kv_lens_ptr, bt_p
         full_end = (ctx_start + first_q + 1) // BLOCK_N * BLOCK_N  # keys below: seen by all rows
     for start in range(lo, full_end, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
-        if QUANT:
-            k, v = load_kv_tile_quant(k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, bt, n, n,
-                                      kv_head, d, stride_kb, stride_ks, stride_kh, stride_vb,
-                                      stride_vs, stride_vh, stride_zb, stride_zs, stride_zh, PAGE,
-                                      False, QUANT, HEAD_DIM, q.dtype)
-        else:
-            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt, n, n, kv_head, d,
-                                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                PAGE, False)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, bt, n, n, kv_head, d,
+                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                            stride_zb, stride_zs, stride_zh, PAGE, False, QUANT, HEAD_DIM, q.dtype)
         m_i, l_i, acc = attend_tile(q, k, v, n, m_i, l_i, acc, qk_scale, PRECISION, False,
                                     UPCAST)
     for start in range(full_end, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < hi
-        if QUANT:
-            k, v = load_kv_tile_quant(k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, bt, n, n_mask,
-                                      kv_head, d, stride_kb, stride_ks, stride_kh, stride_vb,
-                                      stride_vs, stride_vh, stride_zb, stride_zs, stride_zh, PAGE,
-                                      True, QUANT, HEAD_DIM, q.dtype)
-        else:
-            k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, bt, n, n_mask, kv_head, d,
-                                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                PAGE, True)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, bt, n, n_mask, kv_head,
+                            d, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                            stride_zb, stride_zs, stride_zh, PAGE, True, QUANT, HEAD_DIM, q.dtype)
         causal = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
         if WINDOW:
             causal &= n[None, :] > q_pos[:, None] - window
