@@ -6,53 +6,9 @@ machine)."""
 from __future__ import annotations
 
 import json
-import sys
-import types
-from dataclasses import dataclass
-
-import pytest
 
 from benchmarks import lmdeploy_w4
 from benchmarks.w4 import W4Spec, w4_requests
-
-
-@dataclass
-class _Out:
-    input_token_len: int
-    generate_token_len: int
-
-
-@pytest.fixture
-def fake_lmdeploy(monkeypatch):
-    calls: dict = {"batches": []}
-
-    class GenerationConfig:
-        def __init__(self, **kw):
-            self.__dict__.update(kw)
-            self.kwargs = kw
-
-    class PytorchEngineConfig:
-        def __init__(self, **kw):
-            calls["engine"] = kw
-
-    class Pipe:
-        def __call__(self, prompts, gen_config):
-            calls["batches"].append((prompts, [g.kwargs for g in gen_config]))
-            return [_Out(100, g.max_new_tokens) for g in gen_config]
-
-        def close(self):
-            calls["closed"] = True
-
-    def pipeline(model, backend_config):
-        calls["model"] = model
-        return Pipe()
-
-    mod = types.ModuleType("lmdeploy")
-    mod.__version__ = "0.18.0"
-    mod.GenerationConfig, mod.PytorchEngineConfig, mod.pipeline = (
-        GenerationConfig, PytorchEngineConfig, pipeline)
-    monkeypatch.setitem(sys.modules, "lmdeploy", mod)
-    return calls
 
 
 def test_lmdeploy_gets_the_requests_our_w4_runs(fake_lmdeploy, tiny_ckpts, tmp_path):
