@@ -38,20 +38,28 @@ def _run(path: str, eager: bool, prompts, gen):
     return out, step_ms
 
 
+def divergences(fast, ref) -> list[tuple[int, float]]:
+    """Per prompt, (the first token where ``fast`` leaves ``ref``, the reference's own top-2
+    logprob margin there); (length, 0.0) where they agree throughout. Each side: (tokens,
+    logprobs) per prompt, with ``logprobs=2``."""
+    report = []
+    for (toks, _), (ref_toks, ref_lps) in zip(fast, ref, strict=True):
+        i = next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), None)
+        if i is None:
+            report.append((len(toks), 0.0))
+            continue
+        top = sorted(ref_lps[i].values(), reverse=True)
+        report.append((i, top[0] - top[1]))
+    return report
+
+
 def test_triton_and_graphs_match_reference_path(ckpt_1b):
     path = ckpt_1b("original")
     prompts = ["Tell me about the sea.", ("describe this image", _image(800, 500, 3)), "Hi"]
     gen = GenerationConfig(max_new_tokens=24, min_new_tokens=24, logprobs=2)
     fast, fast_ms = _run(path, False, prompts, gen)
     ref, ref_ms = _run(path, True, prompts, gen)
-    report = []
-    for (toks, _), (ref_toks, ref_lps) in zip(fast, ref):
-        i = next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), None)
-        if i is None:
-            report.append((len(toks), 0.0))
-            continue
-        top = sorted(ref_lps[i].values(), reverse=True)
-        report.append((i, top[0] - top[1]))  # the reference's own top-2 logprob margin there
+    report = divergences(fast, ref)
     print(
         f"\n(first differing token, reference top-2 margin) per prompt: {report}; batch-1 step "
         f"incl. host overhead: fast {fast_ms:.2f} ms, reference eager {ref_ms:.2f} ms"

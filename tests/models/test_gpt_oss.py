@@ -250,7 +250,7 @@ def test_triton_and_graphs_match_reference_path_gpu(tmp_path, monkeypatch):
     with CUDA-graph decode and prefill give the reference path's greedy tokens, but where the
     reference's own top-2 margin is within bf16 rounding. The image prompt outgrows the window
     of 128."""
-    from tests.models.test_fast_path_gpu import _image, _run
+    from tests.models.test_fast_path_gpu import _image, _run, divergences
 
     monkeypatch.setenv("VLMDEPLOY_KERNELS", "triton")  # (_run sets it; restored after)
 
@@ -261,13 +261,6 @@ def test_triton_and_graphs_match_reference_path_gpu(tmp_path, monkeypatch):
     gen = GenerationConfig(max_new_tokens=24, min_new_tokens=24, logprobs=2)
     fast, fast_ms = _run(path, False, prompts, gen)
     ref, ref_ms = _run(path, True, prompts, gen)
-    report = []
-    for (toks, _), (ref_toks, ref_lps) in zip(fast, ref, strict=True):
-        i = next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), None)
-        if i is None:
-            report.append((len(toks), 0.0))
-            continue
-        top = sorted(ref_lps[i].values(), reverse=True)
-        report.append((i, top[0] - top[1]))
+    report = divergences(fast, ref)
     print(f"\n{report}; batch-1 step: fast {fast_ms:.2f} ms, reference eager {ref_ms:.2f} ms")
     assert all(i == 24 or margin < 0.05 for i, margin in report), report

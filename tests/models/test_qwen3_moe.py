@@ -164,7 +164,7 @@ def test_triton_and_graphs_match_reference_path_gpu(tmp_path):
     """Two layers of the 30B-A3B shape (128 experts top-8, bf16): Triton kernels + CUDA-graph
     decode give the reference path's greedy tokens, but where the reference's own top-2 margin
     is within bf16 rounding."""
-    from tests.models.test_fast_path_gpu import _image, _run
+    from tests.models.test_fast_path_gpu import _image, _run, divergences
 
     path = str(make_checkpoint(tmp_path / "moe", "30b-a3b", "hf", seed=0, dtype=torch.bfloat16,
                                device="cuda", text_overrides={"num_hidden_layers": 2}))
@@ -172,13 +172,6 @@ def test_triton_and_graphs_match_reference_path_gpu(tmp_path):
     gen = GenerationConfig(max_new_tokens=24, min_new_tokens=24, logprobs=2)
     fast, fast_ms = _run(path, False, prompts, gen)
     ref, ref_ms = _run(path, True, prompts, gen)
-    report = []
-    for (toks, _), (ref_toks, ref_lps) in zip(fast, ref, strict=True):
-        i = next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), None)
-        if i is None:
-            report.append((len(toks), 0.0))
-            continue
-        top = sorted(ref_lps[i].values(), reverse=True)
-        report.append((i, top[0] - top[1]))
+    report = divergences(fast, ref)
     print(f"\n{report}; batch-1 step: fast {fast_ms:.2f} ms, reference eager {ref_ms:.2f} ms")
     assert all(i == 24 or margin < 0.05 for i, margin in report), report

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vlmdeploy
+from tests.models.test_fast_path_gpu import divergences
 from vlmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
 from vlmdeploy.synthetic.questions import generate_questions
 from vlmdeploy.testing.quantize import quantize_checkpoint
@@ -47,14 +48,7 @@ def test_quantised_triton_path_matches_the_reference_path(ckpt_1b, tmp_path, mon
         model_format = None
     fast = greedy(path, model_format, monkeypatch, reference=False)
     ref = greedy(path, model_format, monkeypatch, reference=True)
-    report = []
-    for (toks, _), (ref_toks, ref_lps) in zip(fast, ref, strict=True):
-        i = next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), None)
-        if i is None:
-            report.append((len(toks), 0.0))
-            continue
-        top = sorted(ref_lps[i].values(), reverse=True)
-        report.append((i, top[0] - top[1]))
+    report = divergences(fast, ref)
     print(f"\n{fmt} ({fp8_gemm}): (first differing token, reference top-2 margin) {report}")
     # a divergence is acceptable only where the reference itself is within rounding
     assert all(i == 24 or margin < 0.05 for i, margin in report), report
