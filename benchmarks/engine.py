@@ -161,7 +161,11 @@ def two_turn_chat(pipe, tok, seed: int, side: int = 1024, n_text: int = 30, n_ou
 def run_chat2(pipe, tok) -> dict:
     two_turn_chat(pipe, tok, seed=41)  # warm-up on another image
     sync()
-    t1, t2 = two_turn_chat(pipe, tok, seed=40)
+    return two_turn_summary(*two_turn_chat(pipe, tok, seed=40))
+
+
+def two_turn_summary(t1: dict, t2: dict) -> dict:
+    """The result of a two-turn chat from its turns (:func:`chat_turn`'s dicts)."""
     return {
         "ttft1_ms": t1["ttft_ms"],
         "ttft2_ms": t2["ttft_ms"],

@@ -151,7 +151,7 @@ def run_batch(pipe, tok, args: argparse.Namespace) -> dict:
 
 
 def run_chat(pipe, tok, args: argparse.Namespace) -> dict:
-    from benchmarks.engine import chat_turn
+    from benchmarks.engine import chat_turn, two_turn_summary
     from benchmarks.workloads import sync
     from vlmdeploy.vl.constants import IMAGE_TOKEN
 
@@ -164,19 +164,7 @@ def run_chat(pipe, tok, args: argparse.Namespace) -> dict:
 
     two_questions(args.chat_seed + 1000)  # warm-up on another video
     sync()
-    t1, t2 = two_questions(args.chat_seed)
-    return {
-        "ttft1_ms": t1["ttft_ms"],
-        "ttft2_ms": t2["ttft_ms"],
-        "ratio": t2["ttft_ms"] / t1["ttft_ms"],
-        "ttft1_parts_ms": t1["ttft_parts_ms"],
-        "ttft2_parts_ms": t2["ttft_parts_ms"],
-        "turn2_tiles_encoded": t2["tiles_encoded"],
-        "cached_tokens": t2["cached_tokens"],
-        "turn1_input_tokens": t1["input_tokens"],
-        "turn2_input_tokens": t2["input_tokens"],
-        "output_tokens": [t1["output_tokens"], t2["output_tokens"]],
-    }
+    return two_turn_summary(*two_questions(args.chat_seed))
 
 
 # ---- the report ----------------------------------------------------------------------------
