@@ -174,6 +174,11 @@ def markdown(
         if lmdeploy
         else "LMDeploy was not measured"
     )
+    tf_where = (
+        "The transformers column was measured in the same call"
+        if res.get("transformers_w1")
+        else "transformers was not measured"
+    )
     lines = [
         f"## Engine benchmark, {res.get('date', '?')} {res.get('time_utc', '')} UTC, commit "
         f"{res.get('commit') or 'unknown'}",
@@ -184,7 +189,7 @@ def markdown(
         f"{'on' if s.get('enable_prefix_caching') else 'off'}, cache_max_entry_count "
         f"{s.get('cache_max_entry_count')}, W2 {s.get('n2')} / W3 {s.get('n3')} requests; "
         f"engine start {cell(res.get('init_s'))} s. KV cache {kv} tokens; peak GPU memory {peak}. "
-        f"The transformers column was measured in the same call; {lm_where}.",
+        f"{tf_where}; {lm_where}.",
         "",
         f"| metric | vlmdeploy | target | met | {lm_label} | transformers |",
         "|---|---:|---:|:-:|---:|---:|",

@@ -181,6 +181,14 @@ def test_render_saved_results(tmp_path):
     assert all(r["commit"] == "abc1234" and r["time_utc"] == "10:11:12" for r in rows)
 
 
+def test_table_says_which_baselines_ran():
+    res = fake_results()
+    text = report.markdown(res, None, None, None)
+    assert "transformers column was measured in the same call" in text
+    del res["transformers_w1"]
+    text = report.markdown(res, None, None, None)
+    assert "transformers was not measured" in text and "LMDeploy was not measured" in text
+
 def test_history_rows_of_saved_results():
     res = fake_results(w2={"requests": 256, "requests_per_s": 11.5, "runs": [11.5, 11.75]},
                        w1={"ttft_ms": 25.0, "tpot_ms": 5.5, "ttft_runs": 11, "ttft_min_ms": 20.0,
