@@ -14,7 +14,7 @@ from vlmdeploy import (
     PytorchEngineConfig,
     TurbomindEngineConfig,
 )
-from vlmdeploy.frontend.prompt import ChatTemplate
+from vlmdeploy.frontend.chat_template import ChatTemplate
 
 PIECES = dict(system="<S>", meta_instruction="Be brief.", eosys="</S>\n", user="<U>", eoh="</U>\n",
               assistant="<A>", eoa="</A>", separator="\n")

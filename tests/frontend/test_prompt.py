@@ -7,13 +7,8 @@ import pytest
 from PIL import Image
 
 from vlmdeploy.errors import InvalidRequestError
-from vlmdeploy.frontend.prompt import (
-    THINKING_SYSTEM_PROMPT,
-    ChatTemplate,
-    build_conversation,
-    to_messages,
-    tokenize_with_images,
-)
+from vlmdeploy.frontend.chat_template import THINKING_SYSTEM_PROMPT, ChatTemplate
+from vlmdeploy.frontend.prompt import build_conversation, to_messages, tokenize_with_images
 from vlmdeploy.frontend.tokenizer import Tokenizer
 from vlmdeploy.vl.constants import IMAGE_TOKEN
 

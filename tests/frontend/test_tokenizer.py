@@ -11,8 +11,9 @@ import pytest
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as RawTokenizer
 
+from vlmdeploy.frontend.chat_template import ChatTemplate
 from vlmdeploy.frontend.output import IncrementalDetokenizer
-from vlmdeploy.frontend.prompt import ChatTemplate, tokenize_with_images
+from vlmdeploy.frontend.prompt import tokenize_with_images
 from vlmdeploy.frontend.tokenizer import Tokenizer
 from vlmdeploy.vl.constants import IMAGE_TOKEN
 

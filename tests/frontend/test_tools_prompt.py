@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from vlmdeploy.frontend.prompt import ChatTemplate, build_conversation
+from vlmdeploy.frontend.chat_template import ChatTemplate
+from vlmdeploy.frontend.prompt import build_conversation
 from vlmdeploy.frontend.tools import inline_tools, template_renders_tools
 
 # A Qwen3-style template that renders tools, tool calls and tool results itself (written for this

@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 import vlmdeploy
 from vlmdeploy.config import ModelConfig
-from vlmdeploy.frontend.prompt import ChatTemplate, build_conversation
+from vlmdeploy.frontend.chat_template import ChatTemplate
+from vlmdeploy.frontend.prompt import build_conversation
 from vlmdeploy.synthetic.questions import generate_questions
 from vlmdeploy.synthetic.reference import flatten_messages, hf_to_original, original_to_hf
 from vlmdeploy.testing.checkpoint import file_tensors

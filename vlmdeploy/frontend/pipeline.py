@@ -325,7 +325,7 @@ def _progress(total: int) -> Any:
     return tqdm(total=total, desc="Generating", unit="prompt")
 
 
-# What the chat template takes (vlmdeploy.frontend.prompt.ChatTemplate.render).
+# What the chat template takes (vlmdeploy.frontend.chat_template.ChatTemplate.render).
 TEMPLATE_KWARGS = ("enable_thinking", "tools")
 
 
