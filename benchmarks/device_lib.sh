@@ -1,5 +1,5 @@
-# Shell helpers shared by benchmarks/s1_device.sh and benchmarks/device_run.sh (source it from the
-# project root). Works on the GPU machine and, for dry runs, on a CPU-only machine.
+# Shell helpers shared by the benchmarks' device scripts (benchmarks/*_device.sh, device_run.sh;
+# source it from the project root). Works on the GPU machine and, for dry runs, on a CPU-only machine.
 
 : "${OUT:=/tmp/vlmdeploy_out}"
 : "${SITE:=/tmp/vlm-site}"  # where the web stack's wheels go (its own folder: other harnesses use /tmp/site)
@@ -20,6 +20,15 @@ device_line() {
   else
     echo "CPU; torch $torch_v"
   fi
+}
+
+# The model's name for a preset (8b -> InternVL3.5-8B, gpt-oss-20b -> InternVL3.5-gpt-oss-20b), as
+# the results CSV names shapes.
+shape_of() {
+  case $1 in
+    [0-9]*) echo "InternVL3.5-${1^^}" ;;
+    *) echo "InternVL3.5-$1" ;;
+  esac
 }
 
 gpu_mem_used_mib() { has_gpu && nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1; }

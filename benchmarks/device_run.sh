@@ -41,10 +41,7 @@ else
   CKPT=${CKPT:-/tmp/ivl$PRESET-hf}
   SKIP_S1=${SKIP_S1:-0}
 fi
-case $PRESET in
-  [0-9]*) SHAPE="InternVL3.5-${PRESET^^}" ;;
-  *) SHAPE="InternVL3.5-$PRESET" ;;
-esac
+SHAPE=$(shape_of "$PRESET")
 export DEVICE PRESET FMT DTYPE CKPT SHAPE
 N2=${N2:-256}
 N3=${N3:-256}

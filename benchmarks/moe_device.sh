@@ -26,10 +26,7 @@ WORKLOADS=${WORKLOADS:-w1,w2,w3}
 WITH_LMDEPLOY=${WITH_LMDEPLOY:-1}
 BUDGET=${BUDGET:-570}
 CKPT=${CKPT:-/tmp/ivl-$PRESET}
-case $PRESET in
-  [0-9]*) SHAPE="InternVL3.5-${PRESET^^}" ;;
-  *) SHAPE="InternVL3.5-$PRESET" ;;
-esac
+SHAPE=$(shape_of "$PRESET")
 [ "$DEVICE" = cpu ] && DTYPE=${DTYPE:-float32}
 export DEVICE PRESET DTYPE
 read -r -a ENGINE_EXTRA <<< "${ENGINE_ARGS:-}"

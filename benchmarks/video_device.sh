@@ -45,10 +45,7 @@ has_gpu && DEVICE=${DEVICE:-cuda} || DEVICE=${DEVICE:-cpu}
 PRESET=${PRESET:-8b}
 WITH_LMDEPLOY=${WITH_LMDEPLOY:-1}
 [ "$WITH_LMDEPLOY" = 1 ] && CKPT=${CKPT:-/tmp/ivl35-8b} || CKPT=${CKPT:-/tmp/ivl$PRESET-hf}
-case $PRESET in
-  [0-9]*) SHAPE="InternVL3.5-${PRESET^^}" ;;
-  *) SHAPE="InternVL3.5-$PRESET" ;;
-esac
+SHAPE=$(shape_of "$PRESET")
 export DEVICE PRESET
 BUDGET=${BUDGET:-560}
 read -r -a ARGS <<< "${VIDEO_ARGS:-}"
