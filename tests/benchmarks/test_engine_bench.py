@@ -152,6 +152,31 @@ def test_markdown_target_missed_and_skipped():
     assert "| metric | vlmdeploy | target | met | LMDeploy | transformers |" in table
 
 
+def test_markdown_targets_follow_the_shape_and_formats():
+    """The 8B targets apply to the 8B shape only; fp8+kv8 has its own; other shapes are held to
+    LMDeploy's numbers from the same call, and have none without them."""
+    lm = {"w1": {"ttft_ms": 90.0, "tpot_ms": 8.0}, "w2": {"req_per_s": 8.0},
+          "w3": {"output_tok_per_s": 10_000.0}}
+    w3 = {"output_tokens_per_s": 12_000.0}
+    big = fake_results(model_shape="InternVL3.5-14B", w3=w3)
+    table = report.markdown(big, lm)
+    assert "| W1 TPOT ms | 5.50 | ≤ 0.85× LMDeploy | yes | 8.00 |" in table
+    assert "| W2 requests/s | 11.50 | ≥ 1.3× LMDeploy | yes | 8.00 |" in table
+    assert "| W3 output tokens/s | 12,000 | ≥ 1.3× LMDeploy | no | 10,000 |" in table
+    assert "| W1 TTFT ms | 25.00 |  |  |" in table and "340,000" not in table
+    alone = report.markdown(big)
+    assert "| W2 requests/s | 11.50 |  |  |" in alone
+    assert "| chat2 TTFT turn 2 / turn 1 | 0.20 | < 0.3 | yes" in alone
+    quoted = report.markdown(big, lm, note="quoted")  # not the same call: no relative target
+    assert "| W2 requests/s | 11.50 |  |  |" in quoted
+    quant = fake_results(w3=w3, settings={**fake_results()["settings"], "model_format": "fp8",
+                                          "quant_policy": 8})
+    table = report.markdown(quant, lm)
+    assert "| W1 TPOT ms | 5.50 | ≤ 3.2 | no |" in table
+    assert "| W3 output tokens/s | 12,000 | ≥ 18,000 | no |" in table
+    assert "| W1 TTFT ms | 25.00 |  |  |" in table
+
+
 def test_lmdeploy_harness_results():
     """The anchor harness's results.json: medians, engine_config blocks, torch peak in MiB."""
     lm = {
