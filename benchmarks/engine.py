@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from benchmarks.baseline import transformers_w1
+from benchmarks.decode_floor import floor_report
 from benchmarks.engine_report import summary_line, write_outputs
 from benchmarks.results import current_commit, device_line
 from benchmarks.step_stats import GcPauses, timeline, token_gaps, ttft_parts
@@ -292,6 +293,18 @@ def stage(res: dict, name: str, fn: Callable[[], dict], deadline: float, save) -
         log(f"{name}: {r}")
 
 
+def decode_bandwidth() -> float | None:
+    """The copy bandwidth W1's decode step is judged against (benchmarks.decode_floor); None
+    without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    from benchmarks.gpu_timing import copy_bandwidth
+
+    bandwidth = copy_bandwidth()
+    torch.cuda.empty_cache()
+    return bandwidth
+
+
 def kv_cache_tokens(pipe) -> int:
     core = pipe.engine.core
     return core.num_blocks * core.cfg.block_size
@@ -396,6 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     log(f"device: {res['device']}; loading {model}")
     w1_req = None
+    bandwidth = decode_bandwidth() if "w1" in todo else None  # before the engine takes memory
     t = time.perf_counter()
     try:
         pipe = pipeline(model, backend_config=cfg)
@@ -437,6 +451,12 @@ def main(argv: list[str] | None = None) -> None:
             for name in WORKLOADS:
                 if name in todo:
                     stage(res, name, runs[name], deadline, save)
+                if name == "w1" and bandwidth and "tpot_ms" in res.get("w1", {}):
+                    try:
+                        res["w1"] |= floor_report(pipe.engine.core.runner.model.language_model,
+                                                  bandwidth, res["w1"]["tpot_ms"])
+                    except Exception:  # a report line, not worth the run
+                        traceback.print_exc()
         finally:
             if cuda:  # no GPU, no peak to report (the table and the CSV leave it out)
                 res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -43,7 +43,10 @@ TARGETS: dict[tuple[str, str], dict[str, tuple[str, float]]] = {
         "W3 output tokens/s": (">=", 18_000.0),
     },
 }
-ANY_SHAPE_TARGETS: dict[str, tuple[str, float]] = {"chat2 TTFT turn 2 / turn 1": ("<", 0.30)}
+ANY_SHAPE_TARGETS: dict[str, tuple[str, float]] = {
+    "chat2 TTFT turn 2 / turn 1": ("<", 0.30),
+    "W1 TPOT / weight-read floor": ("<=", 1.4),  # benchmarks.decode_floor
+}
 # (direction, factor × LMDeploy's value in the same call)
 RELATIVE_TARGETS: dict[str, tuple[str, float]] = {
     "W1 TPOT ms": ("<=", 0.85),
@@ -54,6 +57,7 @@ RELATIVE_TARGETS: dict[str, tuple[str, float]] = {
 HISTORY_NAMES: dict[str, tuple[str, str, str]] = {
     "W1 TTFT ms": ("W1", "ttft_ms", "ms"),
     "W1 TPOT ms": ("W1", "tpot_ms", "ms"),
+    "W1 TPOT / weight-read floor": ("W1", "tpot_over_floor", "ratio"),
     "W2 requests/s": ("W2", "requests_per_s", "req/s"),
     "W3 output tokens/s": ("W3", "output_tokens_per_s", "tok/s"),
     "chat2 TTFT turn 1 ms": ("chat2", "ttft_turn1_ms", "ms"),
@@ -121,6 +125,7 @@ def comparison(res: dict, lmdeploy: dict | None) -> list[tuple[str, object, obje
     return [
         ("W1 TTFT ms", ours("w1", "ttft_ms"), lm["W1 TTFT ms"], theirs("ttft_ms")),
         ("W1 TPOT ms", ours("w1", "tpot_ms"), lm["W1 TPOT ms"], theirs("tpot_ms")),
+        ("W1 TPOT / weight-read floor", ours("w1", "tpot_over_floor"), None, None),
         ("W2 requests/s", ours("w2", "requests_per_s"), lm["W2 requests/s"], None),
         ("W3 output tokens/s", ours("w3", "output_tokens_per_s"), lm["W3 output tokens/s"], None),
         ("chat2 TTFT turn 1 ms", ours("chat2", "ttft1_ms"), None, None),
@@ -243,6 +248,8 @@ def markdown(
             for name in ("w2", "w3") if _runs_note(res.get(name))]
     if _ttft_note(res.get("w1")):
         runs.append(f"W1 TTFT: {_ttft_note(res['w1'])} ms, each request with its own image")
+    if _floor_note(res.get("w1")):
+        runs.append(f"W1 TPOT floor: {_floor_note(res['w1'])}")
     if runs:
         lines += [""] + [f"- {r}" for r in runs]
     if note:
@@ -266,6 +273,14 @@ def _ttft_note(w1: object) -> str:
     if not isinstance(w1, dict) or "ttft_runs" not in w1:
         return ""
     return f"median of {w1['ttft_runs']}, {w1['ttft_min_ms']:.1f}–{w1['ttft_max_ms']:.1f}"
+
+
+def _floor_note(w1: object) -> str:
+    if not isinstance(w1, dict) or "tpot_floor_ms" not in w1:
+        return ""
+    return (f"{w1['decode_weight_gb']:.2f} GB of weights read per batch-1 decode step at "
+            f"{w1['copy_gb_s']:,.0f} GB/s (a copy's read + write, measured in this run) = "
+            f"{w1['tpot_floor_ms']:.2f} ms")
 
 
 def quant_suffix(settings: dict) -> str:

@@ -54,16 +54,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def measure_ceilings() -> tuple[float, float]:
-    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), on random data."""
-    src = torch.randn(1 << 29, device=DEV, dtype=DTYPE)  # 1 GiB
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes/s of DRAM traffic (read + write counted) in a device-to-device copy of ``nbytes``: the
+    faster of the copy engine path (copy_) and an SM streaming kernel (neg)."""
+    src = torch.randn(nbytes // 2, device=DEV, dtype=DTYPE)
     dst = torch.empty_like(src)
-    # the faster of the copy engine path (copy_) and an SM streaming kernel (neg): both move 2 GiB
     copy_ms = min(
         graph_ms([lambda: dst.copy_(src)], reps=20),
         graph_ms([lambda: torch.neg(src, out=dst)], reps=20),
     )
-    bw = 2 * src.numel() * 2 / (copy_ms * 1e-3)
+    return 2 * nbytes / (copy_ms * 1e-3)
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), on random data."""
+    bw = copy_bandwidth()
     a = torch.randn(8192, 8192, device=DEV, dtype=DTYPE)
     b = torch.randn(8192, 8192, device=DEV, dtype=DTYPE)
     rate = 2 * 8192**3 / (graph_ms([lambda: a @ b], reps=20) * 1e-3)

@@ -51,6 +51,7 @@ def fake_results(**extra) -> dict:
 
 def test_engine_benchmark_smoke(tiny_ckpts, tmp_path, monkeypatch):
     monkeypatch.setenv("BENCH_COMMIT", "feedbee")
+    monkeypatch.setattr(bench, "decode_bandwidth", lambda: 1e9)  # a GPU's copy bandwidth, say
     out, raw, csv = tmp_path / "bench.md", tmp_path / "bench.json", tmp_path / "results.csv"
     lmdeploy = tmp_path / "results.json"  # the reference harness's result format
     lmdeploy.write_text(
@@ -69,6 +70,9 @@ def test_engine_benchmark_smoke(tiny_ckpts, tmp_path, monkeypatch):
     res = json.loads(raw.read_text())
     assert res["commit"] == "feedbee" and res["model_shape"] == Path(tiny_ckpts["hf"]).name
     assert res["w1"]["output_tokens"] == 512 and res["w1"]["tpot_ms"] > 0
+    # W1's decode step against the time to read the tiny model's weights at that bandwidth
+    assert res["w1"]["tpot_over_floor"] == pytest.approx(
+        res["w1"]["tpot_ms"] / res["w1"]["tpot_floor_ms"], rel=1e-2)
     assert res["w2"]["requests"] == 2 and res["w3"]["output_tokens_per_s"] > 0
     assert res["transformers_w1"]["tpot_ms"] > 0
     # repeated runs each bring their own images: every run encodes all of its tiles (no cache hit)
@@ -92,6 +96,7 @@ def test_engine_benchmark_smoke(tiny_ckpts, tmp_path, monkeypatch):
     assert chat["turn2_input_tokens"] > chat["turn1_input_tokens"]
     table = out.read_text()
     assert "| W1 TPOT ms |" in table and "| 6.70 |" in table and "| 9,300 |" in table
+    assert "| W1 TPOT / weight-read floor |" in table and "W1 TPOT floor: " in table
     assert "| chat2 TTFT turn 2 / turn 1 |" in table and "LMDeploy (this call)" in table
     assert "commit feedbee" in table.splitlines()[0]
     # the run's rows, every one stamped alike; LMDeploy ran "in the same call" here

@@ -82,6 +82,7 @@ class GptOssExperts(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         e, h = cfg.num_experts, cfg.hidden_size
+        self.num_experts = e
         inter = Shard.even(cfg.intermediate_size)  # this rank's slice of every expert
         gate_up = Shard.even(2 * cfg.intermediate_size)  # = its gate/up column pairs
         self.gate_up_proj = nn.Parameter(torch.empty(e, h, gate_up.size))
