@@ -253,7 +253,8 @@ def test_quantised_runs_have_their_own_system_in_the_history(settings, system):
     assert ("quant_policy" in ours["note"]) == bool(settings["quant_policy"])
 
 @pytest.mark.parametrize(
-    "script", ["device_run.sh", "s1_device.sh", "device_lib.sh", "quant_device.sh"]
+    "script",
+    ["device_run.sh", "s1_device.sh", "device_lib.sh", "quant_device.sh", "mixed_device.sh"],
 )
 def test_device_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)], check=True)
