@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import mixed
+from tests.serve.serve_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,7 +97,7 @@ def test_device_script_dry_run(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PRESET": "tiny", "CKPT": str(tmp_path / "ckpt"),
            "SYSTEMS": "vlmdeploy", "STAGES": "w4,s2", "N4": "2", "S2_N": "2", "RATES": "inf",
-           "PORT": "23417", "PYTHONPATH": str(ROOT)}
+           "PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
     subprocess.run(["bash", "benchmarks/mixed_device.sh"], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=600)
     assert json.loads((out / "w4.json").read_text())["w4"]["requests"] == 2
