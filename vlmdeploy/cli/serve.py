@@ -49,7 +49,6 @@ ENGINE_HELP = {
     "cudagraph_capture_batch_sizes": "batch sizes captured as CUDA graphs (default: inferred)",
     "download_dir": "directory for downloaded checkpoints",
     "revision": "checkpoint revision",
-    "language_model_only": "load the language model only (text requests)",
     "quant_policy": "KV cache: 0 (the model's dtype), 8 or int8, 4 or int4 (a scale and zero point "
     "per token and head), 16 or fp8 (e4m3)",
     "model_format": "weights: hf (as stored; FP8 and AWQ checkpoints are found from config.json), "
@@ -85,10 +84,19 @@ def engine_flag_fields() -> list[str]:
     ]
 
 
+def engine_help() -> dict[str, str]:
+    """Each engine flag's help; LMDeploy's flags that vlmdeploy does not implement say so."""
+    unimplemented = getattr(PytorchEngineConfig, "_UNIMPLEMENTED", {})
+    refused = {name: "LMDeploy's flag, not implemented here: " + (
+        "refused if given" if default is False else f"any value but {default!r} is refused")
+        for name, default in unimplemented.items()}
+    return {**refused, **{k: v for k, v in ENGINE_HELP.items() if k not in unimplemented}}
+
+
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("PyTorch engine arguments")
     add_dataclass_flags(
-        group, PytorchEngineConfig, "engine.", engine_flag_fields(), ENGINE_RENAME, ENGINE_HELP
+        group, PytorchEngineConfig, "engine.", engine_flag_fields(), ENGINE_RENAME, engine_help()
     )
     for name, kind in ENGINE_TYPES.items():
         parser._option_string_actions[flag_name(name, ENGINE_RENAME)].type = kind
