@@ -38,6 +38,13 @@ def _run(path: str, eager: bool, prompts, gen):
     return out, step_ms
 
 
+# Where fast and reference paths may pick different tokens: where the reference's own top-2
+# logprob margin is one bf16 step of its logits or less. Logits are bf16, so margins move in such
+# steps: 2**-4 for a logit in [8, 16), which random-weight heads reach (GPT-OSS's 201,088-token
+# head did: 0.03125 and 0.0625 on 2026-12-08), plus the fp32 rounding of the logprobs.
+BF16_TIE = 2.0**-4 + 1e-5
+
+
 def divergences(fast, ref) -> list[tuple[int, float]]:
     """Per prompt, (the first token where ``fast`` leaves ``ref``, the reference's own top-2
     logprob margin there); (length, 0.0) where they agree throughout. Each side: (tokens,
@@ -65,5 +72,5 @@ def test_triton_and_graphs_match_reference_path(ckpt_1b):
         f"incl. host overhead: fast {fast_ms:.2f} ms, reference eager {ref_ms:.2f} ms"
     )
     # a divergence is acceptable only where the reference itself is within bf16 rounding
-    assert all(i == 24 or margin < 0.05 for i, margin in report), report
+    assert all(i == 24 or margin <= BF16_TIE for i, margin in report), report
     os.environ.pop("VLMDEPLOY_KERNELS")

@@ -250,7 +250,7 @@ def test_triton_and_graphs_match_reference_path_gpu(tmp_path, monkeypatch):
     with CUDA-graph decode and prefill give the reference path's greedy tokens, but where the
     reference's own top-2 margin is within bf16 rounding. The image prompt outgrows the window
     of 128."""
-    from tests.models.test_fast_path_gpu import _image, _run, divergences
+    from tests.models.test_fast_path_gpu import BF16_TIE, _image, _run, divergences
 
     monkeypatch.setenv("VLMDEPLOY_KERNELS", "triton")  # (_run sets it; restored after)
 
@@ -263,4 +263,4 @@ def test_triton_and_graphs_match_reference_path_gpu(tmp_path, monkeypatch):
     ref, ref_ms = _run(path, True, prompts, gen)
     report = divergences(fast, ref)
     print(f"\n{report}; batch-1 step: fast {fast_ms:.2f} ms, reference eager {ref_ms:.2f} ms")
-    assert all(i == 24 or margin < 0.05 for i, margin in report), report
+    assert all(i == 24 or margin <= BF16_TIE for i, margin in report), report

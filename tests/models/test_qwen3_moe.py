@@ -164,7 +164,7 @@ def test_triton_and_graphs_match_reference_path_gpu(tmp_path):
     """Two layers of the 30B-A3B shape (128 experts top-8, bf16): Triton kernels + CUDA-graph
     decode give the reference path's greedy tokens, but where the reference's own top-2 margin
     is within bf16 rounding."""
-    from tests.models.test_fast_path_gpu import _image, _run, divergences
+    from tests.models.test_fast_path_gpu import BF16_TIE, _image, _run, divergences
 
     path = str(make_checkpoint(tmp_path / "moe", "30b-a3b", "hf", seed=0, dtype=torch.bfloat16,
                                device="cuda", text_overrides={"num_hidden_layers": 2}))
@@ -174,4 +174,4 @@ def test_triton_and_graphs_match_reference_path_gpu(tmp_path):
     ref, ref_ms = _run(path, True, prompts, gen)
     report = divergences(fast, ref)
     print(f"\n{report}; batch-1 step: fast {fast_ms:.2f} ms, reference eager {ref_ms:.2f} ms")
-    assert all(i == 24 or margin < 0.05 for i, margin in report), report
+    assert all(i == 24 or margin <= BF16_TIE for i, margin in report), report
