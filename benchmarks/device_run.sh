@@ -5,7 +5,7 @@
 # both vlmdeploy and transformers load). Run it from the project root.
 #
 #   device call, carry [".whl"]:  BENCH_COMMIT=<short hash> bash benchmarks/device_run.sh
-#   CPU dry run:  OUT=/tmp/dry PRESET=tiny N2=4 N3=4 S1_ARGS="--num-requests 8 --concurrency 4" \
+#   CPU dry run:  OUT=/tmp/dry PRESET=tiny N2=4 N3=4 ENGINE_ARGS="--n4 4" S1_ARGS="--num-requests 8 --concurrency 4" \
 #                 bash benchmarks/device_run.sh
 #
 # Results in $OUT: results.csv (the call's rows for docs/results.csv: python -m benchmarks.results
