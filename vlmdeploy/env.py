@@ -15,6 +15,9 @@ variable                      default  meaning
 ``VLMDEPLOY_STEP_TIMEOUT_S``  120      a step running longer counts as a hang: every request
                                        ends with an error and the engine reports itself dead
                                        (0 turns the watchdog off)
+``VLMDEPLOY_MASK_THREADS``    0        threads that fill a step's structured-output masks:
+                                       ``0`` fills them one row after another on the engine
+                                       thread, ``N`` on llguidance's pool of N threads
 ``TRITON_INTERPRET``          unset    ``1`` runs Triton kernels in Triton's CPU interpreter
                                        (tests); read by Triton itself, and here to keep PDL off
 ============================  =======  =========================================================
@@ -46,6 +49,15 @@ def fp8_gemm_backend() -> str:
 def step_timeout_s() -> float:
     """Seconds an engine step may run before the watchdog declares the engine hung."""
     return float(os.environ.get("VLMDEPLOY_STEP_TIMEOUT_S", "120"))
+
+
+def mask_threads() -> int:
+    """Threads of llguidance's pool for a step's guided masks (``VLMDEPLOY_MASK_THREADS``; 0:
+    none, the rows are filled one after another on the calling thread)."""
+    value = os.environ.get("VLMDEPLOY_MASK_THREADS", "0")
+    if not value.isdigit():
+        raise ValueError(f"VLMDEPLOY_MASK_THREADS={value!r}: expected a thread count, 0 or more")
+    return int(value)
 
 
 def triton_interpreted() -> bool:

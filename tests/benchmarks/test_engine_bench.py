@@ -182,6 +182,23 @@ def test_markdown_targets_follow_the_shape_and_formats():
     assert "| W1 TTFT ms | 25.00 |  |  |" in table
 
 
+def test_w3s_is_held_to_within_5_percent_of_w3_and_recorded():
+    """Constrained requests mixed into W3 may cost the batch at most 5% of W3's throughput; the
+    ratio is a row of the table and of the history, and missing where W3s did not run."""
+    res = fake_results(w3={"output_tokens_per_s": 12_000.0},
+                       w3s={"output_tokens_per_s": 11_500.0})
+    table = report.markdown(res)
+    assert "| W3s output tokens/s | 11,500 |  |  |" in table
+    assert "| W3s / W3 output tokens/s | 0.96 | ≥ 0.95 | yes |" in table
+    slow = fake_results(w3={"output_tokens_per_s": 12_000.0},
+                        w3s={"output_tokens_per_s": 9_000.0})
+    assert "| W3s / W3 output tokens/s | 0.75 | ≥ 0.95 | no |" in report.markdown(slow)
+    rows = {(r["workload"], r["metric"]): r["value"] for r in report.history_rows(res)}
+    assert rows[("W3s", "over_w3")] == "0.9583"
+    assert ("W3s", "over_w3") not in {
+        (r["workload"], r["metric"]) for r in report.history_rows(fake_results())}
+
+
 def test_lmdeploy_harness_results():
     """The anchor harness's results.json: medians, engine_config blocks, torch peak in MiB."""
     lm = {

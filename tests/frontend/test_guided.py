@@ -37,6 +37,13 @@ def pipe():
         yield p
 
 
+@pytest.fixture
+def mask_budget_off(monkeypatch):
+    """Lets a grammar whose masks cost more than the budget past admission, so that it can fail
+    while it runs (a{1000000}'s lexer gives up after its first token)."""
+    monkeypatch.setattr("vlmdeploy.frontend.guided.MASK_BUDGET_S", float("inf"))
+
+
 def test_json_schema_answers_always_parse_and_validate(pipe):
     gens = [GenerationConfig(max_new_tokens=96, response_format=JSON_SCHEMA)]
     gens += [GenerationConfig(max_new_tokens=96, response_format=JSON_SCHEMA, do_sample=True,
@@ -109,11 +116,13 @@ class _Allow:
     def __init__(self, tokens):
         self.tokens = tokens
 
-    def fill(self, bitmask, row):
-        for t in self.tokens:
-            word = int(bitmask[row, t // 32])
-            bit = (1 << (t % 32)) if t % 32 < 31 else -(1 << 31)
-            bitmask[row, t // 32] = word | bit
+    @staticmethod
+    def fill_rows(guides, bitmask, rows):
+        for guide, row in zip(guides, rows):
+            for t in guide.tokens:
+                word = int(bitmask[row, t // 32])
+                bit = (1 << (t % 32)) if t % 32 < 31 else -(1 << 31)
+                bitmask[row, t // 32] = word | bit
 
 
 @pytest.mark.parametrize("allowed", [[31], [63, 5], [0], [94]])
@@ -161,3 +170,115 @@ def test_a_forced_tool_call_is_always_a_valid_call_of_a_declared_tool(pipe, choi
         name = call["function"]["name"]
         assert name == choice or (choice == "required" and name in schemas)
         jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[name])
+
+
+# ---- grammars that compile but cannot be followed ---------------------------------------------
+
+
+def _regex(pattern: str) -> dict:
+    return {"type": "regex_schema", "regex_schema": pattern}
+
+
+def test_a_failed_grammar_is_never_taken_for_a_finished_one(pipe, mask_budget_off):
+    """llguidance gives up on ``x{1000000}`` after its first ``x`` (a lexer limit). The guide
+    then refuses every token, so the engine fails the request, and keeps the reason; before, an
+    errored matcher counted as stopped and the request ended with finish_reason 'stop'."""
+    guided = pipe.preparer.guided
+    guide = guided.guide(_regex("x{1000000}"), frozenset({0}))
+    fork = guide.for_request().fork()
+    token = pipe.tokenizer.hf.encode("x", add_special_tokens=False)[0]
+    bitmask = torch.zeros(1, (guided.vocab_size + 31) // 32, dtype=torch.int32)
+    fork.fill(bitmask, 0)
+    assert not fork.advance(token) and fork.advance(0) is False  # not even a stop token
+    assert "too many expressions" in fork.failure
+    assert guide.failure is None  # the record is the engine request's, not the prompt's
+    fork.fill(bitmask, 0)
+    assert bool((bitmask == -1).all())  # any token: advance() then fails the request
+
+
+def test_a_grammar_that_fails_is_an_error_never_a_stop(pipe, mask_budget_off):
+    """The first failure also breaks the compiled grammar for its later copies (llguidance
+    shares their lexer): later requests compile it afresh and fail the same way, in the engine;
+    before, they ended at once with empty text and finish_reason 'stop'."""
+    gen = GenerationConfig(max_new_tokens=8, response_format=_regex("y{1000000}"))
+    for _ in range(3):
+        out = pipe("hi", gen_config=gen)  # fails in the engine, after its first token
+        assert out.finish_reason == "error", out
+
+
+@pytest.mark.parametrize("schema", [{"$ref": "#"},
+                                    {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}])
+def test_a_format_no_text_can_satisfy_is_refused_before_it_runs(pipe, schema):
+    fmt = {"type": "json_schema", "json_schema": {"name": "loop", "schema": schema}}
+    with pytest.raises(InvalidRequestError) as info:  # was: text "" with finish_reason 'stop'
+        pipe("hi", gen_config=GenerationConfig(max_new_tokens=8, response_format=fmt))
+    assert (info.value.code, info.value.param) == ("response_format_failed", "response_format")
+
+
+@pytest.mark.parametrize("threads", ["0", "2"], ids=["calling-thread", "pool"])
+def test_a_batch_of_masks_equals_each_mask_alone(pipe, mask_budget_off, monkeypatch, threads):
+    """A step's guided rows are filled in one call (on the calling thread, or on llguidance's
+    thread pool with VLMDEPLOY_MASK_THREADS): each row, in any row order, is what its grammar alone
+    allows (llguidance's own single-matcher mask), with the
+    stop tokens added once the grammar accepts, only those once it has stopped, and every token
+    once it has failed."""
+    import numpy as np
+
+    from vlmdeploy.frontend.guided import Guide
+
+    monkeypatch.setenv("VLMDEPLOY_MASK_THREADS", threads)
+    guided, hf = pipe.preparer.guided, pipe.tokenizer.hf
+    stop = 7
+
+    def state(fmt, text):
+        guide = guided.guide(fmt, frozenset({stop})).for_request().fork()
+        for token in hf.encode(text, add_special_tokens=False) if text else []:
+            guide.advance(token)
+        return guide
+
+    guides = [
+        state(JSON_SCHEMA, ""),
+        state(JSON_SCHEMA, '{"shape":"ci'),
+        state(_regex("[0-9]{1,4}"), "12"),  # accepting, not stopped
+        state({"type": "choice", "choice": ["yes", "no"]}, "yes"),  # stopped
+        state(_regex("q{1000000}"), "q"),  # failed (its own lexer: x{...} fails above)
+        state({"type": "json_object"}, '{"a": [1, 2'),
+    ]
+    assert guides[2].matcher.is_accepting() and not guides[2].matcher.is_stopped()
+    assert guides[3].matcher.is_stopped() and guides[4].matcher.is_error()
+    words = (guided.vocab_size + 31) // 32
+    expected = np.zeros((len(guides), words), dtype=np.int32)
+    for i, guide in enumerate(guides):
+        m = guide.matcher
+        if m.is_error():
+            expected[i] = -1
+            continue
+        if not m.is_stopped():
+            expected[i] = np.frombuffer(m.compute_bitmask(), dtype=np.int32)[:words]
+        if m.is_stopped() or m.is_accepting():
+            expected[i, stop // 32] |= 1 << (stop % 32)
+    rows = [5, 3, 0, 6, 1, 2]  # any order, one row (4) left alone
+    bitmask = torch.zeros(len(guides) + 1, words, dtype=torch.int32)
+    Guide.fill_rows(guides, bitmask, rows)
+    for row, want in zip(rows, expected):
+        assert np.array_equal(bitmask[row].numpy(), want), row
+    assert not bitmask[4].any()
+    assert int(expected[0].astype(np.uint32).view(np.uint8).sum()) > 0  # a real mask was compared
+
+
+def test_a_format_too_costly_to_follow_is_refused_before_it_runs(pipe):
+    """A literal pattern of 50,000 characters costs about 20 ms a token's mask, and every step of
+    the batch would wait for it: refused with a 400-class error. Large but cheap formats pass."""
+    from vlmdeploy.frontend.guided import MASK_BUDGET_S
+
+    costly = GenerationConfig(max_new_tokens=4, response_format=_regex("e" * 50_000))
+    with pytest.raises(InvalidRequestError) as info:
+        pipe("hi", gen_config=costly)
+    assert (info.value.code, info.value.param) == ("response_format_failed", "response_format")
+    assert "too costly" in str(info.value) and f"{MASK_BUDGET_S * 1e3:g} ms" in str(info.value)
+    labels = [f"label{i:05d}" for i in range(10_000)]  # 100 KB of choices, cheap to follow
+    wide = {"type": "object", "properties": {f"f{i}": {"type": "string"} for i in range(300)}}
+    for fmt in ({"type": "choice", "choice": labels}, _regex("e" * 500),
+                {"type": "json_schema", "json_schema": {"name": "wide", "schema": wide}}):
+        out = pipe("hi", gen_config=GenerationConfig(max_new_tokens=4, response_format=fmt))
+        assert out.finish_reason in ("length", "stop"), fmt

@@ -199,6 +199,18 @@ def test_p16_structured_output_that_cannot_be_honoured_is_a_400(client, fake, bo
     assert fake.prepared == []
 
 
+@pytest.mark.parametrize("text", [
+    '{"a":' * 5000 + "1" + "}" * 5000,  # deeper than Python's parser goes: was a 500
+    '{"type": "number", "maximum": NaN}',  # not JSON, as in a request body
+    '{"type": "number", "maximum": Infinity}',
+    "[1]",
+], ids=["deep", "nan", "infinity", "not-an-object"])
+def test_p16_guided_json_text_is_parsed_strictly(client, fake, text):
+    assert_error(client.post(URL, json=chat(guided_json=text)), 400, None, "guided_json")
+    assert fake.prepared == []
+    assert client.get("/health").status_code == 200
+
+
 def test_p16_text_response_format_is_fine(client):
     assert client.post(URL, json=chat(response_format={"type": "text"})).status_code == 200
 

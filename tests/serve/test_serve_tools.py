@@ -218,3 +218,31 @@ def test_tool_call_responses_match_the_published_schema():
     schema = {"$ref": "#/components/schemas/ChatCompletion", "components": doc["components"]}
     body = client.post(URL, json=ask()).json()
     jsonschema.validate(body, schema, cls=jsonschema.Draft202012Validator)
+
+
+DEEP = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize("arguments", [
+    DEEP,  # nesting deeper than Python's JSON parser goes: was a RecursionError, a 500
+    '{"a": ' + DEEP + "}",
+    '{"a": NaN}',  # not JSON: a client's parser would refuse the arguments
+    '"{\\"a\\": Infinity}"',
+], ids=["deep", "deep-value", "nan", "infinity-in-text"])
+def test_calls_the_parser_cannot_read_are_the_models_text(arguments):
+    """Adversarial model output (a prompt can ask for it) is never a failed response: a block
+    whose JSON does not parse strictly is content, as written."""
+    block = ('{"name": "get_time", "arguments": ', arguments, "}")
+    reply = ("<tool_call>", "\n", *block, "\n", "</tool_call>")
+    _, client = tools_client(reply)
+    response = client.post(URL, json=ask())
+    assert response.status_code == 200, response.text
+    (choice,) = response.json()["choices"]
+    assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"]
+    assert choice["message"]["content"] == "".join(reply)
+    stream = client.post(URL, json=ask(stream=True))
+    frames = [f[6:] for f in stream.text.split("\n\n") if f.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    chunks = [json.loads(f) for f in frames[:-1]]
+    assert not any("error" in c for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "".join(reply)

@@ -63,7 +63,13 @@ def test_text_without_calls_is_unchanged():
     '<tool_call>\n["not", "an", "object"]\n</tool_call>',
     '<tool_call>\n{"arguments": {}}\n</tool_call>',  # no name
     '<tool_call>\n{"name": "f", "arguments": 3}\n</tool_call>',
-])
+    # not strict JSON: a client's parser would refuse the arguments
+    '<tool_call>\n{"name": "f", "arguments": {"a": NaN}}\n</tool_call>',
+    '<tool_call>\n{"name": "f", "arguments": "{\\"a\\": -Infinity}"}\n</tool_call>',
+    # deeper than Python's JSON parser goes (a RecursionError before)
+    '<tool_call>\n{"name": "f", "arguments": {"a": ' + "[" * 5000 + "]" * 5000 + "}}\n</tool_call>",
+    '<tool_call>\n' + '{"a": ' * 5000 + "1" + "}" * 5000 + "\n</tool_call>",
+], ids=lambda bad: bad[:60] if len(bad) < 200 else "too-deep")
 def test_a_block_that_is_not_a_call_stays_content(bad):
     text = "Before " + bad
     assert run(ChoiceParser(None, JsonToolParser()), text, []) == ("", text.rstrip(), [])
@@ -125,6 +131,12 @@ def test_harmony_final_answer_and_missing_stop_token():
     for cuts in splits(text):
         assert run(ChoiceParser(None, HarmonyToolParser()), text, cuts) == (
             "Easy.", "It is 4.", [])
+
+
+@pytest.mark.parametrize("body", ["[" * 5000 + "]" * 5000, '{"a": NaN}'], ids=["deep", "nan"])
+def test_harmony_arguments_that_are_not_strict_json_are_content(body):
+    text = f"<|channel|>commentary to=functions.f <|constrain|>json<|message|>{body}<|call|>"
+    assert run(ChoiceParser(None, HarmonyToolParser()), text, []) == ("", body, [])
 
 
 def test_harmony_without_markers_is_content():

@@ -35,7 +35,8 @@ class SamplingParams:
     logprobs: int | None = None
     generator: torch.Generator | None = field(default=None, repr=False)
     # Structured output: the request's grammar state (vlmdeploy.frontend.guided.Guide), which
-    # fills the mask of allowed tokens and advances with each token read.
+    # fills the mask of allowed tokens (its class's ``fill_rows`` fills a batch's rows together)
+    # and advances with each token read.
     guide: Any = field(default=None, repr=False)
 
     @property
@@ -102,15 +103,16 @@ def _mask_tokens(logits: torch.Tensor, p: SamplingParams, num_output: int) -> No
 
 def _apply_guides(logits: torch.Tensor, params: list[SamplingParams]) -> None:
     """Tokens a row's grammar does not allow next get -inf: the masks of all guided rows are
-    filled on the host as one int32 bitmask and applied in one pass on the device."""
+    filled on the host as one int32 bitmask (by the guides' ``fill_rows``, in one call) and
+    applied in one pass on the device."""
     rows = [i for i, p in enumerate(params) if p.guide is not None]
     if not rows:
         return
     vocab = logits.shape[-1]
     words = (vocab + 31) // 32
     bitmask = torch.zeros(len(rows), words, dtype=torch.int32)
-    for r, i in enumerate(rows):
-        params[i].guide.fill(bitmask, r)
+    guides = [params[i].guide for i in rows]
+    type(guides[0]).fill_rows(guides, bitmask, list(range(len(rows))))  # all rows at once
     dev = logits.device
     shifts = torch.arange(32, device=dev, dtype=torch.int32)
     bits = h2d(bitmask, torch.int32, dev)[:, :, None] >> shifts

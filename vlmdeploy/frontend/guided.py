@@ -18,7 +18,8 @@ OpenAI's ``response_format`` and vLLM's / LMDeploy's ``guided_*`` fields):
 llguidance was chosen over xgrammar: on the embedded model's tokenizer (2-core CPU development
 machine, 2026-12-07) it built masks in about half xgrammar's time per token (52 µs against 102 µs
 for a small JSON schema) and compiled faster, and it is one self-contained wheel where xgrammar
-brings its own runtime, Triton and transformers pins. Not yet measured on a full-size vocabulary.
+brings its own runtime, Triton and transformers pins. On InternVL3.5's 151,936-token vocabulary a
+mask of W3s's three-field JSON schema takes about 0.15 ms on one core (``benchmarks.guided_masks``).
 Compiled grammars are cached by their text; each request gets a copy of the matcher.
 """
 
@@ -27,11 +28,13 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
 import torch
 
+from vlmdeploy import env
 from vlmdeploy.errors import InvalidRequestError
 
 # Compiled grammars kept (each a matcher template, copied per request).
@@ -40,6 +43,13 @@ CACHE_SIZE = 256
 # what clients parse is the same, and a model cannot spend its tokens on blanks.
 _JSON_DEFAULTS = {"whitespace_flexible": False}
 _FORMATS = ("text", "json_object", "json_schema", "regex_schema", "choice", "lark")
+# The error code of a format whose grammar fails while it runs (a resource limit of llguidance),
+# or costs too much to follow.
+FORMAT_FAILED = "response_format_failed"
+# The most one token's mask may cost on one core. A mask's cost grows with some grammars' size
+# (a literal regex of 50,000 characters: about 20 ms a token, whatever the vocabulary), and a
+# step waits for its slowest guided row; JSON schemas of hundreds of fields take under 2 ms.
+MASK_BUDGET_S = 0.005
 
 
 def grammar_of(fmt: dict[str, Any] | None) -> str | None:
@@ -102,37 +112,102 @@ def grammar_of(fmt: dict[str, Any] | None) -> str | None:
 
 class Guide:
     """One request's grammar state. The sampler calls :meth:`fill` for the mask of the next
-    token and the engine :meth:`advance` with each token once it is known."""
+    token and the engine :meth:`advance` with each token once it is known.
 
-    def __init__(self, matcher: Any, stop_ids: frozenset[int]):
+    A grammar can fail while it runs (llguidance's lexer and parser limits: a regex such as
+    ``a{1000000}`` compiles, then gives up after its first token). A failed grammar is never
+    taken for a finished one: :meth:`fill` then allows any token and :meth:`advance` refuses it,
+    so the engine fails the request instead of ending it as if its output were complete, and the
+    reason is kept in :attr:`failure`, shared with the guide's forks (the engine advances a fork of
+    the guide it was given: :meth:`for_request` gives each engine request a record of its own)."""
+
+    def __init__(self, matcher: Any, stop_ids: frozenset[int], failures: list[str] | None = None):
         self.matcher = matcher
         self.stop_ids = stop_ids
+        self._failures = [] if failures is None else failures
+
+    @property
+    def failure(self) -> str | None:
+        """Why the grammar failed (a fork's failure included), or None."""
+        return self._failures[0] if self._failures else None
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Row ``row`` of the int32 bitmask (rows, ceil(V / 32)): bit t set = token t allowed.
         Once the grammar is complete, the request's stop tokens are allowed too (the
         tokenizer's end-of-text need not be the chat template's end of turn)."""
+        Guide.fill_rows([self], bitmask, [row])
+
+    @staticmethod
+    def fill_rows(guides: list[Guide], bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Row ``rows[i]`` of the int32 bitmask (contiguous, on the host) for ``guides[i]``, as
+        :meth:`fill` fills one: a step's guided rows in one call. One row after another on the
+        calling thread, or on llguidance's thread pool with ``VLMDEPLOY_MASK_THREADS`` (on the
+        2-core development machine the pool was no faster: ``benchmarks/guided_masks.py``)."""
         import llguidance.torch
 
+        live = [(g.matcher, r) for g, r in zip(guides, rows, strict=True)
+                if not g.matcher.is_stopped()]
+        threads = env.mask_threads()
+        if threads and live:
+            llguidance.torch.fill_next_token_bitmask_par(_executor(threads), live, bitmask)
+        else:
+            for matcher, r in live:
+                llguidance.torch.fill_next_token_bitmask(matcher, bitmask, r)
+        for g, r in zip(guides, rows):
+            g._finish_row(bitmask, r)
+
+    def _finish_row(self, bitmask: torch.Tensor, row: int) -> None:
+        """After llguidance has filled the row (or skipped a stopped grammar's): a failed
+        grammar allows any token, a finished one only the stop tokens, an accepting one its
+        stop tokens beside its own."""
+        if self.matcher.is_error():  # failed, not finished: advance() fails the request
+            bitmask[row].fill_(-1)
+            return
         if self.matcher.is_stopped():
             bitmask[row].zero_()
-        else:
-            llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, row)
         if self.matcher.is_stopped() or self.matcher.is_accepting():
             for t in self.stop_ids:
                 if t < bitmask.shape[1] * 32:
                     bitmask[row, t // 32] |= _bit(t % 32)
 
+    def for_request(self) -> Guide:
+        """This guide with a failure record of its own, for one engine request. The matcher is
+        not copied: the engine forks the guide it is given before advancing it."""
+        return Guide(self.matcher, self.stop_ids)
+
     def fork(self) -> Guide:
         """A guide of its own for another request with the same grammar and state (the engine
-        forks at admission, so requests that share a prepared prompt never share a state)."""
-        return Guide(self.matcher.deep_copy(), self.stop_ids)
+        forks at admission, so requests that share a prepared prompt never share a state). The
+        fork reports its failure to this guide's record."""
+        return Guide(self.matcher.deep_copy(), self.stop_ids, self._failures)
 
     def advance(self, token: int) -> bool:
-        """Take the token chosen; False when the grammar refuses it (every token was masked)."""
-        if token in self.stop_ids or self.matcher.is_stopped():
-            return True
-        return bool(self.matcher.consume_token(token))
+        """Take the token chosen; False when the grammar refuses it or has failed."""
+        if not self.matcher.is_error():
+            if token in self.stop_ids or self.matcher.is_stopped():
+                return True
+            if self.matcher.consume_token(token):
+                return True
+        if not self._failures:
+            self._failures.append(error_reason(self.matcher) or "the output left the grammar")
+        return False
+
+
+_EXECUTORS: dict[int, Any] = {}
+
+
+def _executor(threads: int) -> Any:
+    """llguidance's thread pool of ``threads`` threads, one per process."""
+    if threads not in _EXECUTORS:
+        import llguidance
+
+        _EXECUTORS[threads] = llguidance.LLExecutor(threads)
+    return _EXECUTORS[threads]
+
+
+def error_reason(matcher: Any) -> str:
+    """The first line of a matcher's error: what went wrong, without llguidance's state dump."""
+    return (matcher.get_error() or "").strip().split("\n", 1)[0]
 
 
 def _bit(i: int) -> int:
@@ -150,10 +225,45 @@ class GuidedDecoding:
         self._cache: OrderedDict[str, Any] = OrderedDict()
 
     def guide(self, fmt: dict[str, Any] | None, stop_ids: frozenset[int]) -> Guide | None:
+        """A request's guide, its first mask computed here (the caller's thread, not the
+        engine's), so a grammar that fails at once is refused before the request starts.
+        llguidance shares a grammar's lexer between its copies: one that failed on an earlier
+        request's path fails every later copy, so it is compiled afresh once before refusing."""
         grammar = grammar_of(fmt)
         if grammar is None:
             return None
-        return Guide(self._matcher(grammar), stop_ids)
+        for _ in range(2):
+            matcher = self._matcher(grammar)
+            matcher.compute_bitmask()
+            if not matcher.is_error():
+                self._check_mask_cost(matcher)
+                return Guide(matcher, stop_ids)
+            with self._lock:
+                self._cache.pop(grammar, None)
+        raise InvalidRequestError(
+            f"response_format cannot be followed: {error_reason(matcher)}; simplify it",
+            code=FORMAT_FAILED,
+            param="response_format",
+        )
+
+    @staticmethod
+    def _check_mask_cost(matcher: Any) -> None:
+        """Refuse a grammar whose masks cost more than :data:`MASK_BUDGET_S` each: every step of
+        the batch waits for its guided rows' masks, so one such request would slow every other.
+        Timed after the first mask (which also builds lexer states once), the better of two."""
+        cost = MASK_BUDGET_S
+        for _ in range(2):
+            start = time.perf_counter()
+            matcher.compute_bitmask()
+            cost = min(cost, time.perf_counter() - start)
+            if cost < MASK_BUDGET_S:
+                return
+        raise InvalidRequestError(
+            f"response_format is too costly to follow: each token's mask takes over "
+            f"{MASK_BUDGET_S * 1e3:g} ms (a very long literal pattern, say); simplify it",
+            code=FORMAT_FAILED,
+            param="response_format",
+        )
 
     def _matcher(self, grammar: str) -> Any:
         import llguidance
@@ -167,7 +277,11 @@ class GuidedDecoding:
                 )
             template = self._cache.get(grammar)
             if template is None:
-                template = llguidance.LLMatcher(self._tokenizer, grammar)
+                # errors without llguidance's state dump; no warnings on stderr
+                limits = llguidance.LLParserLimits(verbose_errors=False)
+                template = llguidance.LLMatcher(
+                    self._tokenizer, grammar, log_level=0, limits=limits
+                )
                 if template.is_error():
                     raise InvalidRequestError(
                         f"invalid response_format: {template.get_error()}", param="response_format"

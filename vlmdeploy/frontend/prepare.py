@@ -122,7 +122,7 @@ class Preparer:
         check_encodable(gen.bad_words, "bad_words")
         policy = media_policy or MediaPolicy()
         text, refs = self.prompts.render(prompt, chat_template_kwargs, do_preprocess, policy.video)
-        segments = self.prompts.encode_text(text, len(refs))
+        segments = self.prompts.encode_text(text, len(refs), param)
         text_tokens = sum(map(len, segments)) + 2 * len(refs)  # + each image's <img>, </img>
         if text_tokens >= self.session_len:
             raise ContextLengthExceeded(

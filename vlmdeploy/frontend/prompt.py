@@ -290,17 +290,22 @@ def tokenize_with_images(
 
 
 def encode_segments(
-    prompt: str, num_images: int, encode: Callable[[str], list[int]], ids: dict[str, int]
+    prompt: str,
+    num_images: int,
+    encode: Callable[[str], list[int]],
+    ids: dict[str, int],
+    param: str = "messages",
 ) -> list[list[int]]:
     """The token ids of the text between ``prompt``'s ``IMAGE_TOKEN`` markers (one more segment
-    than images): the text's tokens, known before any image is loaded."""
+    than images): the text's tokens, known before any image is loaded. ``param`` names the
+    request field the text came from in errors (``prompt`` for a raw prompt)."""
     segments = prompt.split(IMAGE_TOKEN)
     if len(segments) - 1 != num_images:  # e.g. a chat template that drops a message
         raise InvalidRequestError(
             f"the rendered prompt has {len(segments) - 1} {IMAGE_TOKEN} placeholders but "
             f"{num_images} images",
             code="image_count_mismatch",
-            param="messages",
+            param=param,
         )
     out: list[list[int]] = []
     for seg in segments:
@@ -312,7 +317,7 @@ def encode_segments(
                 "the prompt text contains the reserved image token <IMG_CONTEXT>; place "
                 f"images with image parts or {IMAGE_TOKEN}",
                 code="invalid_prompt",
-                param="messages",
+                param=param,
             )
         out.append(enc)
     return out
@@ -398,9 +403,9 @@ class PromptEncoder:
         """Ids of rendered ``text``, each marker expanded into an image block of its size."""
         return tokenize_with_images(text, image_tokens, self.encode, self.image_ids)
 
-    def encode_text(self, text: str, num_images: int) -> list[list[int]]:
+    def encode_text(self, text: str, num_images: int, param: str = "messages") -> list[list[int]]:
         """The ids of the text around rendered ``text``'s image markers (see ``join``)."""
-        return encode_segments(text, num_images, self.encode, self.image_ids)
+        return encode_segments(text, num_images, self.encode, self.image_ids, param)
 
     def join(self, segments: list[list[int]], image_tokens: list[int]) -> list[int]:
         """``encode_text``'s segments with each image's block of its size between them."""

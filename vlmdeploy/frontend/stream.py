@@ -17,6 +17,7 @@ KV blocks go back to the pool at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import queue
 import threading
@@ -26,6 +27,8 @@ from typing import Any
 
 from vlmdeploy.engine.engine_loop import Callback, EngineLoop, Subscription
 from vlmdeploy.engine.io import EngineRequest, StepOutput
+from vlmdeploy.errors import InvalidRequestError
+from vlmdeploy.frontend.guided import FORMAT_FAILED, Guide
 from vlmdeploy.frontend.output import GenOut, OutputProcessor, to_response
 from vlmdeploy.frontend.prepare import PreparedRequest, Preparer
 from vlmdeploy.frontend.tokenizer import Tokenizer
@@ -50,18 +53,34 @@ class Streamer:
         with self._lock:
             return next(self._ids)
 
-    def submit(self, req: PreparedRequest, request_id: int, callback: Callback) -> None:
-        request = EngineRequest(request_id, req.token_ids, req.sampling, req.images)
+    def submit(self, req: PreparedRequest, request_id: int, callback: Callback) -> Guide | None:
+        """Hand ``req`` to the engine; returns the guide whose record tells why its grammar
+        failed, if it has one."""
+        sampling = req.sampling
+        if sampling.guide is not None:  # a failure record of this request's own
+            sampling = dataclasses.replace(sampling, guide=sampling.guide.for_request())
+        request = EngineRequest(request_id, req.token_ids, sampling, req.images)
         self.engine.add(request, callback)
+        return sampling.guide
 
     async def generate(self, req: PreparedRequest, request_id: int) -> AsyncIterator[GenOut]:
-        """Stream the deltas of a prepared request; leaving early (or being cancelled) aborts it."""
+        """Stream the deltas of a prepared request; leaving early (or being cancelled) aborts it.
+        A request whose grammar failed while it ran (a resource limit of its response_format)
+        raises :class:`InvalidRequestError` instead of its failed last delta: the format was the
+        caller's, so the server answers 400, not 500."""
         q: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self.submit(req, request_id, Subscription(self._loop_channel(), q))
+        guide = self.submit(req, request_id, Subscription(self._loop_channel(), q))
         proc = OutputProcessor(self.tokenizer, req)
         try:
             while proc.finish_reason is None:
-                yield proc.process(await q.get())
+                out = proc.process(await q.get())
+                if out.finish_reason == "error" and guide is not None and guide.failure:
+                    raise InvalidRequestError(
+                        f"response_format could not be followed: {guide.failure}; simplify it",
+                        code=FORMAT_FAILED,
+                        param="response_format",
+                    )
+                yield out
         finally:
             if not proc.engine_done:
                 self.engine.abort(request_id)

@@ -69,7 +69,9 @@ class ServedPipeline(Protocol):
         ...
 
     def generate_prepared(self, req: Any, session_id: int) -> AsyncIterator[OutputDelta]:
-        """The request's deltas; closing the iterator early aborts the request."""
+        """The request's deltas; closing the iterator early aborts the request. Raises
+        :class:`~vlmdeploy.errors.InvalidRequestError` when the request's own input made it fail
+        while it ran (a response_format whose grammar hits a limit of the grammar engine)."""
         ...
 
     def abort(self, session_id: int) -> None: ...

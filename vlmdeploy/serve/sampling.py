@@ -13,10 +13,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from vlmdeploy.messages import GenerationConfig
+from vlmdeploy.serve.body import parse_json_object
 from vlmdeploy.serve.errors import APIError, invalid
 from vlmdeploy.serve.protocol import (
     MAX_SEED,
@@ -132,12 +132,16 @@ _OPENAI_FORMATS = ("text", "json_object", "json_schema", "regex_schema")
 
 
 def _schema(value: Any) -> Any:
+    """A `guided_json` given as text, parsed as strictly as a request body (no `NaN`, and
+    nesting too deep for the parser is a 400, not a `RecursionError`)."""
     if isinstance(value, str):
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            raise invalid("guided_json must be a JSON schema (an object, or its JSON text).",
-                          param="guided_json") from None
+            return parse_json_object(value.encode("utf-8", "surrogatepass"))
+        except APIError:
+            raise invalid(
+                "guided_json must be a JSON schema (an object, or its JSON text).",
+                param="guided_json",
+            ) from None
     return value
 
 

@@ -68,20 +68,38 @@ class ToolParser(Protocol):
     def flush(self) -> Parsed: ...
 
 
+class _NotJSON(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NotJSON(name)
+
+
+def _loads(text: str) -> Any:
+    """Strict JSON of model output, or `_NotJSON`: `NaN`/`Infinity` are not JSON (a client's
+    parser would refuse the arguments), and nesting too deep for Python's parser is not a call
+    (a `RecursionError` would fail the whole response)."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise _NotJSON from None
+
+
 def _arguments(value: Any) -> str | None:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return None
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None
+    try:
+        if isinstance(value, str):
+            value = _loads(value)
+        return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None
+    except (_NotJSON, RecursionError):
+        return None
 
 
 def parse_call(body: str) -> ToolCall | None:
     """`{"name": ..., "arguments": {...}}` → a call, or None if it is not one."""
     try:
-        obj = json.loads(body)
-    except ValueError:
+        obj = _loads(body)
+    except _NotJSON:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
@@ -93,23 +111,55 @@ class _Whitespace:
     """Holds back trailing whitespace of content: around tool-call blocks it is not content."""
 
     def __init__(self) -> None:
-        self.held = ""
+        self._held: list[str] = []  # pieces, joined once: a run of blanks costs linear time
         self.called = False
 
     def emit(self, text: str) -> str:
-        text = self.held + text
         body = text.rstrip()
-        self.held = text[len(body):]
-        if self.called and not body.strip():
+        if not body:
+            self._held.append(text)
             return ""
-        return body
+        held, self._held = "".join(self._held), [text[len(body):]]
+        return held + body
 
     def block(self) -> None:  # a call was made: the whitespace before it goes
-        self.held, self.called = "", True
+        self._held, self.called = [], True
 
     def flush(self) -> str:
-        rest, self.held = self.held, ""
+        rest, self._held = "".join(self._held), []
         return "" if self.called else rest
+
+
+class _Gather:
+    """Text gathered until ``marker``, in time linear in its length however it is split: each
+    piece is searched once, together with the marker's length - 1 characters before it, and the
+    pieces are joined once (model output that opens a block and never closes it is the
+    adversarial case)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+        self._parts: list[str] = []
+        self._tail = ""  # the gathered text's last len(marker) - 1 characters
+
+    def feed(self, text: str) -> tuple[str, str] | None:
+        """None while ``marker`` has not come; then (the text before it, the text after it), and
+        the gatherer is empty again."""
+        window = self._tail + text
+        idx = window.find(self.marker)
+        if idx < 0:
+            self._parts.append(text)
+            self._tail = window[max(0, len(window) - len(self.marker) + 1):]
+            return None
+        head = "".join(self._parts)
+        before = head[: len(head) - len(self._tail)] + window[:idx]
+        after = window[idx + len(self.marker):]
+        self._parts, self._tail = [], ""
+        return before, after
+
+    def take(self) -> str:
+        """Everything gathered (the marker never came); the gatherer is empty again."""
+        text, self._parts, self._tail = "".join(self._parts), [], ""
+        return text
 
 
 class JsonToolParser:
@@ -118,43 +168,43 @@ class JsonToolParser:
     handles_reasoning = False
 
     def __init__(self) -> None:
-        self._buf = ""
+        self._buf = ""  # outside a block: at most a partial CALL_OPEN
         self._in_call = False
+        self._call = _Gather(CALL_CLOSE)  # inside a block: its body so far
         self._ws = _Whitespace()
         self._strip_next = False
 
     def feed(self, text: str) -> Parsed:
-        self._buf += text
         out = Parsed()
-        while self._buf:
+        while True:
             if self._in_call:
-                end = self._buf.find(CALL_CLOSE)
-                if end < 0:
-                    break
-                self._close(self._buf[:end], out, closed=True)
-                self._buf = self._buf[end + len(CALL_CLOSE):]
+                found = self._call.feed(text)
+                if found is None:
+                    return out
+                body, text = found
+                self._close(body, out, closed=True)
                 continue
+            text, self._buf = self._buf + text, ""
             if self._strip_next:
-                self._buf = self._buf.lstrip()
-                if not self._buf:
-                    break
+                text = text.lstrip()
+                if not text:
+                    return out
                 self._strip_next = False
-            start = self._buf.find(CALL_OPEN)
+            start = text.find(CALL_OPEN)
             if start >= 0:
-                out.content += self._ws.emit(self._buf[:start])
-                self._buf = self._buf[start + len(CALL_OPEN):]
+                out.content += self._ws.emit(text[:start])
+                text = text[start + len(CALL_OPEN):]
                 self._in_call = True
                 continue
-            keep = partial_suffix(self._buf, CALL_OPEN)
-            out.content += self._ws.emit(self._buf[:len(self._buf) - keep])
-            self._buf = self._buf[len(self._buf) - keep:]
-            break
-        return out
+            keep = partial_suffix(text, CALL_OPEN)
+            out.content += self._ws.emit(text[:len(text) - keep])
+            self._buf = text[len(text) - keep:]
+            return out
 
     def flush(self) -> Parsed:
         out = Parsed()
         if self._in_call:  # the text ended inside a block (a stop token ended it, or a limit)
-            self._close(self._buf, out, closed=False)
+            self._close(self._call.take(), out, closed=False)
         elif self._buf:
             out.content += self._ws.emit(self._buf)
         self._buf = ""
@@ -186,74 +236,73 @@ class HarmonyToolParser:
     handles_reasoning = True
 
     def __init__(self) -> None:
-        self._buf = ""
-        self._header: str | None = ""  # None while inside a message body
+        self._buf = ""  # in a body: at most a partial end marker
+        self._in_header = True  # before a message's <|message|>
+        self._header = _Gather(_MESSAGE)
         self._channel = ""
         self._recipient: str | None = None
-        self._body = ""  # a call's arguments, gathered until the message ends
+        self._body: list[str] = []  # a call's arguments, gathered until the message ends
         self._seen_message = False
 
     def feed(self, text: str) -> Parsed:
-        self._buf += text
         out = Parsed()
-        while self._buf:
-            if self._header is not None:
-                idx = self._buf.find(_MESSAGE)
-                if idx < 0:
-                    break
-                self._open(self._header + self._buf[:idx])
-                self._buf = self._buf[idx + len(_MESSAGE):]
+        while True:
+            if self._in_header:
+                found = self._header.feed(text)
+                if found is None:
+                    return out
+                header, text = found
+                self._open(header)
                 continue
-            idx, end = min(((self._buf.find(e), e) for e in _ENDS if e in self._buf),
-                           default=(-1, ""))
+            text, self._buf = self._buf + text, ""
+            idx, end = min(((text.find(e), e) for e in _ENDS if e in text), default=(-1, ""))
             if idx >= 0:
-                self._route(self._buf[:idx], out)
-                self._buf = self._buf[idx + len(end):]  # after <|start|>: the next header
+                self._route(text[:idx], out)
+                text = text[idx + len(end):]  # after <|start|>: the next header
                 self._end(out)
                 continue
-            keep = max(partial_suffix(self._buf, e) for e in _ENDS)
-            self._route(self._buf[:len(self._buf) - keep], out)
-            self._buf = self._buf[len(self._buf) - keep:]
-            break
-        return out
+            keep = max(partial_suffix(text, e) for e in _ENDS)
+            self._route(text[:len(text) - keep], out)
+            self._buf = text[len(text) - keep:]
+            return out
 
     def flush(self) -> Parsed:
         out = Parsed()
-        if self._header is None:  # the stop token (<|call|>, <|return|>) is not in the text
+        if not self._in_header:  # the stop token (<|call|>, <|return|>) is not in the text
             self._route(self._buf, out)
             self._end(out)
         elif not self._seen_message:  # no harmony markers at all: plain text
-            out.content += self._header + self._buf
-        self._buf, self._header = "", ""
+            out.content += self._header.take()
+        self._buf = ""
+        self._header.take()
         return out
 
     def _open(self, header: str) -> None:
-        self._header, self._seen_message = None, True
+        self._in_header, self._seen_message = False, True
         channel = header.split(_CHANNEL, 1)[1] if _CHANNEL in header else ""
         self._channel = re.split(r"[\s<]", channel.strip(), maxsplit=1)[0]
         match = _RECIPIENT.search(header)
         self._recipient = match.group(1) if match else None
-        self._body = ""
+        self._body = []
 
     def _route(self, text: str, out: Parsed) -> None:
-        if self._header is not None:
-            self._header += text
-        elif self._recipient is not None:
-            self._body += text
+        if self._recipient is not None:
+            self._body.append(text)
         elif self._channel == "analysis":
             out.reasoning += text
         else:
             out.content += text
 
     def _end(self, out: Parsed) -> None:
-        if self._header is None and self._recipient is not None:
+        if not self._in_header and self._recipient is not None:
             name = self._recipient.removeprefix("functions.")
-            args = _arguments(self._body.strip() or "{}")
+            body = "".join(self._body)
+            args = _arguments(body.strip() or "{}")
             if args is not None:
                 out.calls.append(ToolCall(name, args))
             else:
-                out.content += self._body
-        self._header, self._recipient, self._channel = "", None, ""
+                out.content += body
+        self._in_header, self._recipient, self._channel, self._body = True, None, "", []
 
 
 # LMDeploy's names (and vLLM's where they differ) → parser; the other names LMDeploy knows are
