@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from benchmarks.soak import LocalServer
+from benchmarks.soak_server import port_is_free
 
 pytestmark = pytest.mark.slow
 
@@ -44,15 +44,6 @@ def running(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def test_l9_at_tp2_sigkill_of_the_api_process_leaves_no_worker():

@@ -21,6 +21,7 @@ import pytest
 from serve_helpers import chat, free_port
 
 from benchmarks.soak import LocalServer
+from benchmarks.soak_server import port_is_free
 from vlmdeploy.assets import default_model_path
 
 pytestmark = pytest.mark.slow
@@ -39,15 +40,6 @@ def children(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 out.append(int(entry.name))
     return out
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def start(*flags: str) -> LocalServer:
