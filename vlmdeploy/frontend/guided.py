@@ -19,7 +19,8 @@ llguidance was chosen over xgrammar: on the embedded model's tokenizer (2-core C
 machine, 2026-12-07) it built masks in about half xgrammar's time per token (52 µs against 102 µs
 for a small JSON schema) and compiled faster, and it is one self-contained wheel where xgrammar
 brings its own runtime, Triton and transformers pins. On InternVL3.5's 151,936-token vocabulary a
-mask of W3s's three-field JSON schema takes about 0.15 ms on one core (``benchmarks.guided_masks``).
+mask of W3s's three-field JSON schema takes about 0.15 ms on one core of the 2-core CPU machine
+(2026-12-08, ``benchmarks.guided_masks``).
 Compiled grammars are cached by their text; each request gets a copy of the matcher.
 """
 
