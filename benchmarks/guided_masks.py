@@ -5,8 +5,10 @@ the host alone: each step fills the masks of all live rows, then every row takes
 token (what random weights pick), as in the engine. Reported per step, for ``--rows`` rows: the
 milliseconds of filling them (:meth:`vlmdeploy.frontend.guided.Guide.fill_rows`) one row after
 another on the calling thread and on llguidance's pool of one thread per CPU
-(``VLMDEPLOY_MASK_THREADS``), and of advancing the grammars. The engine launches a guided step's
-sampling only after its masks, so this is the time that must hide behind the device's forward.
+(``VLMDEPLOY_MASK_THREADS``), and of advancing the grammars. The engine fills a guided step's
+masks on a thread of their own while its own thread hands the step before over and schedules the
+next, and queues the step's sampling at the next launch: this is the time that must hide behind
+that work and the device's forward.
 
     python -m benchmarks.guided_masks --preset 8b --rows 64 --steps 200
 """

@@ -72,8 +72,8 @@ class Tap:
         self.cos: list[torch.Tensor] = []
         self.top1: list[torch.Tensor] = []
 
-    def __call__(self, logits, params, histories, num_outputs):
-        result = self.sample_async(logits, params, histories, num_outputs)
+    def __call__(self, logits, params, histories, num_outputs, masks=None):
+        result = self.sample_async(logits, params, histories, num_outputs, masks)
         if not (self.record or self.reference is not None or self.force is not None):
             return result  # between measurements (the engine's own warm-up, say)
         if logits.shape[0] != 1:

@@ -16,8 +16,8 @@ variable                      default  meaning
                                        ends with an error and the engine reports itself dead
                                        (0 turns the watchdog off)
 ``VLMDEPLOY_MASK_THREADS``    0        threads that fill a step's structured-output masks:
-                                       ``0`` fills them one row after another on the engine
-                                       thread, ``N`` on llguidance's pool of N threads
+                                       ``0`` fills them one row after another on the engine's
+                                       mask thread, ``N`` on llguidance's pool of N threads
 ``TRITON_INTERPRET``          unset    ``1`` runs Triton kernels in Triton's CPU interpreter
                                        (tests); read by Triton itself, and here to keep PDL off
 ============================  =======  =========================================================

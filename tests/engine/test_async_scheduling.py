@@ -6,6 +6,7 @@ the outputs must equal those of the synchronous engine, and no KV block may leak
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 
@@ -185,3 +186,99 @@ def test_pending_token_is_not_read_on_the_host(tiny_ckpts):
     assert seq.token_ids[-2] == outs[0].token_id and seq.token_ids[-1] == PENDING
     while engine.has_work():
         engine.step()
+
+
+class _ScriptGuide:
+    """A grammar that allows a fixed set of tokens, filled as the engine's guides are (one call
+    for a step's rows). ``fill_hook`` runs at the start of each fill, on the thread that fills."""
+
+    fill_hook = staticmethod(lambda: None)
+
+    def __init__(self, allowed: frozenset[int]):
+        self.allowed = allowed
+        self.taken: list[int] = []
+
+    def fork(self) -> _ScriptGuide:
+        return _ScriptGuide(self.allowed)
+
+    @staticmethod
+    def fill_rows(guides, bitmask, rows) -> None:
+        _ScriptGuide.fill_hook()
+        for g, r in zip(guides, rows):
+            for t in g.allowed:
+                bitmask[r, t // 32] |= 1 << (t % 32)
+
+    def advance(self, token: int) -> bool:
+        self.taken.append(token)
+        return token in self.allowed
+
+
+def guided_requests() -> list[tuple[list[int], SamplingParams]]:
+    allowed = [frozenset(range(40, 60)), frozenset({5, 300, 301, 777})]
+    return [
+        (prompt(0), SamplingParams(max_new_tokens=10, guide=_ScriptGuide(allowed[0]))),
+        (prompt(1), SamplingParams(max_new_tokens=12)),
+        (prompt(2), SamplingParams(greedy=False, seed=3, max_new_tokens=8,
+                                   guide=_ScriptGuide(allowed[1]))),
+    ]
+
+
+def test_guided_masks_are_filled_while_the_engine_schedules_the_next_step(
+    engines, monkeypatch
+):
+    """A step's guided masks are filled on a worker thread: the engine thread makes the outputs
+    of the step before, hands them over and schedules the next step meanwhile, and queues the
+    sampling at the next launch. Each fill here waits for that next schedule (a fill on the
+    engine thread would wait in vain), the masks start once the grammars have taken the step
+    before's tokens, before its outputs are made, and the tokens equal the synchronous engine's,
+    which fills them inline."""
+    sync, asyn = engines
+    want, _, _ = run(sync, guided_requests())
+    scheduled, seen, events = threading.Event(), [], []
+    from vlmdeploy.engine import llm_engine
+
+    class Masks(llm_engine.GuideMasks):
+        def __init__(self, *args):
+            scheduled.clear()  # on the engine thread, before the fill is handed over
+            events.append("m")
+            super().__init__(*args)
+
+    def schedule(original=asyn.scheduler.schedule):
+        scheduled.set()
+        events.append("|")
+        return original()
+
+    def step_output(*args, original=llm_engine.StepOutput, **kw):
+        events.append("o")
+        return original(*args, **kw)
+
+    monkeypatch.setattr(llm_engine, "GuideMasks", Masks)
+    monkeypatch.setattr(llm_engine, "StepOutput", step_output)
+    monkeypatch.setattr(asyn.scheduler, "schedule", schedule)
+    monkeypatch.setattr(_ScriptGuide, "fill_hook", lambda: seen.append(
+        (scheduled.wait(5), threading.current_thread() is threading.main_thread())))
+    got, _, _ = run(asyn, guided_requests())
+    assert [[o[:3] for o in got[i]] for i in got] == [[o[:3] for o in want[i]] for i in want]
+    assert len(seen) >= 10 and all(s == (True, False) for s in seen), seen
+    order = "".join(events)
+    assert "|mo" in order and "om" not in order, order
+    for i in (0, 2):
+        assert set(tokens_of(got[i])) <= guided_requests()[i][1].guide.allowed
+
+
+def test_a_mask_fill_that_raises_ends_its_step_requests_with_an_error(engines, monkeypatch):
+    """What the filling raises on the worker reaches the engine when the sampling is queued: the
+    requests of that step end with an error, no block leaks, and the engine serves on."""
+    _, asyn = engines
+    fills = []
+
+    def fail_third() -> None:
+        fills.append(1)
+        if len(fills) == 3:
+            raise RuntimeError("mask filling broke")
+
+    monkeypatch.setattr(_ScriptGuide, "fill_hook", fail_third)
+    outs, _, _ = run(asyn, guided_requests()[:1])
+    assert outs[0][-1][1] == "error" and len(tokens_of(outs[0])) == 2
+    again, _, _ = run(asyn, guided_requests())
+    assert [o[-1][1] for o in again.values()] == ["length"] * 3

@@ -89,18 +89,54 @@ def test_temperature_reshapes_the_distribution(temperature):
 
 
 def test_repetition_penalty_ctrl_style():
-    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
-    _apply_penalties(logits, SamplingParams(greedy=False, repetition_penalty=2.0), [0, 1, 1])
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    p = SamplingParams(greedy=False, repetition_penalty=2.0)
+    _apply_penalties(logits, [p], [[0, 1, 1]], [0])
     # seen tokens: positive logits are divided, negative ones multiplied; others untouched
-    assert logits.tolist() == [1.0, -2.0, 0.5, 3.0]
+    assert logits.tolist() == [[1.0, -2.0, 0.5, 3.0]]
 
 
 def test_presence_and_frequency_penalties():
-    logits = torch.zeros(5)
+    logits = torch.zeros(1, 5)
     p = SamplingParams(greedy=False, presence_penalty=0.5, frequency_penalty=0.25)
-    _apply_penalties(logits, p, [1, 1, 1, 3])
+    _apply_penalties(logits, [p], [[1, 1, 1, 3]], [0])
     # presence once per seen token, frequency per occurrence
-    assert logits.tolist() == pytest.approx([0.0, -0.5 - 0.75, 0.0, -0.5 - 0.25, 0.0])
+    assert logits[0].tolist() == pytest.approx([0.0, -0.5 - 0.75, 0.0, -0.5 - 0.25, 0.0])
+
+
+def one_row_penalties(row: torch.Tensor, p: SamplingParams, history: list[int]) -> torch.Tensor:
+    """The penalties of one row, written out token by token."""
+    row = row.clone()
+    counts = {t: history.count(t) for t in set(history)}
+    for t, n in counts.items():
+        v = row[t]
+        row[t] = v / p.repetition_penalty if v > 0 else v * p.repetition_penalty
+        row[t] -= p.frequency_penalty * n + p.presence_penalty
+    return row
+
+
+def test_penalties_of_a_batch_equal_each_row_alone():
+    """Rows of assorted settings and history lengths (an empty one too) in one call; rows not
+    named are left as they are."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=gen) * 3
+    params = [
+        SamplingParams(greedy=False, repetition_penalty=1.3),
+        SamplingParams(greedy=False, presence_penalty=0.4, frequency_penalty=0.1),
+        SamplingParams(greedy=False),  # not penalised, not named
+        SamplingParams(greedy=False, repetition_penalty=0.8, frequency_penalty=-0.2),
+        SamplingParams(greedy=False, repetition_penalty=1.1),
+        SamplingParams(greedy=False, presence_penalty=1.0),
+    ]
+    histories = [[3, 3, 7], [0, 49, 49, 49, 12], [1, 2], [5] * 40 + [6], [], [7]]
+    rows = [0, 1, 3, 4, 5]
+    want = logits.clone()
+    for i in rows:
+        want[i] = one_row_penalties(logits[i], params[i], histories[i])
+    got = logits.clone()
+    _apply_penalties(got, params, histories, rows)
+    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+    assert torch.equal(got[2], logits[2]) and torch.equal(got[4], logits[4])
 
 
 def test_penalties_change_the_sampled_token():

@@ -17,7 +17,10 @@ import gc
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -27,7 +30,7 @@ from vlmdeploy.engine.block_manager import BlockManager
 from vlmdeploy.engine.config import EngineConfig
 from vlmdeploy.engine.io import EngineRequest, StepOutput
 from vlmdeploy.engine.observer import EngineObserver, StepRecord
-from vlmdeploy.engine.sampling import NON_FINITE, SampleResult, sample_async
+from vlmdeploy.engine.sampling import NON_FINITE, GuideMasks, SampleResult, sample_async
 from vlmdeploy.engine.scheduler import ScheduledBatch, Scheduler
 from vlmdeploy.engine.sequence import PENDING, Sequence, Status
 from vlmdeploy.engine.vision import VisionStage
@@ -47,12 +50,24 @@ def _fatal(exc: Exception) -> bool:
 
 @dataclass
 class _InFlight:
-    """A launched step: its sampled tokens (on the device) and, per sampled row, the sequence, the
-    index of its ``PENDING`` token and whether that token ends it on length."""
+    """A launched step: how its rows are sampled and, per sampled row, the sequence, the index of
+    its ``PENDING`` token and whether that token ends it on length.
 
-    result: SampleResult
-    rows: list[tuple[Sequence, int, bool]]
+    Sampling is queued at launch, except in a step with guided rows: their masks are filled on the
+    mask worker while the engine thread goes on (it hands the step before over and schedules the
+    next), and the sampling is queued when the step's tokens are first needed, by the next step's
+    forward or by reading the step (:meth:`LLMEngine._sampled`)."""
+
+    sample: Callable[[], SampleResult]
+    rows: list[tuple[Sequence, int, bool]] = field(default_factory=list)
+    result: SampleResult | None = None  # once queued
+    error: Exception | None = None  # what queuing it raised
     read: bool = False  # its tokens have been read (early, by a step whose sampling needed them)
+
+
+def _gone(seq: Sequence, index: int) -> bool:
+    """The request of a step's row stopped at an earlier token, was aborted, or failed."""
+    return index >= len(seq.token_ids) or seq.finish_reason in ("abort", "error")
 
 
 # The index of a row sampled for a sequence that ended while its step was being launched: the
@@ -80,6 +95,7 @@ class LLMEngine:
         self.seqs: dict[int, Sequence] = {}
         self._arrivals = 0
         self._inflight: _InFlight | None = None  # the launched step whose tokens are not read yet
+        self._mask_worker: ThreadPoolExecutor | None = None  # fills guided rows' masks
         self._failed_steps = 0  # consecutive steps whose launch raised
 
     def warm_up(self) -> None:
@@ -123,6 +139,9 @@ class LLMEngine:
         self.scheduler.running.clear()
         self.scheduler.waiting.clear()
         self._inflight = None
+        if self._mask_worker is not None:
+            self._mask_worker.shutdown()
+            self._mask_worker = None
         gc.collect()
         if self.cfg.device.type == "cuda":
             torch.cuda.synchronize(self.cfg.device)
@@ -199,7 +218,9 @@ class LLMEngine:
         outputs over. Stops that depend on a token's value are found one step late: that step's
         extra token for the request is computed and dropped. Sampling that depends on the tokens
         before (penalties read the history, a grammar its state) reads the previous step once
-        this step's forward is queued, and masks while the device runs it."""
+        this step's forward is queued. Grammars' masks are then filled on a worker thread while
+        the device runs the forward and this thread hands outputs over and schedules the next
+        step, whose launch queues this step's sampling first."""
         outputs: list[StepOutput] = []
         prev, self._inflight = self._inflight, None
         start, tiles = time.perf_counter(), self.observer.tiles_encoded
@@ -239,14 +260,15 @@ class LLMEngine:
     ) -> _InFlight | None:
         """Queue the forward and sampling of ``batch`` on the device; decide the stops that do not
         depend on the tokens' values (length) now. When a sampled row needs the tokens before it
-        on the host, ``prev`` is read between the two (its outputs go to ``outputs``)."""
+        on the host, ``prev`` is read between the two (its outputs go to ``outputs``). With
+        guided rows, their masks start filling and the sampling is left to the next launch (see
+        :class:`_InFlight`)."""
+        prev_tokens = None if prev is None else self._sampled(prev).tokens
         self.vision.attach_embeddings(batch.seqs)
         done = [s.num_computed + n == len(s) for s, n in zip(batch.seqs, batch.num_tokens)]
         rows = [i for i, d in enumerate(done) if d]
         # Always runs: mid-prefill chunks must still write KV.
-        logits = self.executor.forward(
-            batch, rows, None if prev is None else prev.result.tokens
-        )
+        logits = self.executor.forward(batch, rows, prev_tokens)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
             self.blocks.commit(seq)
@@ -254,17 +276,25 @@ class LLMEngine:
         if not rows:
             return None
         sampled = [batch.seqs[i] for i in rows]
-        if prev is not None and any(s.sampling.needs_last_token for s in sampled):
-            outputs += self._read(prev)  # while the device runs this step's forward
+        params = [s.sampling for s in sampled]
+        started: list[GuideMasks] = []  # this step's masks, once the grammars have advanced
+
+        def start_masks() -> None:
+            if not started and any(p.guide is not None for p in params):
+                started.append(GuideMasks(params, logits.shape[-1], self._mask_filler()))
+
+        if prev is not None and any(p.needs_last_token for p in params):
+            outputs += self._read(prev, start_masks)  # while the device runs this step's forward
             prev.read = True
-        result = sample_async(
-            logits,
-            [s.sampling for s in sampled],
-            [s.output_ids for s in sampled],
-            [s.num_output for s in sampled],
-        )
-        self.executor.share_tokens(result.tokens)
-        flight = _InFlight(result, [])
+        start_masks()
+        masks = started[0] if started else None
+        histories = [s.output_ids if s.sampling.penalised else [] for s in sampled]
+        flight = _InFlight(
+            partial(sample_async, logits, params, histories, [s.num_output for s in sampled],
+                    masks=masks)
+        )  # fmt: skip
+        if masks is None:
+            self._sampled(flight)
         for row, seq in enumerate(sampled):
             if seq.finish_reason is not None:  # ended by the token just read
                 flight.rows.append((seq, _DROPPED, False))
@@ -280,20 +310,63 @@ class LLMEngine:
             flight.rows.append((seq, len(seq) - 1, final))
         return flight
 
-    def _read(self, flight: _InFlight) -> list[StepOutput]:
+    def _mask_filler(self) -> ThreadPoolExecutor | None:
+        """The thread that fills guided rows' masks while this one goes on; None without
+        asynchronous scheduling, where a step's tokens are read as soon as it is launched."""
+        if not self.cfg.async_scheduling:
+            return None
+        if self._mask_worker is None:
+            self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="vlmdeploy-masks")
+        return self._mask_worker
+
+    def _sampled(self, flight: _InFlight) -> SampleResult:
+        """The step's sampling, queued now if it was not yet (its tokens then go to the other
+        ranks); what queuing it raised is raised again on every call."""
+        if flight.result is None:
+            if flight.error is not None:
+                raise flight.error
+            try:
+                flight.result = flight.sample()
+            except Exception as exc:
+                flight.error = exc
+                raise
+            self.executor.share_tokens(flight.result.tokens)
+        return flight.result
+
+    def _read(
+        self, flight: _InFlight, advanced: Callable[[], None] | None = None
+    ) -> list[StepOutput]:
         """Read a launched step's tokens and turn them into outputs (eos and stop ids end a
-        request here; a later step's pending token of that request is dropped)."""
-        tokens, logprobs = flight.result.resolve()
+        request here; a later step's pending token of that request is dropped). The grammars
+        take their tokens first, then ``advanced`` is called (the next step's masks start
+        filling) and the outputs are made."""
+        try:
+            tokens, logprobs = self._sampled(flight).resolve()
+        except Exception as exc:  # noqa: BLE001 — fatal ones are raised again
+            if _fatal(exc):
+                raise
+            logger.exception("sampling a step failed; ending its requests")
+            message = f"the engine failed ({type(exc).__name__}) sampling this request's token"
+            return [self._fail(seq, message) for seq, index, _ in flight.rows
+                    if not _gone(seq, index)]  # fmt: skip
+        refused = set()  # requests whose grammar refused their token
+        for (seq, index, _), token in zip(flight.rows, tokens):
+            guide = seq.sampling.guide
+            if guide is None or token == NON_FINITE or _gone(seq, index):
+                continue
+            if not guide.advance(token):
+                refused.add(seq.seq_id)
+        if advanced is not None:
+            advanced()
         outputs = []
         for (seq, index, final), token, lp in zip(flight.rows, tokens, logprobs):
-            if index >= len(seq.token_ids) or seq.finish_reason in ("abort", "error"):
-                continue  # stopped at an earlier token, aborted, or failed
+            if _gone(seq, index):
+                continue
             if token == NON_FINITE:
                 message = "the model produced non-finite logits (NaN or inf) for this request"
                 outputs.append(self._fail(seq, message))
                 continue
-            guide = seq.sampling.guide
-            if guide is not None and not guide.advance(token):
+            if seq.seq_id in refused:
                 outputs.append(self._fail(seq, "the output left its response_format's grammar"))
                 continue
             seq.num_pending -= 1

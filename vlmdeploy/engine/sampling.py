@@ -9,6 +9,7 @@ batch.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,13 +36,14 @@ class SamplingParams:
     logprobs: int | None = None
     generator: torch.Generator | None = field(default=None, repr=False)
     # Structured output: the request's grammar state (vlmdeploy.frontend.guided.Guide), which
-    # fills the mask of allowed tokens (its class's ``fill_rows`` fills a batch's rows together)
-    # and advances with each token read.
+    # fills the mask of allowed tokens (its class's ``fill_rows`` fills a batch's rows together,
+    # see GuideMasks) and advances with each token read.
     guide: Any = field(default=None, repr=False)
 
     @property
     def penalised(self) -> bool:
-        return (
+        """Penalties apply to sampled rows only (LMDeploy turns them off for greedy decoding)."""
+        return not self.greedy and (
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
@@ -54,18 +56,29 @@ class SamplingParams:
         return self.penalised or self.guide is not None
 
 
-def _apply_penalties(logits: torch.Tensor, p: SamplingParams, history: list[int]) -> None:
-    if not history:
+def _apply_penalties(
+    logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]], rows: list[int]
+) -> None:
+    """Repetition (CTRL-style: shrink the positive logits of tokens already generated, grow the
+    negative ones), presence and frequency penalties of ``rows`` of ``logits`` (B, V), in place,
+    all rows at once. Nothing waits for the device: the histories go over as one pinned copy and
+    the counts are a scatter (no boolean indexing, no bincount, which read sizes back)."""
+    width = max(len(histories[i]) for i in rows)
+    if not width:
         return
-    ids = torch.tensor(history, device=logits.device)
-    counts = torch.bincount(ids, minlength=logits.shape[-1]).to(logits.dtype)
+    dev, f32 = logits.device, torch.float32
+    ids = h2d([histories[i] + [0] * (width - len(histories[i])) for i in rows], torch.long, dev)
+    lengths = h2d([len(histories[i]) for i in rows], torch.long, dev)
+    index = h2d(rows, torch.long, dev)
+    x = logits[index]  # (k, V), a copy
+    weight = (torch.arange(width, device=dev)[None, :] < lengths[:, None]).to(x.dtype)
+    counts = torch.zeros_like(x).scatter_add_(1, ids, weight)
     seen = counts > 0
-    if p.repetition_penalty != 1.0:  # CTRL-style: shrink positive logits, grow negative ones
-        vals = logits[seen]
-        logits[seen] = torch.where(
-            vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
-        )
-    logits -= p.frequency_penalty * counts + p.presence_penalty * seen.to(logits.dtype)
+    rep = h2d([params[i].repetition_penalty for i in rows], f32, dev)[:, None].to(x.dtype)
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    freq = h2d([params[i].frequency_penalty for i in rows], f32, dev)[:, None].to(x.dtype)
+    presence = h2d([params[i].presence_penalty for i in rows], f32, dev)[:, None].to(x.dtype)
+    logits[index] = x - (freq * counts + presence * seen.to(x.dtype))
 
 
 def _filter_sorted(
@@ -101,23 +114,47 @@ def _mask_tokens(logits: torch.Tensor, p: SamplingParams, num_output: int) -> No
         logits[h2d(banned, torch.long, logits.device)] = float("-inf")
 
 
-def _apply_guides(logits: torch.Tensor, params: list[SamplingParams]) -> None:
-    """Tokens a row's grammar does not allow next get -inf: the masks of all guided rows are
-    filled on the host as one int32 bitmask (by the guides' ``fill_rows``, in one call) and
-    applied in one pass on the device."""
-    rows = [i for i, p in enumerate(params) if p.guide is not None]
-    if not rows:
+class GuideMasks:
+    """The token masks of a step's guided rows: one int32 bitmask (rows, ceil(V / 32)), bit t of a
+    row set when its grammar allows token t next, filled on the host by the guides' ``fill_rows``
+    in one call. With a ``worker`` (an executor of one thread) the filling runs there while the
+    calling thread goes on (llguidance gives the GIL up while it computes a mask); without one it
+    runs now. :meth:`bitmask` waits for it."""
+
+    def __init__(self, params: list[SamplingParams], vocab: int, worker: Executor | None = None):
+        self.rows = [i for i, p in enumerate(params) if p.guide is not None]
+        guides = [params[i].guide for i in self.rows]
+        with torch.inference_mode(False):  # written on the worker, outside inference mode
+            self._bitmask = torch.zeros(len(self.rows), (vocab + 31) // 32, dtype=torch.int32)
+        fill = type(guides[0]).fill_rows
+        args = (guides, self._bitmask, list(range(len(self.rows))))
+        self._job: Future | None = None
+        if worker is None:
+            fill(*args)
+        else:
+            self._job = worker.submit(fill, *args)
+
+    def bitmask(self) -> torch.Tensor:
+        """The filled masks (what the filling raised is raised here)."""
+        if self._job is not None:
+            self._job.result()
+        return self._bitmask
+
+
+def _apply_guides(
+    logits: torch.Tensor, params: list[SamplingParams], masks: GuideMasks | None
+) -> None:
+    """Tokens a row's grammar does not allow next get -inf, in one pass on the device."""
+    if not any(p.guide is not None for p in params):
         return
     vocab = logits.shape[-1]
-    words = (vocab + 31) // 32
-    bitmask = torch.zeros(len(rows), words, dtype=torch.int32)
-    guides = [params[i].guide for i in rows]
-    type(guides[0]).fill_rows(guides, bitmask, list(range(len(rows))))  # all rows at once
+    if masks is None:
+        masks = GuideMasks(params, vocab)
     dev = logits.device
     shifts = torch.arange(32, device=dev, dtype=torch.int32)
-    bits = h2d(bitmask, torch.int32, dev)[:, :, None] >> shifts
+    bits = h2d(masks.bitmask(), torch.int32, dev)[:, :, None] >> shifts
     allowed = (bits & 1).bool().flatten(1)[:, :vocab]  # (rows, V)
-    index = h2d(rows, torch.long, dev)
+    index = h2d(masks.rows, torch.long, dev)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 
@@ -167,9 +204,12 @@ def sample_async(
     params: list[SamplingParams],
     histories: list[list[int]],
     num_outputs: list[int],
+    masks: GuideMasks | None = None,
 ) -> SampleResult:
     """:func:`sample` with every kernel queued and nothing waited for: the host learns the tokens
-    at :meth:`SampleResult.resolve`. Penalised rows read ``histories``, so those must be known."""
+    at :meth:`SampleResult.resolve`. Penalised rows read ``histories``, so those must be known.
+    Guided rows take their masks from ``masks`` (started earlier: see :class:`GuideMasks`), or
+    have them filled now."""
     dev = logits.device
     masked = [
         i
@@ -186,15 +226,16 @@ def sample_async(
     logits = raw.clone() if masked else raw  # copy (B x V) only when a row must be masked
     for i in masked:
         _mask_tokens(logits[i], params[i], num_outputs[i])
-    _apply_guides(logits, params)
+    _apply_guides(logits, params, masks)
     tokens = logits.argmax(-1)  # right for the greedy rows; sampled rows are overwritten below
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:  # all sampled rows together: one sort, one race
         index = h2d(sampled, torch.long, dev)
         rows = logits[index]  # (k, V), a copy
-        for r, i in enumerate(sampled):
-            if params[i].penalised:
-                _apply_penalties(rows[r], params[i], histories[i])
+        penalised = [r for r, i in enumerate(sampled) if params[i].penalised]
+        if penalised:
+            picked = [params[i] for i in sampled]
+            _apply_penalties(rows, picked, [histories[i] for i in sampled], penalised)
         probs, order = _filter_sorted(rows, [params[i] for i in sampled])
         noise = torch.empty_like(probs)
         for r, i in enumerate(sampled):  # each request's own generator: batch-independent draws
