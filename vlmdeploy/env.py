@@ -15,9 +15,9 @@ variable                      default  meaning
 ``VLMDEPLOY_STEP_TIMEOUT_S``  120      a step running longer counts as a hang: every request
                                        ends with an error and the engine reports itself dead
                                        (0 turns the watchdog off)
-``VLMDEPLOY_MASK_THREADS``    0        threads that fill a step's structured-output masks:
-                                       ``0`` fills them one row after another on the engine's
-                                       mask thread, ``N`` on llguidance's pool of N threads
+``VLMDEPLOY_MASK_THREADS``    1        threads of llguidance's pool, which computes a step's
+                                       structured-output masks (in one call, beside the engine
+                                       thread)
 ``TRITON_INTERPRET``          unset    ``1`` runs Triton kernels in Triton's CPU interpreter
                                        (tests); read by Triton itself, and here to keep PDL off
 ============================  =======  =========================================================
@@ -52,11 +52,10 @@ def step_timeout_s() -> float:
 
 
 def mask_threads() -> int:
-    """Threads of llguidance's pool for a step's guided masks (``VLMDEPLOY_MASK_THREADS``; 0:
-    none, the rows are filled one after another on the calling thread)."""
-    value = os.environ.get("VLMDEPLOY_MASK_THREADS", "0")
-    if not value.isdigit():
-        raise ValueError(f"VLMDEPLOY_MASK_THREADS={value!r}: expected a thread count, 0 or more")
+    """Threads of llguidance's pool for a step's guided masks (``VLMDEPLOY_MASK_THREADS``)."""
+    value = os.environ.get("VLMDEPLOY_MASK_THREADS", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"VLMDEPLOY_MASK_THREADS={value!r}: expected a thread count, 1 or more")
     return int(value)
 
 

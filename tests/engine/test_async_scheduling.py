@@ -16,6 +16,7 @@ from vlmdeploy.engine import EngineConfig, LLMEngine
 from vlmdeploy.engine.io import EngineRequest
 from vlmdeploy.engine.sampling import SampleResult, SamplingParams
 from vlmdeploy.engine.sequence import PENDING
+from vlmdeploy.testing.guides import AllowOnly
 
 IMAGE_TOKEN = 7  # text-only prompts here; any id the prompts do not use
 
@@ -188,38 +189,13 @@ def test_pending_token_is_not_read_on_the_host(tiny_ckpts):
         engine.step()
 
 
-class _ScriptGuide:
-    """A grammar that allows a fixed set of tokens, filled as the engine's guides are (one call
-    for a step's rows). ``fill_hook`` runs at the start of each fill, on the thread that fills."""
-
-    fill_hook = staticmethod(lambda: None)
-
-    def __init__(self, allowed: frozenset[int]):
-        self.allowed = allowed
-        self.taken: list[int] = []
-
-    def fork(self) -> _ScriptGuide:
-        return _ScriptGuide(self.allowed)
-
-    @staticmethod
-    def fill_rows(guides, bitmask, rows) -> None:
-        _ScriptGuide.fill_hook()
-        for g, r in zip(guides, rows):
-            for t in g.allowed:
-                bitmask[r, t // 32] |= 1 << (t % 32)
-
-    def advance(self, token: int) -> bool:
-        self.taken.append(token)
-        return token in self.allowed
-
-
 def guided_requests() -> list[tuple[list[int], SamplingParams]]:
     allowed = [frozenset(range(40, 60)), frozenset({5, 300, 301, 777})]
     return [
-        (prompt(0), SamplingParams(max_new_tokens=10, guide=_ScriptGuide(allowed[0]))),
+        (prompt(0), SamplingParams(max_new_tokens=10, guide=AllowOnly(allowed[0]))),
         (prompt(1), SamplingParams(max_new_tokens=12)),
         (prompt(2), SamplingParams(greedy=False, seed=3, max_new_tokens=8,
-                                   guide=_ScriptGuide(allowed[1]))),
+                                   guide=AllowOnly(allowed[1]))),
     ]
 
 
@@ -255,7 +231,7 @@ def test_guided_masks_are_filled_while_the_engine_schedules_the_next_step(
     monkeypatch.setattr(llm_engine, "GuideMasks", Masks)
     monkeypatch.setattr(llm_engine, "StepOutput", step_output)
     monkeypatch.setattr(asyn.scheduler, "schedule", schedule)
-    monkeypatch.setattr(_ScriptGuide, "fill_hook", lambda: seen.append(
+    monkeypatch.setattr(AllowOnly, "on_compute", lambda: seen.append(
         (scheduled.wait(5), threading.current_thread() is threading.main_thread())))
     got, _, _ = run(asyn, guided_requests())
     assert [[o[:3] for o in got[i]] for i in got] == [[o[:3] for o in want[i]] for i in want]
@@ -263,7 +239,7 @@ def test_guided_masks_are_filled_while_the_engine_schedules_the_next_step(
     order = "".join(events)
     assert "|mo" in order and "om" not in order, order
     for i in (0, 2):
-        assert set(tokens_of(got[i])) <= guided_requests()[i][1].guide.allowed
+        assert set(tokens_of(got[i])) <= guided_requests()[i][1].guide.tokens
 
 
 def test_a_mask_fill_that_raises_ends_its_step_requests_with_an_error(engines, monkeypatch):
@@ -277,7 +253,7 @@ def test_a_mask_fill_that_raises_ends_its_step_requests_with_an_error(engines, m
         if len(fills) == 3:
             raise RuntimeError("mask filling broke")
 
-    monkeypatch.setattr(_ScriptGuide, "fill_hook", fail_third)
+    monkeypatch.setattr(AllowOnly, "on_compute", fail_third)
     outs, _, _ = run(asyn, guided_requests()[:1])
     assert outs[0][-1][1] == "error" and len(tokens_of(outs[0])) == 2
     again, _, _ = run(asyn, guided_requests())

@@ -9,23 +9,11 @@ import pytest
 import torch
 
 from vlmdeploy.engine.sampling import SamplingParams, sample_async
+from vlmdeploy.testing.guides import AllowOnly
 
 pytestmark = pytest.mark.gpu
 
 VOCAB = 151936
-
-
-class _Allow:
-    """A grammar stand-in that allows a fixed set of tokens."""
-
-    def __init__(self, allowed: set[int]):
-        self.allowed = allowed
-
-    @staticmethod
-    def fill_rows(guides, bitmask, rows) -> None:
-        for g, r in zip(guides, rows):
-            for t in g.allowed:
-                bitmask[r, t // 32] |= 1 << (t % 32)
 
 
 def test_sampling_never_waits_for_the_device():
@@ -43,7 +31,7 @@ def test_sampling_never_waits_for_the_device():
                        presence_penalty=0.1, generator=seeded(2)),
         SamplingParams(bad_token_ids=(5, 6, 7), logprobs=3),
         SamplingParams(min_new_tokens=4, stop_token_ids=frozenset({11})),
-        SamplingParams(greedy=False, top_k=1, guide=_Allow({3, 4000, 150000})),
+        SamplingParams(greedy=False, top_k=1, guide=AllowOnly({3, 4000, 150000})),
         SamplingParams(greedy=False, repetition_penalty=0.9, generator=seeded(3)),
     ]
     histories = [[], [], [1, 2, 2, 9] * 50, [], [], [], [int(logits[6].argmax())]]

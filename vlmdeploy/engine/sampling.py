@@ -116,28 +116,33 @@ def _mask_tokens(logits: torch.Tensor, p: SamplingParams, num_output: int) -> No
 
 class GuideMasks:
     """The token masks of a step's guided rows: one int32 bitmask (rows, ceil(V / 32)), bit t of a
-    row set when its grammar allows token t next, filled on the host by the guides' ``fill_rows``
-    in one call. With a ``worker`` (an executor of one thread) the filling runs there while the
-    calling thread goes on (llguidance gives the GIL up while it computes a mask); without one it
-    runs now. :meth:`bitmask` waits for it."""
+    row set when its grammar allows token t next, filled on the host by the guides' class in two
+    parts: ``compute_rows`` (the grammars' masks, one call that lets the GIL go) and
+    ``finish_rows`` (stop tokens, failed grammars). With a ``worker`` (an executor of one thread)
+    the first part runs there while the calling thread goes on; without one it runs now.
+    :meth:`bitmask` waits for it and finishes the rows on the calling thread."""
 
     def __init__(self, params: list[SamplingParams], vocab: int, worker: Executor | None = None):
         self.rows = [i for i, p in enumerate(params) if p.guide is not None]
-        guides = [params[i].guide for i in self.rows]
-        with torch.inference_mode(False):  # written on the worker, outside inference mode
+        self._guides = [params[i].guide for i in self.rows]
+        self._kind = type(self._guides[0])
+        with torch.inference_mode(False):  # may be written outside inference mode
             self._bitmask = torch.zeros(len(self.rows), (vocab + 31) // 32, dtype=torch.int32)
-        fill = type(guides[0]).fill_rows
-        args = (guides, self._bitmask, list(range(len(self.rows))))
+        args = (self._guides, self._bitmask, list(range(len(self.rows))))
         self._job: Future | None = None
         if worker is None:
-            fill(*args)
+            self._kind.compute_rows(*args)
         else:
-            self._job = worker.submit(fill, *args)
+            self._job = worker.submit(self._kind.compute_rows, *args)
+        self._finished = False
 
     def bitmask(self) -> torch.Tensor:
-        """The filled masks (what the filling raised is raised here)."""
-        if self._job is not None:
-            self._job.result()
+        """The filled masks (what computing them raised is raised here)."""
+        if not self._finished:
+            if self._job is not None:
+                self._job.result()
+            self._kind.finish_rows(self._guides, self._bitmask, list(range(len(self.rows))))
+            self._finished = True
         return self._bitmask
 
 

@@ -141,26 +141,34 @@ class Guide:
     @staticmethod
     def fill_rows(guides: list[Guide], bitmask: torch.Tensor, rows: list[int]) -> None:
         """Row ``rows[i]`` of the int32 bitmask (contiguous, on the host) for ``guides[i]``, as
-        :meth:`fill` fills one: a step's guided rows in one call. One row after another on the
-        calling thread, or on llguidance's thread pool with ``VLMDEPLOY_MASK_THREADS`` (on the
-        2-core development machine the pool was no faster: ``benchmarks/guided_masks.py``)."""
+        :meth:`fill` fills one: a step's guided rows at once, :meth:`compute_rows` then
+        :meth:`finish_rows`."""
+        Guide.compute_rows(guides, bitmask, rows)
+        Guide.finish_rows(guides, bitmask, rows)
+
+    @staticmethod
+    def compute_rows(guides: list[Guide], bitmask: torch.Tensor, rows: list[int]) -> None:
+        """llguidance's masks of the grammars still running, in one call on its pool of
+        ``VLMDEPLOY_MASK_THREADS`` threads. The call holds the GIL only to start and to end, so
+        another thread can make it while this process's Python goes on (one call per row would
+        wait for the GIL at every row)."""
         import llguidance.torch
 
         live = [(g.matcher, r) for g, r in zip(guides, rows, strict=True)
-                if not g.matcher.is_stopped()]
-        threads = env.mask_threads()
-        if threads and live:
-            llguidance.torch.fill_next_token_bitmask_par(_executor(threads), live, bitmask)
-        else:
-            for matcher, r in live:
-                llguidance.torch.fill_next_token_bitmask(matcher, bitmask, r)
-        for g, r in zip(guides, rows):
+                if not g.matcher.is_stopped()]  # fmt: skip
+        if live:
+            pool = _executor(env.mask_threads())
+            llguidance.torch.fill_next_token_bitmask_par(pool, live, bitmask)
+
+    @staticmethod
+    def finish_rows(guides: list[Guide], bitmask: torch.Tensor, rows: list[int]) -> None:
+        """After :meth:`compute_rows` (the grammars unchanged in between): a failed grammar's row
+        allows any token, a finished one's only the stop tokens, an accepting one's its stop
+        tokens beside its own."""
+        for g, r in zip(guides, rows, strict=True):
             g._finish_row(bitmask, r)
 
     def _finish_row(self, bitmask: torch.Tensor, row: int) -> None:
-        """After llguidance has filled the row (or skipped a stopped grammar's): a failed
-        grammar allows any token, a finished one only the stop tokens, an accepting one its
-        stop tokens beside its own."""
         if self.matcher.is_error():  # failed, not finished: advance() fails the request
             bitmask[row].fill_(-1)
             return
