@@ -43,11 +43,17 @@ def test_greedy_is_argmax():
     assert tokens == logits.argmax(-1).tolist()
 
 
-def test_greedy_ignores_sampling_fields():
-    # LMDeploy: without do_sample, temperature / top-p / repetition penalty do not apply.
+def test_greedy_ignores_sampling_fields_and_keeps_its_penalties():
+    """Temperature and top-p do not change a greedy row's argmax; penalties do, as in LMDeploy's
+    and vLLM's servers (the Python API's do_sample=False drops the repetition penalty before the
+    engine, as LMDeploy's pipeline does: test_pipeline_api)."""
     logits = torch.tensor([[1.0, 3.0, 2.0]])
-    p = SamplingParams(greedy=True, temperature=2.0, top_p=0.1, repetition_penalty=10.0)
+    p = SamplingParams(greedy=True, temperature=2.0, top_p=0.1)
     assert sample(logits, [p], [[1, 1, 1]], [3])[0] == [1]
+    for kw in ({"repetition_penalty": 10.0}, {"frequency_penalty": 0.5}):
+        penalised = SamplingParams(greedy=True, **kw)
+        assert sample(logits.repeat(2, 1), [p, penalised], [[1, 1, 1]] * 2, [3, 3])[0] == [
+            1, 2], kw
 
 
 def test_top_k_1_is_greedy():

@@ -175,3 +175,18 @@ def test_tools_and_template_kwargs_reach_the_chat_template(pipe):
 def test_bad_template_kwargs_are_refused(pipe, kwargs):
     with pytest.raises(TypeError):
         pipe("hi", gen_config=GenerationConfig(max_new_tokens=1), **kwargs)
+
+
+def test_greedy_decoding_and_the_repetition_penalty_as_lmdeploy_has_them(pipe):
+    """do_sample=False is LMDeploy's greedy decoding, which drops the repetition penalty; a
+    sampling config at temperature 0 (what the server makes of OpenAI's temperature 0, as
+    LMDeploy's server does) decodes greedily with it, as LMDeploy's and vLLM's servers do."""
+    plain = GenerationConfig(max_new_tokens=24, ignore_eos=True)
+    greedy = pipe("count to ten", gen_config=plain).token_ids
+    dropped = dict(max_new_tokens=24, ignore_eos=True, repetition_penalty=3.0)
+    assert pipe("count to ten", gen_config=GenerationConfig(**dropped)).token_ids == greedy
+    kept = GenerationConfig(do_sample=True, temperature=0.0, **dropped)
+    first, second = (pipe("count to ten", gen_config=kept).token_ids for _ in range(2))
+    assert first == second != greedy  # greedy, and penalised
+    counts = {t: greedy.count(t) for t in greedy}
+    assert max(counts.values()) > 1  # the greedy answer repeats a token the penalty holds back

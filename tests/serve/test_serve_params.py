@@ -245,8 +245,12 @@ def test_p18_unknown_fields_are_ignored_logged_and_never_forwarded(client, fake,
 
 
 def test_temperature_zero_is_greedy_otherwise_sampling(client, fake):
-    client.post(URL, json=chat(temperature=0))
-    assert fake.prepared[-1].gen_config.do_sample is False
+    """Every request samples as LMDeploy's server makes it (do_sample); temperature 0 is the
+    greedy one, and keeps its penalties (the engine side: test_pipeline_api)."""
+    client.post(URL, json=chat(temperature=0, repetition_penalty=1.3, presence_penalty=0.5))
+    cfg = fake.prepared[-1].gen_config
+    assert (cfg.do_sample, cfg.temperature, cfg.repetition_penalty, cfg.presence_penalty) == (
+        True, 0.0, 1.3, 0.5)
     client.post(URL, json=chat(temperature=0.7, top_p=0.9, top_k=20, min_p=0.05))
     cfg = fake.prepared[-1].gen_config
     assert (cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p) == (

@@ -1,10 +1,10 @@
 """Per-request sampling parameters (engine side) and the batched sampler.
 
-Greedy rows take the argmax of the raw logits, so greedy output equals the reference model's.
-Sampled rows go through repetition / presence / frequency penalties, temperature, top-k, top-p and
-min-p, then an exponential race (``argmax(p / E)``, E ~ Exp(1)) whose noise comes from the request's
-own generator: with ``random_seed`` set, a request gives the same tokens whatever else is in the
-batch.
+Rows with repetition / presence / frequency penalties have them applied first. Greedy rows then
+take the argmax, so greedy output without penalties equals the reference model's. Sampled rows go
+through temperature, top-k, top-p and min-p, then an exponential race (``argmax(p / E)``,
+E ~ Exp(1)) whose noise comes from the request's own generator: with ``random_seed`` set, a
+request gives the same tokens whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ class SamplingParams:
 
     @property
     def penalised(self) -> bool:
-        """Penalties apply to sampled rows only (LMDeploy turns them off for greedy decoding)."""
-        return not self.greedy and (
+        return (
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
@@ -223,24 +222,24 @@ def sample_async(
         or (num_outputs[i] < p.min_new_tokens and p.stop_token_ids)
         or p.guide is not None
     ]
-    if not masked and all(p.greedy and p.logprobs is None for p in params):
+    penalised = [i for i, p in enumerate(params) if p.penalised]
+    if not (masked or penalised) and all(p.greedy and p.logprobs is None for p in params):
         # The common batch: argmax in the logits' own dtype (widening is exact, so the same
         # token), no (B x V) float copy, no gather.
         return SampleResult(logits.argmax(-1), logits=logits)
     raw = logits.float()  # (B, V); may alias the caller's tensor, so it is only read
-    logits = raw.clone() if masked else raw  # copy (B x V) only when a row must be masked
+    # a (B x V) copy only when a row must be changed
+    logits = raw.clone() if masked or penalised else raw
     for i in masked:
         _mask_tokens(logits[i], params[i], num_outputs[i])
     _apply_guides(logits, params, masks)
+    if penalised:  # greedy rows too: their argmax is taken after the penalties
+        _apply_penalties(logits, params, histories, penalised)
     tokens = logits.argmax(-1)  # right for the greedy rows; sampled rows are overwritten below
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:  # all sampled rows together: one sort, one race
         index = h2d(sampled, torch.long, dev)
         rows = logits[index]  # (k, V), a copy
-        penalised = [r for r, i in enumerate(sampled) if params[i].penalised]
-        if penalised:
-            picked = [params[i] for i in sampled]
-            _apply_penalties(rows, picked, [histories[i] for i in sampled], penalised)
         probs, order = _filter_sorted(rows, [params[i] for i in sampled])
         noise = torch.empty_like(probs)
         for r, i in enumerate(sampled):  # each request's own generator: batch-independent draws

@@ -197,6 +197,9 @@ class Preparer:
         if not gen.ignore_eos:
             stop |= self.tokenizer.stop_ids
         greedy = not gen.do_sample or gen.temperature == 0.0
+        # LMDeploy's greedy decoding (do_sample=False) turns the repetition penalty off; a
+        # sampling config at temperature 0 (the server's) decodes greedily with its penalties.
+        repetition_penalty = gen.repetition_penalty if gen.do_sample else 1.0
         max_new = (
             gen.max_new_tokens if gen.max_new_tokens is not None else self.session_len - prompt_len
         )
@@ -206,7 +209,7 @@ class Preparer:
             top_k=gen.top_k,
             top_p=gen.top_p,
             min_p=gen.min_p,
-            repetition_penalty=gen.repetition_penalty,
+            repetition_penalty=repetition_penalty,
             presence_penalty=gen.presence_penalty,
             frequency_penalty=gen.frequency_penalty,
             seed=gen.random_seed,

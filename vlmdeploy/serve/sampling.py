@@ -1,7 +1,8 @@
 """OpenAI request parameters -> `GenerationConfig`, with OpenAI's sampling semantics.
 
-* `temperature: 0` is greedy; any other temperature samples (`do_sample=True`). OpenAI's default is
-  1.0.
+* `temperature: 0` decodes greedily, any other temperature samples; OpenAI's default is 1.0. Every
+  request is `do_sample=True` (as LMDeploy's server makes them), so a greedy request keeps its
+  penalties, as in LMDeploy's and vLLM's servers.
 * `top_k` is off unless given (OpenAI has none); vLLM's `-1` and `0` both mean off.
 * Choice `i` of a request with `seed` uses `seed + i`, so `n` seeded choices differ yet repeat run
   to run.
@@ -97,8 +98,8 @@ def generation_config(req: SamplingParams, max_new_tokens: int | None, num_logpr
     kwargs: dict[str, Any] = dict(
         n=1,
         max_new_tokens=max_new_tokens,
-        do_sample=req.temperature > 0.0,
-        temperature=req.temperature if req.temperature > 0.0 else 1.0,
+        do_sample=True,
+        temperature=req.temperature,
         top_p=req.top_p,
         top_k=max(req.top_k, 0),
         min_p=req.min_p,
