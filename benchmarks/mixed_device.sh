@@ -14,10 +14,11 @@
 #   device call 2, the same carry:            BENCH_COMMIT=<hash> STAGES=s2 bash benchmarks/mixed_device.sh
 #   (then python -m benchmarks.mixed --w4 ... --s2 ... over both calls' files, as mixed.md shows)
 #   CPU dry run: OUT=/tmp/mixdry PRESET=tiny SYSTEMS=vlmdeploy STAGES=w4,s2 N4=4 S2_N=4 \
-#                RATES=4,inf bash benchmarks/mixed_device.sh
+#                RATES=4,inf SESSION_LEN=2048 bash benchmarks/mixed_device.sh
 # Results in $OUT: w4.json, lmdeploy_w4.json, s2.json, lmdeploy_s2.json, mixed.md, results.csv
 # (python -m benchmarks.results merge), logs. Env: PRESET [8b], CKPT [/tmp/ivl-$PRESET-hf],
-# SYSTEMS [lmdeploy,vlmdeploy], RATES [2,4,8,inf], N4 [256], S2_N [128 per rate], BUDGET [570 s].
+# SYSTEMS [lmdeploy,vlmdeploy], RATES [2,4,8,inf], N4 [256], S2_N [128 per rate], BUDGET [570 s],
+# SESSION_LEN [8192] (a shorter one scales W4 down, for dry runs).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/vlmdeploy_out}
@@ -32,6 +33,7 @@ N4=${N4:-256}
 S2_N=${S2_N:-128}
 BUDGET=${BUDGET:-570}
 PORT=${PORT:-23333}
+SESSION_LEN=${SESSION_LEN:-8192}
 CKPT=${CKPT:-/tmp/ivl-$PRESET-hf}
 SHAPE=$(shape_of "$PRESET")
 [ "$DEVICE" = cpu ] && DTYPE=${DTYPE:-float32}
@@ -62,8 +64,8 @@ if has "$STAGES" w4 && [ "$(left)" -gt 120 ]; then
   wait_gpu_free 30
   say "vlmdeploy W4 ($N4 requests)"
   PYTHONPATH=$OUR_PATH timeout -k 10 $(( $(left) - 20 )) python3 -m benchmarks.engine --model "$CKPT" \
-    --model-shape "$SHAPE" --workloads w4 --n4 "$N4" --repeats 1 --json "$OUT/w4.json" \
-    > "$OUT/w4.log" 2>&1
+    --model-shape "$SHAPE" --workloads w4 --n4 "$N4" --repeats 1 --session-len "$SESSION_LEN" \
+    --json "$OUT/w4.json" > "$OUT/w4.log" 2>&1
   say "rc $?"; grep -E "^w4|w4:" "$OUT/w4.log" | tail -1
 fi
 
@@ -93,18 +95,18 @@ if has "$STAGES" s2; then
     if [ "$sys" = lmdeploy ]; then
       json=$OUT/lmdeploy_s2.json; label=lmdeploy-0.18
       PYTHONPATH=$LMD_PATH python3 -m lmdeploy serve api_server "$CKPT" --backend pytorch \
-        --server-name 127.0.0.1 --server-port "$PORT" --session-len 8192 > "$OUT/lmdeploy_server.log" 2>&1 &
+        --server-name 127.0.0.1 --server-port "$PORT" --session-len "$SESSION_LEN" > "$OUT/lmdeploy_server.log" 2>&1 &
     else
       json=$OUT/s2.json; label=vlmdeploy
       PYTHONPATH=$OUR_PATH python3 -m vlmdeploy serve api_server "$CKPT" --server-name 127.0.0.1 \
-        --server-port "$PORT" --session-len 8192 > "$OUT/server.log" 2>&1 &
+        --server-port "$PORT" --session-len "$SESSION_LEN" > "$OUT/server.log" 2>&1 &
     fi
     SPID=$!
     if ! up 240; then say "$sys server did not come up"; stop_server; continue; fi
     say "S2 on $sys at rates $RATES ($S2_N requests each)"
     PYTHONPATH=$OUR_PATH timeout -k 5 $(( $(left) - 40 )) python3 -m benchmarks.s2 \
       --url "http://127.0.0.1:$PORT" --tokenizer "$CKPT" --rates "$RATES" --num-requests "$S2_N" \
-      --system "$label" --model-shape "$SHAPE" --device-line "$DEV" --json "$json" \
+      --session-len "$SESSION_LEN" --system "$label" --model-shape "$SHAPE" --device-line "$DEV" --json "$json" \
       --csv "$OUT/results.csv" > "$OUT/s2_$sys.log" 2>&1
     say "rc $?"; tail -"$(( $(tr -cd , <<< "$RATES" | wc -c) + 1 ))" "$OUT/s2_$sys.log"
     stop_server

@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny random checkpoints (written once per test session) and test images."""
+"""Shared fixtures: tiny random checkpoints (written once per test session), test images, and the
+embedded default model's answers to generated questions (each answered once per session)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 
@@ -71,3 +73,42 @@ def solid_image(w: int, h: int, seed: int) -> Image.Image:
 def images() -> list[Image.Image]:
     # 1 tile (square), 2x1 grid + thumbnail, 1x3 grid + thumbnail
     return [solid_image(300, 300, 1), solid_image(600, 300, 2), solid_image(200, 640, 3)]
+
+
+def _question_key(question) -> str:
+    """A question's content: its roles, texts and image pixels."""
+    h = hashlib.sha256()
+    for m in question.messages:
+        content = m["content"]
+        for part in content if isinstance(content, list) else [{"type": "text", "text": content}]:
+            if part["type"] == "text":
+                h.update(f"{m['role']}:text:{part['text']}".encode())
+            else:
+                im = part["image"]
+                h.update(f"{m['role']}:image:{im.mode}:{im.size}".encode())
+                h.update(im.tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def embedded_answers():
+    """``embedded_answers(questions)``: the embedded default model's greedy answers (32 new tokens
+    at most) through the public pipeline, unquantised, to generated questions
+    (``vlmdeploy.synthetic``). Each question is answered once per session: the tests that check
+    the plain engine's answers and those that hold quantised engines to them share the work."""
+    done: dict[str, str] = {}
+
+    def answers(questions) -> list[str]:
+        from vlmdeploy import GenerationConfig, pipeline
+        from vlmdeploy.assets import default_model_path
+
+        keys = [_question_key(q) for q in questions]
+        todo = {k: q for k, q in zip(keys, questions, strict=True) if k not in done}
+        if todo:
+            with pipeline(str(default_model_path())) as pipe:
+                out = pipe([q.messages for q in todo.values()],
+                           gen_config=GenerationConfig(max_new_tokens=32))
+            done.update(zip(todo, (r.text for r in out), strict=True))
+        return [done[k] for k in keys]
+
+    return answers

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -92,15 +93,22 @@ def test_main_reads_what_exists(tmp_path):
     assert {r["system"] for r in rows} == {"vlmdeploy"}
 
 
-def test_device_script_dry_run(tmp_path):
-    """W4 and S2 on the tiny shape through the script, ours alone (no LMDeploy on the CPU)."""
+def test_device_script_dry_run(tiny_ckpts, tmp_path):
+    """W4 and S2 on the tiny shape through the script, ours alone (no LMDeploy on the CPU), at a
+    2,048-token session (W4 scaled down to fit). The script finds the tiny -HF checkpoint complete
+    and keeps it (the MoE script's dry run in test_engine_bench.py writes one)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpts["hf"], ckpt, copy_function=os.link)
+    (ckpt / ".vlmdeploy-complete").touch()
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PRESET": "tiny", "CKPT": str(tmp_path / "ckpt"),
+    env = {**os.environ, "OUT": str(out), "PRESET": "tiny", "CKPT": str(ckpt),
            "SYSTEMS": "vlmdeploy", "STAGES": "w4,s2", "N4": "2", "S2_N": "2", "RATES": "inf",
-           "PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
-    subprocess.run(["bash", "benchmarks/mixed_device.sh"], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=600)
-    assert json.loads((out / "w4.json").read_text())["w4"]["requests"] == 2
+           "SESSION_LEN": "2048", "PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(["bash", "benchmarks/mixed_device.sh"], cwd=ROOT, env=env, check=True,
+                          capture_output=True, text=True, timeout=600)
+    assert "exists; not rewritten" in proc.stdout
+    w4 = json.loads((out / "w4.json").read_text())
+    assert w4["w4"]["requests"] == 2 and w4["settings"]["session_len"] == 2048
     assert json.loads((out / "s2.json").read_text())["curve"]["inf"]["failed"] == 0
     table = (out / "mixed.md").read_text()
     assert "| inf | vlmdeploy |" in table and "LMDeploy was not measured" in table

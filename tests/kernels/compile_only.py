@@ -6,6 +6,8 @@ errors, which Triton's CPU interpreter never meets, are. The report (kernel → 
 errors) goes to ``VLMDEPLOY_COMPILE_REPORT`` as JSON.
 
 ``VLMDEPLOY_COMPILE_SELECT=ends`` keeps the first and the last case of each test function.
+``VLMDEPLOY_COMPILE_SHARD=i/n`` keeps the test files of shard ``i`` of ``n`` (files dealt, most
+cases first, to the shard with the fewest cases so far): ``n`` processes compile side by side.
 Needs ``TRITON_INTERPRET=0`` (the kernels must be compiled functions, not interpreted ones).
 """
 
@@ -73,14 +75,21 @@ JITFunction._do_compile = _recording_compile
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get("VLMDEPLOY_COMPILE_SELECT") != "ends":
-        return
-    groups: dict[tuple, list[pytest.Item]] = {}
-    for item in items:
-        key = (str(item.path), getattr(item, "originalname", item.name))
-        groups.setdefault(key, []).append(item)
-    keep = {id(g[0]) for g in groups.values()} | {id(g[-1]) for g in groups.values()}
-    items[:] = [item for item in items if id(item) in keep]
+    if os.environ.get("VLMDEPLOY_COMPILE_SELECT") == "ends":
+        groups: dict[tuple, list[pytest.Item]] = {}
+        for item in items:
+            key = (str(item.path), getattr(item, "originalname", item.name))
+            groups.setdefault(key, []).append(item)
+        keep = {id(g[0]) for g in groups.values()} | {id(g[-1]) for g in groups.values()}
+        items[:] = [item for item in items if id(item) in keep]
+    if shard := os.environ.get("VLMDEPLOY_COMPILE_SHARD"):
+        index, count = map(int, shard.split("/"))
+        files = collections.Counter(str(item.path) for item in items)
+        loads, owner = [0] * count, {}
+        for path, n in sorted(files.items(), key=lambda kv: (-kv[1], kv[0])):
+            owner[path] = loads.index(min(loads))
+            loads[owner[path]] += n
+        items[:] = [item for item in items if owner[str(item.path)] == index]
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
