@@ -80,3 +80,23 @@ def test_close_stops_every_worker_in_bounded_time(tiny_ckpts):
     pipe.close()
     assert time.monotonic() - start < 30
     assert all(p.poll() == 0 for p in procs)  # each worker left on the stop message, cleanly
+
+
+def test_close_with_a_guided_step_in_flight_stops_every_worker_cleanly(tiny_ckpts):
+    """A guided step's sampling is queued at the next launch; closing with one in flight still
+    sends its tokens, which the workers wait for before they take the stop message."""
+    from vlmdeploy.testing.guides import AllowOnly
+
+    cfg = PytorchEngineConfig(tp=2, device_type="cpu", session_len=512)
+    pipe = pipeline(tiny_ckpts["original"], backend_config=cfg, log_level="ERROR")
+    procs = list(pipe.engine.core.executor.procs)
+    engine = pipe.engine.detach()
+    engine.add(EngineRequest(1, list(range(20, 40)), SamplingParams(
+        max_new_tokens=50, guide=AllowOnly(range(100, 200)))))
+    for _ in range(4):
+        engine.step()
+    assert engine._inflight is not None and engine._inflight.result is None  # deferred
+    start = time.monotonic()
+    engine.release()
+    assert time.monotonic() - start < 20
+    assert all(p.wait(10) == 0 for p in procs)  # each left on the stop message, not killed

@@ -127,6 +127,12 @@ class LLMEngine:
         """Give the model's, the KV cache's and the graphs' device memory back, deterministically:
         another engine in this process (or another process) can use it as soon as this returns.
         The engine cannot step afterwards."""
+        flight = self._inflight
+        if flight is not None and flight.result is None and flight.error is None:
+            try:  # its tokens go out: the other ranks wait for them before they take the stop
+                self._sampled(flight)
+            except Exception:  # noqa: BLE001 — the engine is going away either way
+                logger.exception("sampling the last step failed while closing")
         if self.runner is not None:
             self.executor.shutdown()
             self.runner = None
