@@ -36,8 +36,8 @@ class SamplingParams:
     logprobs: int | None = None
     generator: torch.Generator | None = field(default=None, repr=False)
     # Structured output: the request's grammar state (vlmdeploy.frontend.guided.Guide), which
-    # fills the mask of allowed tokens (its class's ``fill_rows`` fills a batch's rows together,
-    # see GuideMasks) and advances with each token read.
+    # fills the mask of allowed tokens (its class's ``compute_rows`` and ``finish_rows`` fill a
+    # step's rows together: GuideMasks) and advances with each token read.
     guide: Any = field(default=None, repr=False)
 
     @property
@@ -127,12 +127,12 @@ class GuideMasks:
         self._kind = type(self._guides[0])
         with torch.inference_mode(False):  # may be written outside inference mode
             self._bitmask = torch.zeros(len(self.rows), (vocab + 31) // 32, dtype=torch.int32)
-        args = (self._guides, self._bitmask, list(range(len(self.rows))))
+        self._args = (self._guides, self._bitmask, list(range(len(self.rows))))
         self._job: Future | None = None
         if worker is None:
-            self._kind.compute_rows(*args)
+            self._kind.compute_rows(*self._args)
         else:
-            self._job = worker.submit(self._kind.compute_rows, *args)
+            self._job = worker.submit(self._kind.compute_rows, *self._args)
         self._finished = False
 
     def bitmask(self) -> torch.Tensor:
@@ -140,7 +140,7 @@ class GuideMasks:
         if not self._finished:
             if self._job is not None:
                 self._job.result()
-            self._kind.finish_rows(self._guides, self._bitmask, list(range(len(self.rows))))
+            self._kind.finish_rows(*self._args)
             self._finished = True
         return self._bitmask
 
